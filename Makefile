@@ -1,0 +1,62 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+# Each creates .venv and installs the pinned dependencies (requirements.lock) on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+CONFIG ?= corvex.yaml
+PROTOS := $(wildcard proto/corvex/v1/*.proto)
+
+.PHONY: run test lint fmt proto proto-check drift-gate bench vllm-check lock clean
+
+$(INSTALLED): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	touch $(INSTALLED)
+
+## Start the whole stack (core on simulated engines + OpenAI edge) and print a dev key.
+run: $(INSTALLED)
+	$(BIN)/corvex serve --config $(CONFIG)
+
+## Lint, check generated code, run the tests and the pricing drift gate.
+test: $(INSTALLED)
+	$(MAKE) --no-print-directory lint proto-check
+	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory drift-gate
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(INSTALLED)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## Regenerate the gRPC stubs in corvex/v1 from proto/.
+proto: $(INSTALLED)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
+	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
+
+## Fail if the committed stubs differ from what proto/ generates.
+proto-check: $(INSTALLED)
+	rm -rf .proto-check && mkdir .proto-check
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
+	  --python_out=.proto-check --grpc_python_out=.proto-check \
+	  --mypy_out=.proto-check --mypy_grpc_out=.proto-check $(PROTOS)
+	diff -r -x __init__.py -x __pycache__ .proto-check/corvex/v1 corvex/v1 \
+	  || { echo "corvex/v1 is stale: run 'make proto' and commit the result"; exit 1; }
+	rm -rf .proto-check
+
+drift-gate: $(INSTALLED)
+	@echo "drift gate: not yet wired"
+
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check '.[dev,bench]'
+	.venv-lock/bin/python -m pip freeze --exclude corvex > requirements.lock
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Corvex: the `corvex` command and the generated wire types of the `corvex.v1` API."""

@@ -1,0 +1,7 @@
+"""`python -m corvex` is the `corvex` command."""
+
+import sys
+
+from corvex.cli import main
+
+sys.exit(main())

@@ -1,0 +1,424 @@
+"""`corvex admin`: the operator's command line over the core's Accounts service.
+
+Every command prints JSON (usage can print CSV), with money as exact decimal USD strings, so
+scripts can rely on it. Amounts are typed in dollars ("25.00") and sent in whole cents.
+The core address and admin token come from flags, CORVEX_ADMIN_CORE / CORVEX_ADMIN_TOKEN, or
+the config file (core.host, core.port, core.admin_token, else data_dir/admin_token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import secrets
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import msgspec
+from google.protobuf import field_mask_pb2
+
+from corvex.config import load_section
+from corvex.money import MoneyError, cents_from_usd, format_usd
+from corvex.v1 import accounts_pb2, accounts_pb2_grpc
+
+_LIMIT_FLAGS = {
+    "rpm": "requests_per_minute",
+    "tpm": "tokens_per_minute",
+    "monthly_tokens": "monthly_tokens",
+}
+_METHOD_NAMES = {
+    accounts_pb2.TOP_UP_METHOD_MANUAL: "manual",
+    accounts_pb2.TOP_UP_METHOD_STARTER: "starter",
+    accounts_pb2.TOP_UP_METHOD_AUTO_RELOAD: "auto_reload",
+}
+
+
+class AdminError(Exception):
+    """A command failed; the message is for the operator."""
+
+
+# ---- arguments ------------------------------------------------------------------------------
+
+
+def _usd(text: str) -> int:
+    """argparse type: dollars → whole cents."""
+    try:
+        return cents_from_usd(text)
+    except MoneyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _limit(text: str) -> int | None:
+    """argparse type: a positive integer, or "none" to remove the limit."""
+    if text.lower() == "none":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("a positive integer or `none`")
+    return int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=os.environ.get("CORVEX_CONFIG"), metavar="FILE")
+    parser.add_argument("--core", metavar="HOST:PORT", help="core address ($CORVEX_ADMIN_CORE)")
+    parser.add_argument("--admin-token", help="admin credential ($CORVEX_ADMIN_TOKEN)")
+    sub = parser.add_subparsers(dest="admin_command", required=True, metavar="OBJECT")
+
+    ws = sub.add_parser("workspace", help="create, list and show workspaces")
+    ws_sub = ws.add_subparsers(dest="action", required=True)
+    create = ws_sub.add_parser("create", help="create a workspace (with starter credits)")
+    create.add_argument("--name", required=True)
+    create.add_argument(
+        "--starter-credits", type=_usd, metavar="USD", help="override the configured amount"
+    )
+    ws_sub.add_parser("list", help="list workspaces")
+    show = ws_sub.add_parser("show", help="balance, month spend, cap, auto-reload")
+    show.add_argument("workspace")
+
+    credits = sub.add_parser("credits", help="add prepaid credits")
+    credits_sub = credits.add_subparsers(dest="action", required=True)
+    add = credits_sub.add_parser("add", help="add credits; prints the invoice")
+    add.add_argument("workspace")
+    add.add_argument("amount", type=_usd, metavar="USD")
+    add.add_argument(
+        "--idempotency-key",
+        help="repeat the same key to retry safely (default: a new random key)",
+    )
+
+    cap = sub.add_parser("cap", help="set or remove the monthly spend cap")
+    cap_sub = cap.add_subparsers(dest="action", required=True)
+    cap_set = cap_sub.add_parser("set", help="set the cap (takes effect at once)")
+    cap_set.add_argument("workspace")
+    cap_set.add_argument("amount", type=_usd, metavar="USD")
+    cap_remove = cap_sub.add_parser("remove", help="remove the cap")
+    cap_remove.add_argument("workspace")
+
+    reload = sub.add_parser("auto-reload", help="configure auto-reload")
+    reload_sub = reload.add_subparsers(dest="action", required=True)
+    reload_set = reload_sub.add_parser("set", help="reload AMOUNT when balance < THRESHOLD")
+    reload_set.add_argument("workspace")
+    reload_set.add_argument("--threshold", type=_usd, required=True, metavar="USD")
+    reload_set.add_argument("--amount", type=_usd, required=True, metavar="USD")
+    reload_off = reload_sub.add_parser("off", help="turn auto-reload off")
+    reload_off.add_argument("workspace")
+
+    key = sub.add_parser("key", help="create, list, revoke keys and set their limits")
+    key_sub = key.add_subparsers(dest="action", required=True)
+    key_create = key_sub.add_parser("create", help="create a key; prints its secret once")
+    key_create.add_argument("workspace")
+    key_create.add_argument("--name", required=True)
+    key_list = key_sub.add_parser("list", help="list a workspace's keys")
+    key_list.add_argument("workspace")
+    key_revoke = key_sub.add_parser("revoke", help="revoke a key (takes effect at once)")
+    key_revoke.add_argument("key")
+    key_limits = key_sub.add_parser("limits", help="change limits; `none` removes one")
+    key_limits.add_argument("key")
+    for target in (key_create, key_limits):
+        target.add_argument("--rpm", type=_limit, default=argparse.SUPPRESS, help="requests/min")
+        target.add_argument("--tpm", type=_limit, default=argparse.SUPPRESS, help="tokens/min")
+        target.add_argument(
+            "--monthly-tokens", type=_limit, default=argparse.SUPPRESS, help="tokens/month"
+        )
+
+    usage = sub.add_parser("usage", help="usage per key, model and UTC day")
+    usage.add_argument("workspace")
+    usage.add_argument("--key", default="", help="only this key id")
+    usage.add_argument("--since", default="", metavar="YYYY-MM-DD")
+    usage.add_argument("--until", default="", metavar="YYYY-MM-DD")
+    usage.add_argument("--format", choices=["json", "csv"], default="json")
+
+    invoice = sub.add_parser("invoice", help="list and download invoices")
+    invoice_sub = invoice.add_subparsers(dest="action", required=True)
+    invoice_list = invoice_sub.add_parser("list", help="a workspace's invoices")
+    invoice_list.add_argument("workspace")
+    invoice_get = invoice_sub.add_parser("get", help="one invoice as JSON or printable HTML")
+    invoice_get.add_argument("number", help="e.g. INV-000001")
+    invoice_get.add_argument("--format", choices=["json", "html"], default="json")
+    invoice_get.add_argument("--output", "-o", metavar="FILE", help="write to FILE")
+
+
+# ---- connection ------------------------------------------------------------------------------
+
+
+def connection(args: argparse.Namespace) -> tuple[str, str]:
+    """The core address and admin token to use."""
+    from corvex_core.config import CoreConfig
+
+    config = load_section("core", CoreConfig, path=args.config)
+    address = args.core or os.environ.get("CORVEX_ADMIN_CORE")
+    if not address:
+        host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+        address = f"{host}:{config.port}"
+    token = args.admin_token or os.environ.get("CORVEX_ADMIN_TOKEN") or config.admin_token
+    if not token:
+        path = Path(config.data_dir) / "admin_token"
+        if not path.exists():
+            raise AdminError(
+                f"no admin token: pass --admin-token, set CORVEX_ADMIN_TOKEN, or run where "
+                f"{path} exists"
+            )
+        token = path.read_text().strip()
+    return address, token
+
+
+class Client:
+    """A small synchronous Accounts client that adds the admin credential to every call."""
+
+    def __init__(self, address: str, token: str) -> None:
+        self._channel = grpc.insecure_channel(address)
+        self._stub = accounts_pb2_grpc.AccountsStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self.address = address
+
+    def __getattr__(self, method: str) -> Callable[[Any], Any]:
+        rpc = getattr(self._stub, method)
+
+        def call(request: Any) -> Any:
+            try:
+                return rpc(request, metadata=self._metadata, timeout=30)
+            except grpc.RpcError as exc:
+                raise AdminError(_rpc_message(exc, self.address)) from None
+
+        return call
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def _rpc_message(exc: grpc.RpcError, address: str) -> str:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach the core at {address} ({details})"
+    return f"{code.name if code else 'error'}: {details}"
+
+
+# ---- rendering -------------------------------------------------------------------------------
+
+
+def _usd_text(nano: int) -> str:
+    return format_usd(nano)
+
+
+def workspace_json(ws: accounts_pb2.Workspace) -> dict[str, Any]:
+    reload = ws.auto_reload
+    return {
+        "id": ws.id,
+        "name": ws.name,
+        "created": ws.created.ToJsonString(),
+        "balance_usd": _usd_text(ws.balance_nano_usd),
+        "held_usd": _usd_text(ws.held_nano_usd),
+        "available_usd": _usd_text(ws.available_nano_usd),
+        "spend_cap_usd": (
+            _usd_text(ws.spend_cap_nano_usd) if ws.HasField("spend_cap_nano_usd") else None
+        ),
+        "month": ws.month,
+        "month_spend_usd": _usd_text(ws.month_spend_nano_usd),
+        "auto_reload": {
+            "enabled": reload.enabled,
+            "threshold_usd": _usd_text(reload.threshold_nano_usd),
+            "amount_usd": _usd_text(reload.amount_nano_usd),
+            "last_error": reload.last_error or None,
+        },
+    }
+
+
+def key_json(key: accounts_pb2.ApiKey) -> dict[str, Any]:
+    limits = key.limits
+    return {
+        "id": key.id,
+        "workspace_id": key.workspace_id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "created": key.created.ToJsonString(),
+        "revoked": key.revoked,
+        "limits": {
+            "requests_per_minute": (
+                limits.requests_per_minute if limits.HasField("requests_per_minute") else None
+            ),
+            "tokens_per_minute": (
+                limits.tokens_per_minute if limits.HasField("tokens_per_minute") else None
+            ),
+            "monthly_tokens": limits.monthly_tokens if limits.HasField("monthly_tokens") else None,
+        },
+        "month_tokens": key.month_tokens,
+    }
+
+
+def invoice_json(invoice: accounts_pb2.Invoice) -> dict[str, Any]:
+    return {
+        "number": invoice.number,
+        "workspace_id": invoice.workspace_id,
+        "created": invoice.created.ToJsonString(),
+        "amount_usd": _usd_text(invoice.amount_nano_usd),
+        "method": _METHOD_NAMES.get(invoice.method, "unknown"),
+        "balance_after_usd": _usd_text(invoice.balance_after_nano_usd),
+        "idempotency_key": invoice.idempotency_key,
+    }
+
+
+_USAGE_COLUMNS = (
+    "day",
+    "key_id",
+    "model",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+)
+
+
+def usage_rows(response: accounts_pb2.GetUsageResponse) -> list[dict[str, Any]]:
+    return [
+        {
+            "day": r.day,
+            "key_id": r.key_id,
+            "model": r.model,
+            "requests": r.requests,
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "cost_usd": _usd_text(r.cost_nano_usd),
+        }
+        for r in response.rows
+    ]
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(value), indent=2).decode() + "\n")
+
+
+def _key_limits(args: argparse.Namespace) -> tuple[accounts_pb2.KeyLimits, list[str]]:
+    """The limits given on the command line, and which fields were given."""
+    given = {
+        field: getattr(args, flag) for flag, field in _LIMIT_FLAGS.items() if hasattr(args, flag)
+    }
+    limits = accounts_pb2.KeyLimits(**{f: v for f, v in given.items() if v is not None})
+    return limits, list(given)
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def execute(client: Client, args: argparse.Namespace) -> Any:
+    """Runs one admin command and returns what to print (JSON-able, or text for CSV/HTML)."""
+    command, action = args.admin_command, getattr(args, "action", "")
+    pb = accounts_pb2
+    if command == "workspace":
+        if action == "create":
+            request = pb.CreateWorkspaceRequest(name=args.name)
+            if args.starter_credits is not None:
+                request.starter_credits_cents = args.starter_credits
+            return workspace_json(client.CreateWorkspace(request))
+        if action == "list":
+            listed = client.ListWorkspaces(pb.ListWorkspacesRequest())
+            return [workspace_json(ws) for ws in listed.workspaces]
+        return workspace_json(
+            client.GetWorkspace(pb.GetWorkspaceRequest(workspace_id=args.workspace))
+        )
+    if command == "credits":
+        key = args.idempotency_key or "cli-" + secrets.token_hex(12)
+        result = client.AddCredits(
+            pb.AddCreditsRequest(
+                workspace_id=args.workspace, amount_cents=args.amount, idempotency_key=key
+            )
+        )
+        return {
+            "invoice": invoice_json(result.invoice),
+            "workspace": workspace_json(result.workspace),
+            "replayed": result.replayed,
+        }
+    if command == "cap":
+        cap_request = pb.SetSpendCapRequest(workspace_id=args.workspace)
+        if action == "set":
+            cap_request.cap_cents = args.amount
+        return workspace_json(client.SetSpendCap(cap_request))
+    if command == "auto-reload":
+        enabled = action == "set"
+        return workspace_json(
+            client.SetAutoReload(
+                pb.SetAutoReloadRequest(
+                    workspace_id=args.workspace,
+                    enabled=enabled,
+                    threshold_cents=args.threshold if enabled else 0,
+                    amount_cents=args.amount if enabled else 0,
+                )
+            )
+        )
+    if command == "key":
+        return _key_command(client, args, action)
+    if command == "usage":
+        response = client.GetUsage(
+            pb.GetUsageRequest(
+                workspace_id=args.workspace, key_id=args.key, since=args.since, until=args.until
+            )
+        )
+        rows = usage_rows(response)
+        if args.format == "csv":
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=_USAGE_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+            return out.getvalue()
+        return rows
+    if command == "invoice":
+        if action == "list":
+            listed = client.ListInvoices(pb.ListInvoicesRequest(workspace_id=args.workspace))
+            return [invoice_json(i) for i in listed.invoices]
+        fmt = pb.INVOICE_FORMAT_HTML if args.format == "html" else pb.INVOICE_FORMAT_JSON
+        document = client.GetInvoice(pb.GetInvoiceRequest(number=args.number, format=fmt))
+        if args.output:
+            Path(args.output).write_bytes(document.document)
+            return {"written": args.output, "content_type": document.content_type}
+        return document.document.decode()
+    raise AssertionError(command)
+
+
+def _key_command(client: Client, args: argparse.Namespace, action: str) -> Any:
+    pb = accounts_pb2
+    if action == "create":
+        limits, _ = _key_limits(args)
+        created = client.CreateKey(
+            pb.CreateKeyRequest(workspace_id=args.workspace, name=args.name, limits=limits)
+        )
+        return {"key": key_json(created.key), "secret": created.secret}
+    if action == "list":
+        return [
+            key_json(k)
+            for k in client.ListKeys(pb.ListKeysRequest(workspace_id=args.workspace)).keys
+        ]
+    if action == "revoke":
+        return key_json(client.RevokeKey(pb.RevokeKeyRequest(key_id=args.key)))
+    limits, fields = _key_limits(args)
+    if not fields:
+        raise AdminError("give at least one of --rpm, --tpm, --monthly-tokens")
+    return key_json(
+        client.SetKeyLimits(
+            pb.SetKeyLimitsRequest(
+                key_id=args.key,
+                limits=limits,
+                update_mask=field_mask_pb2.FieldMask(paths=fields),
+            )
+        )
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        address, token = connection(args)
+        client = Client(address, token)
+        try:
+            result = execute(client, args)
+        finally:
+            client.close()
+    except AdminError as exc:
+        print(f"corvex admin: {exc}", file=sys.stderr)
+        return 1
+    if isinstance(result, str):
+        sys.stdout.write(result if result.endswith("\n") else result + "\n")
+    else:
+        _print_json(result)
+    return 0

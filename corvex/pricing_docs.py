@@ -1,0 +1,227 @@
+"""The rate table of the pricing page (docs/pricing.md): generated from the rate card, read back.
+
+It owns the table's format: it writes only the text between the rate-table markers and parses
+that text back, strictly. It never touches the hand-written prose around the markers, and it
+never writes a price down that the rate card did not give it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from pathlib import Path
+
+import msgspec
+
+from corvex_core.ratecard import RateCard, RateCardError, load_rate_card
+
+BEGIN_MARKER = "<!-- rate-table:begin"
+END_MARKER = "<!-- rate-table:end -->"
+TABLE_HEADER = "| Model | Input | Output | Card |"
+TABLE_RULE = "|---|---|---|---|"
+_COLUMNS = 4
+_VERSION_LINE = re.compile(
+    r"^Rate card version `(?P<version>[^`]+)`; prices are in USD per 1M tokens\.$"
+)
+_PRICE_CELL = re.compile(r"^\$(?P<amount>\d+(?:\.\d+)?) / 1M$")
+_CARD_CELL = re.compile(r"^/models/[^\s|/]+/[^\s|/]+$")
+
+
+class PricingPageError(ValueError):
+    """The pricing page cannot be read or written. The message names the file and line."""
+
+
+class PageRow(msgspec.Struct, frozen=True):
+    """One row of the page's rate table, as written (prices are decimal text without `$`)."""
+
+    name: str
+    input_usd_per_million: str
+    output_usd_per_million: str
+    card_path: str
+
+
+class RateTable(msgspec.Struct, frozen=True):
+    """What the marked block of a page says: the rate-card version and the rows in order."""
+
+    version: str
+    rows: list[PageRow]
+
+
+def render_block(card: RateCard) -> list[str]:
+    """The lines that belong between the markers, in rate-card order."""
+    lines = [
+        "",
+        f"Rate card version `{card.version}`; prices are in USD per 1M tokens.",
+        "",
+        TABLE_HEADER,
+        TABLE_RULE,
+    ]
+    for model in card.models:
+        # A `|` or a line break in a name would split the row; the rate card allows neither
+        # today, but the table must never silently turn into something else.
+        if "|" in model.name or "\n" in model.name:
+            raise PricingPageError(f"model {model.id}: its name cannot go in a table cell")
+        lines.append(
+            f"| {model.name} | ${model.input_usd_per_million} / 1M "
+            f"| ${model.output_usd_per_million} / 1M | {model.card_path} |"
+        )
+    lines.append("")
+    return lines
+
+
+def rows_for(card: RateCard) -> list[PageRow]:
+    """The rows the page should hold for this rate card."""
+    return [
+        PageRow(m.name, m.input_usd_per_million, m.output_usd_per_million, m.card_path)
+        for m in card.models
+    ]
+
+
+def _find_markers(lines: list[str], source: str) -> tuple[int, int]:
+    """Indexes of the begin and end marker lines; exactly one of each, in that order."""
+    begins = [i for i, line in enumerate(lines) if line.startswith(BEGIN_MARKER)]
+    ends = [i for i, line in enumerate(lines) if line.strip() == END_MARKER]
+    if len(begins) != 1 or len(ends) != 1:
+        raise PricingPageError(
+            f"{source}: expected one `{BEGIN_MARKER} ... -->` line and one `{END_MARKER}` line, "
+            f"found {len(begins)} and {len(ends)}"
+        )
+    begin, end = begins[0], ends[0]
+    if end < begin:
+        raise PricingPageError(f"{source}:{end + 1}: the end marker comes before the begin marker")
+    return begin, end
+
+
+def parse_table(page_text: str, *, source: str = "docs/pricing.md") -> RateTable:
+    """Reads the block between the markers: the version line, the header, the rule, the rows.
+
+    Blank lines may come anywhere; any other text is an error naming its line.
+    """
+    lines = page_text.splitlines()
+    begin, end = _find_markers(lines, source)
+    body = [(i + 1, lines[i].strip()) for i in range(begin + 1, end) if lines[i].strip()]
+    preamble = ("`Rate card version ...`", f"`{TABLE_HEADER}`", f"`{TABLE_RULE}`")
+    if len(body) < len(preamble):
+        missing = preamble[len(body)]
+        raise PricingPageError(f"{source}:{end + 1}: the block has no {missing} line")
+    (version_number, version_line), *table = body
+    version = _VERSION_LINE.match(version_line)
+    if version is None:
+        raise PricingPageError(
+            f"{source}:{version_number}: expected the version line, not `{version_line}`"
+        )
+    for (number, line), expected in zip(table[:2], (TABLE_HEADER, TABLE_RULE), strict=True):
+        if line != expected:
+            raise PricingPageError(f"{source}:{number}: expected `{expected}`, found `{line}`")
+    return RateTable(version=version["version"], rows=_parse_rows(table[2:], source))
+
+
+def _parse_rows(numbered_lines: list[tuple[int, str]], source: str) -> list[PageRow]:
+    rows: list[PageRow] = []
+    first_line: dict[tuple[str, str], int] = {}
+    for number, line in numbered_lines:
+        row = _parse_row(line, f"{source}:{number}")
+        for key in (("name", row.name), ("card", row.card_path)):
+            if key in first_line:
+                raise PricingPageError(
+                    f"{source}:{number}: {key[1]} is listed twice (first on line {first_line[key]})"
+                )
+            first_line[key] = number
+        rows.append(row)
+    return rows
+
+
+def parse_rate_table(page_text: str, *, source: str = "docs/pricing.md") -> list[PageRow]:
+    """The rows of the page's rate table, in page order; PricingPageError names a bad line."""
+    return parse_table(page_text, source=source).rows
+
+
+def _parse_row(line: str, where: str) -> PageRow:
+    if not (line.startswith("|") and line.endswith("|")):
+        raise PricingPageError(f"{where}: a table row must start and end with `|`: `{line}`")
+    cells = [cell.strip() for cell in line[1:-1].split("|")]
+    if len(cells) != _COLUMNS:
+        raise PricingPageError(
+            f"{where}: expected {_COLUMNS} cells (Model | Input | Output | Card), "
+            f"found {len(cells)}: `{line}`"
+        )
+    name, input_cell, output_cell, card = cells
+    if not name:
+        raise PricingPageError(f"{where}: the model name is empty")
+    prices = []
+    for column, cell in (("input", input_cell), ("output", output_cell)):
+        match = _PRICE_CELL.match(cell)
+        if match is None:
+            raise PricingPageError(
+                f"{where}: {name}: {column} price must look like `$0.35 / 1M`, not `{cell}`"
+            )
+        prices.append(match["amount"])
+    if _CARD_CELL.match(card) is None:
+        raise PricingPageError(
+            f"{where}: {name}: card must look like `/models/<org>/<name>`, not `{card}`"
+        )
+    return PageRow(name, prices[0], prices[1], card)
+
+
+def regenerate(page_text: str, card: RateCard, *, source: str = "docs/pricing.md") -> str:
+    """The page with the text between its markers replaced by the block for `card`."""
+    lines = page_text.splitlines()
+    begin, end = _find_markers(lines, source)
+    new_lines = [*lines[: begin + 1], *render_block(card), *lines[end:]]
+    return "\n".join(new_lines) + "\n"
+
+
+def _check_report(page_text: str, expected_text: str, card: RateCard, source: str) -> list[str]:
+    """Why the page is stale: the named drifts the gate sees, then a diff of the block."""
+    # Imported here, not at the top: the gate is built on this module's parser, and the check
+    # borrows the gate's comparison only to name the model and field of each difference.
+    from corvex.drift_gate import compare
+
+    report: list[str] = []
+    try:
+        table = parse_table(page_text, source=source)
+    except PricingPageError as exc:
+        report.append(f"error: {exc}")
+    else:
+        drifts = compare(card, table.rows, None, page_version=table.version, page_source=source)
+        report.extend(str(drift) for drift in drifts)
+    diff = difflib.unified_diff(
+        page_text.splitlines(),
+        expected_text.splitlines(),
+        fromfile=f"{source} (as committed)",
+        tofile=f"{source} (generated from the rate card)",
+        lineterm="",
+    )
+    report.extend(diff)
+    return report
+
+
+def run(*, rate_card: Path, page: Path, check: bool) -> int:
+    """`corvex docs pricing [--check]`: writes the table, or with `check` reports a stale one.
+
+    Returns 0 when the page is (now) current, 1 when `check` finds it stale, 2 when the rate
+    card or the page cannot be read.
+    """
+    source = str(page)
+    try:
+        card = load_rate_card(rate_card)
+        page_text = page.read_text(encoding="utf-8")
+        expected_text = regenerate(page_text, card, source=source)
+    except (RateCardError, PricingPageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {source}: cannot read the pricing page: {exc.strerror}", file=sys.stderr)
+        return 2
+    if expected_text == page_text:
+        print(f"{source}: rate table is current (rate card {card.version})")
+        return 0
+    if check:
+        for line in _check_report(page_text, expected_text, card, source):
+            print(line)
+        print(f"{source} is stale: run `corvex docs pricing` and commit the result")
+        return 1
+    page.write_text(expected_text, encoding="utf-8")
+    print(f"{source}: rate table written from rate card {card.version}")
+    return 0

@@ -1,0 +1,119 @@
+"""`corvex serve`: the whole stack on one machine, for development and demos.
+
+Starts the core and the edge as two processes (so each has a CPU core of its own), makes
+sure a `dev` workspace and a dev key exist, prints how to use them, and on Ctrl-C or SIGTERM
+stops the edge and then drains the core. The dev key's secret is kept in the data directory
+(mode 0600) so that it can be printed again on the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+import msgspec
+
+from corvex.admin import Client, workspace_json
+from corvex.config import load_section
+from corvex.stack import Stack, running_stack
+from corvex.v1 import accounts_pb2
+
+DEV_WORKSPACE = "dev"
+
+
+class DevKey(msgspec.Struct):
+    key_id: str
+    secret: str
+
+
+def bootstrap_dev(stack: Stack, token: str) -> tuple[accounts_pb2.Workspace, str]:
+    """The dev workspace and a live key secret, created on first use."""
+    client = Client(stack.grpc_address, token)
+    pb = accounts_pb2
+    try:
+        listed = client.ListWorkspaces(pb.ListWorkspacesRequest())
+        workspace = next((ws for ws in listed.workspaces if ws.name == DEV_WORKSPACE), None)
+        if workspace is None:
+            workspace = client.CreateWorkspace(pb.CreateWorkspaceRequest(name=DEV_WORKSPACE))
+        key_file = stack.data_dir / "dev_key.json"
+        if key_file.exists():
+            saved = msgspec.json.decode(key_file.read_bytes(), type=DevKey)
+            keys = client.ListKeys(pb.ListKeysRequest(workspace_id=workspace.id)).keys
+            if any(k.id == saved.key_id and not k.revoked for k in keys):
+                return workspace, saved.secret
+        created = client.CreateKey(pb.CreateKeyRequest(workspace_id=workspace.id, name="dev"))
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(msgspec.json.encode(DevKey(created.key.id, created.secret)))
+        return workspace, created.secret
+    finally:
+        client.close()
+
+
+def _banner(stack: Stack, workspace: accounts_pb2.Workspace, secret: str, engines: str) -> str:
+    ws = workspace_json(workspace)
+    url = stack.http_url + "/v1"
+    return f"""
+Corvex is running ({engines}).
+  OpenAI API   {url}
+  gRPC core    {stack.grpc_address}
+  workspace    {ws["name"]} ({ws["id"]}), balance ${ws["balance_usd"]}
+  API key      {secret}
+  admin token  {stack.data_dir / "admin_token"}
+
+Try it:
+  curl {url}/chat/completions -H "Authorization: Bearer {secret}" \\
+    -H "Content-Type: application/json" \\
+    -d '{{"model": "deepseek-ai/DeepSeek-V4-Flash",
+         "messages": [{{"role": "user", "content": "Hello"}}]}}'
+  OPENAI_BASE_URL={url} OPENAI_API_KEY={secret} python -c \\
+    "import openai; print(openai.OpenAI().models.list().data[0].id)"
+  .venv/bin/corvex admin workspace show {ws["id"]}
+
+Ctrl-C stops both processes.
+"""
+
+
+def run(args: argparse.Namespace) -> int:
+    from corvex_core.config import CoreConfig, SimulatedEngineConfig
+    from gateway.config import EdgeConfig
+
+    core = load_section(
+        "core",
+        CoreConfig,
+        path=args.config,
+        flags={("port",): args.core_port, ("data_dir",): args.data_dir},
+    )
+    edge = load_section(
+        "edge", EdgeConfig, path=args.config, flags={("port",): args.port, ("host",): args.host}
+    )
+    data_dir = Path(core.data_dir).resolve()
+    engines = {type(core.engines.for_model(m)) for m in core.engines.models} | {
+        type(core.engines.default)
+    }
+    label = "simulated engines" if engines == {SimulatedEngineConfig} else "configured engines"
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with running_stack(
+        config_path=args.config,
+        data_dir=data_dir,
+        host=core.host,
+        core_port=core.port,
+        edge_host=edge.host,
+        edge_port=edge.port,
+        admin_token=core.admin_token or None,
+        log_to_file=False,
+    ) as stack:
+        token = core.admin_token or (data_dir / "admin_token").read_text().strip()
+        workspace, secret = bootstrap_dev(stack, token)
+        print(_banner(stack, workspace, secret, label), flush=True)
+        while not stop.wait(0.5):
+            for process in stack.processes:
+                if process.popen.poll() is not None:
+                    print(f"corvex serve: the {process.name} exited ({process.popen.returncode})")
+                    stop.set()
+        print("corvex serve: stopping", flush=True)
+        codes = stack.stop()
+    return max(codes.values(), default=0)

@@ -1,0 +1,1 @@
+"""The Corvex core: engines, metering and the gRPC servicers that expose them."""

@@ -1,0 +1,53 @@
+"""The catalogue: the current rate card joined with the engines that serve its models.
+
+A model is served when it is on the rate card and its engine is ready. The rate card can be
+replaced at run time (`replace`): the next admission uses the new prices, while requests
+already admitted keep the rate they were admitted with (their hold carries it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from corvex_core import errors
+from corvex_core.engines.base import Engine
+from corvex_core.ratecard import ModelRate, RateCard
+
+
+class Served(msgspec.Struct, frozen=True):
+    """A served model: its price, the rate-card version of that price, and its engine."""
+
+    rate: ModelRate
+    rate_card_version: str
+    engine: Engine
+
+
+class Catalogue:
+    def __init__(self, rate_card: RateCard, engines: Iterable[Engine]) -> None:
+        self._engines = {engine.model_id: engine for engine in engines}
+        missing = [m.id for m in rate_card.models if m.id not in self._engines]
+        assert not missing, f"no engine for {missing}"
+        self._rate_card = rate_card
+
+    @property
+    def rate_card(self) -> RateCard:
+        return self._rate_card
+
+    @property
+    def engines(self) -> list[Engine]:
+        return list(self._engines.values())
+
+    def lookup(self, model_id: str) -> Served:
+        """A served model. Raises ModelNotFound for anything not on the rate card."""
+        card = self._rate_card
+        rate = card.get(model_id)
+        engine = self._engines.get(model_id)
+        if rate is None or engine is None:
+            raise errors.ModelNotFound(model_id)
+        return Served(rate, card.version, engine)
+
+    def served(self) -> list[Served]:
+        card = self._rate_card
+        return [Served(rate, card.version, self._engines[rate.id]) for rate in card.models]

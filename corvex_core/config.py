@@ -1,0 +1,126 @@
+"""The core's configuration: the `core:` section of the Corvex YAML file.
+
+Only types and defaults live here; loading (file, CORVEX_CORE_* environment, flags) is
+`corvex.config.load_section`. Every field has a default so that `corvex core` with no file
+serves the whole catalogue on simulated engines.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class SimulatedEngineConfig(
+    msgspec.Struct, tag="simulated", tag_field="backend", forbid_unknown_fields=True
+):
+    """The deterministic CPU engine. Timings model a GPU: zero them for tests."""
+
+    # Time `start()` takes, as if loading weights (health is NOT_SERVING meanwhile).
+    load_ms: float = 0.0
+    # Prefill: delay from admission to the first token, plus a per-prompt-token part.
+    ttft_ms: float = 40.0
+    prefill_ms_per_1k_tokens: float = 5.0
+    # Decode: one step emits one token for every running request.
+    tpot_ms: float = 12.0
+    # Each running request beyond the first makes a step this fraction slower.
+    batch_slowdown: float = 0.01
+    # Requests decoded together; more wait in the queue.
+    max_batch: int = 64
+    # Waiting requests beyond which new ones are refused with ENGINE_UNAVAILABLE.
+    max_queue: int = 512
+    # Length range of an answer the model ends by itself (finish_reason "stop").
+    min_answer_tokens: int = 8
+    max_answer_tokens: int = 200
+    # Vector size of embeddings (requests may ask for fewer with `dimensions`).
+    embedding_dimensions: int = 1024
+    # Mixed into every hash, so two deployments can produce different (still stable) text.
+    seed: int = 0
+
+
+class VllmEngineConfig(msgspec.Struct, tag="vllm", tag_field="backend", forbid_unknown_fields=True):
+    """A vLLM `AsyncLLM` engine on this node's GPUs. See docs/deploy-gpu.md."""
+
+    # Hugging Face id or local path of the weights. Weights must already be on disk.
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    quantization: str | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
+    enable_prefix_caching: bool | None = None
+    max_num_seqs: int | None = None
+    # GPUs this engine may use (CUDA_VISIBLE_DEVICES for its workers). None: all.
+    devices: list[int] | None = None
+    # "generate" for chat models, "embed" for embedding models.
+    runner: Literal["generate", "embed"] = "generate"
+    # Passed to vllm's AsyncEngineArgs as given, for arguments not named above.
+    engine_args: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+EngineConfig = SimulatedEngineConfig | VllmEngineConfig
+
+
+class EnginesConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Which engine serves each model. Models not listed use `default`."""
+
+    default: EngineConfig = msgspec.field(default_factory=SimulatedEngineConfig)
+    models: dict[str, EngineConfig] = msgspec.field(default_factory=dict)
+
+    def for_model(self, model_id: str) -> EngineConfig:
+        return self.models.get(model_id, self.default)
+
+
+class AccountsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Money rules that are policy rather than code."""
+
+    # Credits given to each new workspace, USD with at most 2 decimals. "0" gives none.
+    starter_credits_usd: str = "5.00"
+    # Smallest top-up (and auto-reload amount) accepted, USD with at most 2 decimals.
+    min_topup_usd: str = "1.00"
+    # Payment provider behind auto-reload: "simulated" (always succeeds, for development)
+    # or "none" (auto-reload attempts fail and are recorded).
+    payment_provider: Literal["simulated", "none"] = "simulated"
+    # Backoff of failed auto-reload attempts: first wait, doubled up to the maximum.
+    auto_reload_retry_initial_s: float = 5.0
+    auto_reload_retry_max_s: float = 300.0
+
+
+class JournalConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The durable journal (SQLite in WAL mode under data_dir)."""
+
+    # Most records written in one transaction (one fsync).
+    max_batch: int = 1024
+    # Take a snapshot of the whole ledger after this many records, so recovery stays short.
+    snapshot_every: int = 50_000
+    # fsync on every commit. Turn off only for benchmarks that measure what durability costs.
+    fsync: bool = True
+
+
+class CoreConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The `core:` section."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Prometheus /metrics. Port 0 picks a free port; -1 turns the endpoint off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    # The price catalogue; only models on it are served.
+    rate_card: str = "infrastructure/metronome/config.yaml"
+    # Journal and the generated admin token live here.
+    data_dir: str = ".corvex/data"
+    # Credential of the Accounts service. Empty: read `admin_token` in data_dir, creating it
+    # with a random value on first start.
+    admin_token: str = ""
+    # SIGTERM: seconds in-flight streams get to finish before they are aborted and settled.
+    drain_grace_s: float = 30.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # "auto": JSON lines unless stderr is a terminal.
+    log_format: Literal["auto", "json", "text"] = "auto"
+    accounts: AccountsConfig = msgspec.field(default_factory=AccountsConfig)
+    journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
+    engines: EnginesConfig = msgspec.field(default_factory=EnginesConfig)

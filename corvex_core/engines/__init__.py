@@ -1,0 +1,1 @@
+"""Engines: the seam (base.py), the simulated CPU engine and the vLLM adapter."""

@@ -1,0 +1,125 @@
+"""Domain errors of the core: one class per row of DESIGN.md's error table.
+
+These carry what a caller needs to act (a sentence, the field at fault, when to retry) and
+nothing about transport: `corvex_core.servicers.status` turns them into gRPC status, and
+the edge turns that into HTTP. Raising anything else from a servicer is a bug and is
+reported as INTERNAL without details.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Reason(enum.Enum):
+    """ErrorInfo.reason values (documented in proto/corvex/v1/errors.proto)."""
+
+    INVALID_API_KEY = "INVALID_API_KEY"
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    INVALID_REQUEST = "INVALID_REQUEST"
+    CONTEXT_LENGTH_EXCEEDED = "CONTEXT_LENGTH_EXCEEDED"
+    INSUFFICIENT_CREDITS = "INSUFFICIENT_CREDITS"
+    RATE_LIMIT_EXCEEDED = "RATE_LIMIT_EXCEEDED"
+    TOKEN_LIMIT_EXCEEDED = "TOKEN_LIMIT_EXCEEDED"
+    ENGINE_UNAVAILABLE = "ENGINE_UNAVAILABLE"
+    INVALID_ADMIN_TOKEN = "INVALID_ADMIN_TOKEN"
+    NOT_FOUND = "NOT_FOUND"
+    SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
+
+
+class CorvexError(Exception):
+    """A failure the caller caused or can act on. `message` is shown to the caller."""
+
+    reason: Reason
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        metadata: dict[str, str] | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata or {}
+        self.retry_after_s = retry_after_s
+
+
+class InvalidApiKey(CorvexError):
+    reason = Reason.INVALID_API_KEY
+
+
+class ModelNotFound(CorvexError):
+    reason = Reason.MODEL_NOT_FOUND
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or is not served here; "
+            "GET /v1/models lists the models you can use.",
+            metadata={"model": model},
+        )
+
+
+class InvalidRequest(CorvexError):
+    """A malformed request. `param` names the field at fault (OpenAI's `param`)."""
+
+    reason = Reason.INVALID_REQUEST
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, metadata={"param": param} if param else None)
+        self.param = param
+
+
+class ContextLengthExceeded(CorvexError):
+    reason = Reason.CONTEXT_LENGTH_EXCEEDED
+
+    def __init__(self, *, prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens, but the request "
+            f"has {prompt_tokens} prompt tokens and asks for up to {max_tokens} completion "
+            "tokens; shorten the messages or lower max_tokens.",
+            metadata={
+                "param": "messages",
+                "prompt_tokens": str(prompt_tokens),
+                "max_tokens": str(max_tokens),
+                "context_length": str(context_length),
+            },
+        )
+
+
+class InsufficientCredits(CorvexError):
+    """The balance or the monthly spend cap cannot cover the request's hold."""
+
+    reason = Reason.INSUFFICIENT_CREDITS
+
+
+class RateLimitExceeded(CorvexError):
+    """A per-minute limit of the key is used up; `retry_after_s` says when it allows more."""
+
+    reason = Reason.RATE_LIMIT_EXCEEDED
+
+
+class TokenLimitExceeded(CorvexError):
+    """The key's monthly token limit is used up; it resets with the calendar month."""
+
+    reason = Reason.TOKEN_LIMIT_EXCEEDED
+
+
+class EngineUnavailable(CorvexError):
+    reason = Reason.ENGINE_UNAVAILABLE
+
+
+class InvalidAdminToken(CorvexError):
+    reason = Reason.INVALID_ADMIN_TOKEN
+
+
+class NotFound(CorvexError):
+    """An admin call named a workspace, key or invoice that does not exist."""
+
+    reason = Reason.NOT_FOUND
+
+
+class ServiceUnavailable(CorvexError):
+    """The core cannot take work: it is draining or its journal cannot write."""
+
+    reason = Reason.SERVICE_UNAVAILABLE

@@ -1,0 +1,678 @@
+"""The ledger: workspaces, prepaid balances, spend caps, holds, keys, invoices and usage.
+
+It is a single-threaded state machine. Every method is synchronous and runs to completion on
+the event loop with no `await` inside, so no two mutations interleave; each asserts the money
+invariants after it changes anything. Durable changes happen only by applying a journal
+record (`apply`), live and during recovery alike; the journal sink sees every record before
+its caller is told the change happened. Holds exist only in memory. It never does I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import string
+import time
+from collections.abc import Callable, Iterator
+from typing import Final
+
+import msgspec
+
+from corvex.money import NANO_PER_CENT, format_usd
+from corvex_core import errors
+from corvex_core.ratecard import ModelRate
+from corvex_core.records import (
+    AutoReloadFailed,
+    AutoReloadSet,
+    Charged,
+    CreditsAdded,
+    KeyCreated,
+    KeyLimits,
+    KeyLimitsSet,
+    KeyRevoked,
+    Record,
+    SpendCapSet,
+    WorkspaceCreated,
+)
+
+KEY_PREFIX: Final = "corvex-"
+# Bounds on what callers may put in the ledger (TigerStyle: a limit on everything).
+MAX_NAME_CHARS: Final = 100
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 200
+# $1B in nano-USD: far beyond any real top-up, far below int64 overflow.
+MAX_AMOUNT_NANO: Final = 10**18
+TOPUP_METHODS: Final = ("manual", "starter", "auto_reload")
+# Key secrets: 43 characters of 62 carry 256 bits of entropy, and copy-paste cleanly.
+_SECRET_ALPHABET: Final = string.ascii_letters + string.digits
+
+
+def month_of(at_ms: int) -> str:
+    """The UTC calendar month of a time, "YYYY-MM"."""
+    tm = time.gmtime(at_ms // 1000)
+    return f"{tm.tm_year:04d}-{tm.tm_mon:02d}"
+
+
+def day_of(at_ms: int) -> str:
+    """The UTC day of a time, "YYYY-MM-DD"."""
+    tm = time.gmtime(at_ms // 1000)
+    return f"{tm.tm_year:04d}-{tm.tm_mon:02d}-{tm.tm_mday:02d}"
+
+
+def hash_secret(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class AutoReload(msgspec.Struct):
+    threshold_nano: int
+    amount_nano: int
+
+
+class Workspace(msgspec.Struct):
+    """A workspace's durable money state plus `held_nano`, the in-memory sum of its holds."""
+
+    id: str
+    name: str
+    created_ms: int
+    balance_nano: int = 0
+    spend_cap_nano: int | None = None
+    # Spend of `month` ("YYYY-MM"); a new month starts at zero (see `_roll_month`).
+    month: str = ""
+    month_spend_nano: int = 0
+    auto_reload: AutoReload | None = None
+    auto_reload_error: str = ""
+    key_ids: list[str] = msgspec.field(default_factory=list)
+    invoice_numbers: list[int] = msgspec.field(default_factory=list)
+    held_nano: int = 0
+
+    @property
+    def available_nano(self) -> int:
+        return self.balance_nano - self.held_nano
+
+
+class ApiKey(msgspec.Struct):
+    id: str
+    workspace_id: str
+    name: str
+    prefix: str
+    secret_sha256: bytes
+    created_ms: int
+    limits: KeyLimits = KeyLimits()
+    revoked: bool = False
+    # Tokens charged in `month` ("YYYY-MM"), for the monthly token limit.
+    month: str = ""
+    month_tokens: int = 0
+
+
+class Invoice(msgspec.Struct, frozen=True):
+    number: int
+    workspace_id: str
+    created_ms: int
+    amount_nano: int
+    method: str
+    balance_after_nano: int
+    idempotency_key: str
+
+    @property
+    def label(self) -> str:
+        return f"INV-{self.number:06d}"
+
+
+class UsageTotals(msgspec.Struct):
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_nano: int = 0
+
+
+class UsageRow(msgspec.Struct, frozen=True):
+    day: str
+    key_id: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_nano: int
+
+
+class Hold(msgspec.Struct):
+    """Money reserved for one request in flight. Resolved exactly once."""
+
+    id: str
+    workspace_id: str
+    key_id: str
+    rate: ModelRate
+    rate_card_version: str
+    prompt_tokens: int
+    max_completion_tokens: int
+    amount_nano: int
+    resolved: bool = False
+
+
+class LedgerState(msgspec.Struct):
+    """Everything durable: what a snapshot holds. Holds are not part of it."""
+
+    workspaces: dict[str, Workspace] = msgspec.field(default_factory=dict)
+    keys: dict[str, ApiKey] = msgspec.field(default_factory=dict)
+    invoices: dict[int, Invoice] = msgspec.field(default_factory=dict)
+    # (workspace id, idempotency key) → invoice number.
+    idempotency: dict[str, int] = msgspec.field(default_factory=dict)
+    # workspace id → "day|key id|model" → totals.
+    usage: dict[str, dict[str, UsageTotals]] = msgspec.field(default_factory=dict)
+    next_invoice: int = 1
+    charges: int = 0
+
+
+RecordSink = Callable[[Record], None]
+
+
+def _discard(record: Record) -> None:
+    del record
+
+
+class Ledger:
+    """The accounts state machine. See the module docstring for its rules."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        sink: RecordSink = _discard,
+        state: LedgerState | None = None,
+    ) -> None:
+        self._clock = clock
+        self._sink = sink
+        self._holds: dict[str, Hold] = {}
+        self.restore(state or LedgerState())
+
+    def restore(self, state: LedgerState) -> None:
+        """Replaces the whole state with a recovered one (a snapshot). Only before serving."""
+        assert not self._holds, "restore with requests in flight"
+        self._state = state
+        self._by_hash = {k.secret_sha256: k for k in state.keys.values()}
+        for ws in state.workspaces.values():
+            ws.held_nano = 0  # Holds of a previous process are released, never charged.
+            self._check(ws)
+
+    def set_sink(self, sink: RecordSink) -> None:
+        """Where new records go (the journal), from now on."""
+        self._sink = sink
+
+    # ---- reads -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> LedgerState:
+        return self._state
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def workspace(self, workspace_id: str) -> Workspace:
+        ws = self._state.workspaces.get(workspace_id)
+        if ws is None:
+            raise errors.NotFound(f"No workspace {workspace_id}.")
+        self._roll_month(ws, self.now_ms())
+        return ws
+
+    def workspaces(self) -> list[Workspace]:
+        return [self.workspace(ws_id) for ws_id in self._state.workspaces]
+
+    def key(self, key_id: str) -> ApiKey:
+        key = self._state.keys.get(key_id)
+        if key is None:
+            raise errors.NotFound(f"No API key {key_id}.")
+        self._roll_key_month(key, self.now_ms())
+        return key
+
+    def keys(self, workspace_id: str) -> list[ApiKey]:
+        return [self.key(k) for k in self.workspace(workspace_id).key_ids]
+
+    def authenticate(self, secret: str) -> ApiKey:
+        """The live key with this secret. Raises InvalidApiKey for anything else."""
+        digest = hash_secret(secret)
+        key = self._by_hash.get(digest)
+        # The dict lookup is keyed by a hash the caller cannot steer; compare_digest keeps the
+        # final comparison constant-time as well.
+        if key is None or not hmac.compare_digest(key.secret_sha256, digest) or key.revoked:
+            raise errors.InvalidApiKey(
+                "Incorrect, unknown or revoked API key. Create a key with "
+                "`corvex admin key create` and send it as `Authorization: Bearer <key>`."
+            )
+        self._roll_key_month(key, self.now_ms())
+        return key
+
+    def invoice(self, number: int) -> Invoice:
+        invoice = self._state.invoices.get(number)
+        if invoice is None:
+            raise errors.NotFound(f"No invoice INV-{number:06d}.")
+        return invoice
+
+    def invoices(self, workspace_id: str) -> list[Invoice]:
+        return [self._state.invoices[n] for n in self.workspace(workspace_id).invoice_numbers]
+
+    def usage(
+        self, workspace_id: str, *, key_id: str = "", since: str = "", until: str = ""
+    ) -> list[UsageRow]:
+        """Usage rows of a workspace between two UTC days (inclusive), sorted."""
+        self.workspace(workspace_id)
+        rows = []
+        for bucket, totals in self._state.usage.get(workspace_id, {}).items():
+            day, row_key, model = bucket.split("|", 2)
+            if key_id and row_key != key_id:
+                continue
+            if (since and day < since) or (until and day > until):
+                continue
+            rows.append(UsageRow(day, row_key, model, *msgspec.structs.astuple(totals)))
+        rows.sort(key=lambda r: (r.day, r.key_id, r.model))
+        return rows
+
+    def hold_count(self) -> int:
+        return len(self._holds)
+
+    def held_total_nano(self) -> int:
+        return sum(h.amount_nano for h in self._holds.values())
+
+    # ---- account changes (each emits one record) -----------------------------------------
+
+    def create_workspace(self, name: str, starter_nano: int) -> tuple[Workspace, Invoice | None]:
+        _check_name(name)
+        _check_amount(starter_nano, allow_zero=True)
+        now = self.now_ms()
+        ws_id = "ws_" + secrets.token_hex(8)
+        self._commit(WorkspaceCreated(at_ms=now, workspace_id=ws_id, name=name))
+        invoice = None
+        if starter_nano:
+            invoice, _ = self.add_credits(ws_id, starter_nano, "starter", f"starter:{ws_id}")
+        return self.workspace(ws_id), invoice
+
+    def add_credits(
+        self, workspace_id: str, amount_nano: int, method: str, idempotency_key: str
+    ) -> tuple[Invoice, bool]:
+        """Credits a top-up and makes its invoice. Returns (invoice, replayed)."""
+        self.workspace(workspace_id)
+        if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+            raise errors.InvalidRequest(
+                f"idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+                param="idempotency_key",
+            )
+        previous = self._state.idempotency.get(_idem(workspace_id, idempotency_key))
+        if previous is not None:
+            invoice = self._state.invoices[previous]
+            if invoice.amount_nano != amount_nano:
+                raise errors.InvalidRequest(
+                    f"idempotency_key {idempotency_key!r} was used for a top-up of "
+                    f"${format_usd(invoice.amount_nano)}; use a new key for a different amount",
+                    param="idempotency_key",
+                )
+            return invoice, True
+        assert method in TOPUP_METHODS, method
+        _check_amount(amount_nano)
+        if amount_nano % NANO_PER_CENT:
+            raise errors.InvalidRequest("top-ups are whole cents", param="amount")
+        number = self._state.next_invoice
+        self._commit(
+            CreditsAdded(
+                at_ms=self.now_ms(),
+                workspace_id=workspace_id,
+                invoice_number=number,
+                amount_nano=amount_nano,
+                method=method,
+                idempotency_key=idempotency_key,
+            )
+        )
+        return self._state.invoices[number], False
+
+    def set_spend_cap(self, workspace_id: str, cap_nano: int | None) -> Workspace:
+        self.workspace(workspace_id)
+        if cap_nano is not None:
+            _check_amount(cap_nano, allow_zero=True)
+        self._commit(SpendCapSet(at_ms=self.now_ms(), workspace_id=workspace_id, cap_nano=cap_nano))
+        return self.workspace(workspace_id)
+
+    def set_auto_reload(
+        self, workspace_id: str, *, enabled: bool, threshold_nano: int, amount_nano: int
+    ) -> Workspace:
+        self.workspace(workspace_id)
+        if enabled:
+            _check_amount(threshold_nano, allow_zero=True)
+            _check_amount(amount_nano)
+        else:
+            threshold_nano = amount_nano = 0
+        self._commit(
+            AutoReloadSet(
+                at_ms=self.now_ms(),
+                workspace_id=workspace_id,
+                enabled=enabled,
+                threshold_nano=threshold_nano,
+                amount_nano=amount_nano,
+            )
+        )
+        return self.workspace(workspace_id)
+
+    def record_auto_reload_failure(self, workspace_id: str, error: str) -> None:
+        self.workspace(workspace_id)
+        self._commit(
+            AutoReloadFailed(at_ms=self.now_ms(), workspace_id=workspace_id, error=error[:500])
+        )
+
+    def create_key(self, workspace_id: str, name: str, limits: KeyLimits) -> tuple[ApiKey, str]:
+        """Creates a key. Returns it and its secret, which is never stored."""
+        self.workspace(workspace_id)
+        _check_name(name)
+        _check_limits(limits)
+        secret = KEY_PREFIX + "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(43))
+        key_id = "key_" + secrets.token_hex(8)
+        self._commit(
+            KeyCreated(
+                at_ms=self.now_ms(),
+                key_id=key_id,
+                workspace_id=workspace_id,
+                name=name,
+                prefix=secret[: len(KEY_PREFIX) + 4],
+                secret_sha256=hash_secret(secret),
+                limits=limits,
+            )
+        )
+        return self.key(key_id), secret
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        if not self.key(key_id).revoked:
+            self._commit(KeyRevoked(at_ms=self.now_ms(), key_id=key_id))
+        return self.key(key_id)
+
+    def set_key_limits(self, key_id: str, limits: KeyLimits) -> ApiKey:
+        self.key(key_id)
+        _check_limits(limits)
+        self._commit(KeyLimitsSet(at_ms=self.now_ms(), key_id=key_id, limits=limits))
+        return self.key(key_id)
+
+    # ---- holds ---------------------------------------------------------------------------
+
+    def affordable_completion_tokens(
+        self, ws: Workspace, rate: ModelRate, prompt_tokens: int
+    ) -> int:
+        """Most completion tokens the workspace can pay for after the prompt (may be < 0)."""
+        room = self._spendable_nano(ws) - rate.cost_nano(prompt_tokens, 0)
+        if room < 0:
+            return -1
+        if rate.output_nano_per_token == 0:
+            return 2**62
+        return room // rate.output_nano_per_token
+
+    def check_affordable(
+        self, ws: Workspace, rate: ModelRate, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        """Raises InsufficientCredits, with a sentence saying what is affordable, if the hold
+        for this request cannot be covered by the balance and the spend cap."""
+        cost = rate.cost_nano(prompt_tokens, completion_tokens)
+        available = ws.available_nano
+        cap_room = self._cap_room_nano(ws)
+        if cost <= available and (cap_room is None or cost <= cap_room):
+            return
+        affordable = max(self.affordable_completion_tokens(ws, rate, prompt_tokens), 0)
+        by_cap = cap_room is not None and cap_room < available
+        if by_cap:
+            assert ws.spend_cap_nano is not None
+            message = (
+                f"Monthly spend cap of ${format_usd(ws.spend_cap_nano)} reached: "
+                f"${format_usd(ws.month_spend_nano)} spent in {ws.month} and "
+                f"${format_usd(ws.held_nano)} held by requests in flight. "
+            )
+        else:
+            message = (
+                f"Balance ${format_usd(ws.balance_nano)}"
+                + (
+                    f" (${format_usd(ws.held_nano)} held by requests in flight)"
+                    if ws.held_nano
+                    else ""
+                )
+                + " "
+            )
+        if affordable > 0:
+            message += (
+                f"covers at most {affordable} output tokens for this prompt "
+                f"({prompt_tokens} tokens); lower max_tokens, "
+            )
+        else:
+            message += f"does not cover this request ({prompt_tokens} prompt tokens); "
+        message += "raise the cap or wait for the next month." if by_cap else "top up."
+        raise errors.InsufficientCredits(
+            message,
+            metadata={
+                "limit": "spend_cap" if by_cap else "balance",
+                "available_nano_usd": str(max(self._spendable_nano(ws), 0)),
+                "affordable_completion_tokens": str(affordable),
+            },
+        )
+
+    def reserve(
+        self,
+        hold_id: str,
+        key: ApiKey,
+        rate: ModelRate,
+        rate_card_version: str,
+        prompt_tokens: int,
+        max_completion_tokens: int,
+    ) -> Hold:
+        """Holds the most a request can cost. Raises InsufficientCredits if it cannot."""
+        assert hold_id not in self._holds, hold_id
+        assert prompt_tokens >= 0 and max_completion_tokens >= 0
+        ws = self.workspace(key.workspace_id)
+        self.check_affordable(ws, rate, prompt_tokens, max_completion_tokens)
+        amount = rate.cost_nano(prompt_tokens, max_completion_tokens)
+        hold = Hold(
+            id=hold_id,
+            workspace_id=ws.id,
+            key_id=key.id,
+            rate=rate,
+            rate_card_version=rate_card_version,
+            prompt_tokens=prompt_tokens,
+            max_completion_tokens=max_completion_tokens,
+            amount_nano=amount,
+        )
+        ws.held_nano += amount
+        self._holds[hold_id] = hold
+        self._check(ws)
+        cap_room = self._cap_room_nano(ws)
+        assert cap_room is None or cap_room >= 0, "a hold passed the spend cap"
+        return hold
+
+    def settle(
+        self,
+        hold: Hold,
+        *,
+        request_id: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int = 0,
+    ) -> Charged | None:
+        """Charges a finished request for the tokens it used and releases the rest of its hold.
+
+        Returns the charge record, or None when nothing was charged (no tokens). Counts beyond
+        what was held are a caller bug; they are cut to the hold so a customer is never
+        charged more than the hold they were shown.
+        """
+        assert not hold.resolved, f"hold {hold.id} resolved twice"
+        assert self._holds.pop(hold.id) is hold
+        hold.resolved = True
+        ws = self.workspace(hold.workspace_id)
+        ws.held_nano -= hold.amount_nano
+        prompt_tokens = min(prompt_tokens, hold.prompt_tokens)
+        completion_tokens = min(completion_tokens, hold.max_completion_tokens)
+        cost = hold.rate.cost_nano(prompt_tokens, completion_tokens)
+        assert 0 <= cost <= hold.amount_nano
+        if prompt_tokens == 0 and completion_tokens == 0:
+            self._check(ws)
+            return None
+        record = Charged(
+            at_ms=self.now_ms(),
+            charge_id="ch_" + secrets.token_hex(12),
+            request_id=request_id,
+            workspace_id=ws.id,
+            key_id=hold.key_id,
+            model=hold.rate.id,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_prompt_tokens=min(cached_prompt_tokens, prompt_tokens),
+            cost_nano=cost,
+            rate_card_version=hold.rate_card_version,
+        )
+        self._commit(record)
+        return record
+
+    def release(self, hold: Hold) -> None:
+        """Releases a hold without charging (the engine never ran the request)."""
+        charged = self.settle(hold, request_id="", prompt_tokens=0, completion_tokens=0)
+        assert charged is None
+
+    def open_holds(self) -> Iterator[Hold]:
+        return iter(list(self._holds.values()))
+
+    def needs_auto_reload(self, workspace_id: str) -> AutoReload | None:
+        ws = self.workspace(workspace_id)
+        if ws.auto_reload is not None and ws.balance_nano < ws.auto_reload.threshold_nano:
+            return ws.auto_reload
+        return None
+
+    # ---- applying records ----------------------------------------------------------------
+
+    def apply(self, record: Record) -> None:
+        """Applies one journal record. Used live (through `_commit`) and by recovery."""
+        state = self._state
+        match record:
+            case Charged():
+                ws = state.workspaces[record.workspace_id]
+                self._roll_month(ws, record.at_ms)
+                assert record.cost_nano <= ws.balance_nano, "a charge would overdraw"
+                ws.balance_nano -= record.cost_nano
+                ws.month_spend_nano += record.cost_nano
+                key = state.keys[record.key_id]
+                self._roll_key_month(key, record.at_ms)
+                key.month_tokens += record.prompt_tokens + record.completion_tokens
+                bucket = f"{day_of(record.at_ms)}|{record.key_id}|{record.model}"
+                totals = state.usage.setdefault(ws.id, {}).setdefault(bucket, UsageTotals())
+                totals.requests += 1
+                totals.prompt_tokens += record.prompt_tokens
+                totals.completion_tokens += record.completion_tokens
+                totals.cost_nano += record.cost_nano
+                state.charges += 1
+            case CreditsAdded():
+                ws = state.workspaces[record.workspace_id]
+                ws.balance_nano += record.amount_nano
+                invoice = Invoice(
+                    number=record.invoice_number,
+                    workspace_id=ws.id,
+                    created_ms=record.at_ms,
+                    amount_nano=record.amount_nano,
+                    method=record.method,
+                    balance_after_nano=ws.balance_nano,
+                    idempotency_key=record.idempotency_key,
+                )
+                assert record.invoice_number == state.next_invoice, "invoice numbers have a gap"
+                state.invoices[invoice.number] = invoice
+                state.next_invoice += 1
+                state.idempotency[_idem(ws.id, record.idempotency_key)] = invoice.number
+                ws.invoice_numbers.append(invoice.number)
+                if record.method == "auto_reload":
+                    ws.auto_reload_error = ""
+            case WorkspaceCreated():
+                assert record.workspace_id not in state.workspaces
+                state.workspaces[record.workspace_id] = Workspace(
+                    id=record.workspace_id, name=record.name, created_ms=record.at_ms
+                )
+            case SpendCapSet():
+                state.workspaces[record.workspace_id].spend_cap_nano = record.cap_nano
+            case AutoReloadSet():
+                ws = state.workspaces[record.workspace_id]
+                ws.auto_reload = (
+                    AutoReload(record.threshold_nano, record.amount_nano)
+                    if record.enabled
+                    else None
+                )
+                ws.auto_reload_error = ""
+            case AutoReloadFailed():
+                state.workspaces[record.workspace_id].auto_reload_error = record.error
+            case KeyCreated():
+                assert record.key_id not in state.keys
+                key = ApiKey(
+                    id=record.key_id,
+                    workspace_id=record.workspace_id,
+                    name=record.name,
+                    prefix=record.prefix,
+                    secret_sha256=record.secret_sha256,
+                    created_ms=record.at_ms,
+                    limits=record.limits,
+                )
+                state.keys[key.id] = key
+                state.workspaces[key.workspace_id].key_ids.append(key.id)
+                self._by_hash[key.secret_sha256] = key
+            case KeyRevoked():
+                state.keys[record.key_id].revoked = True
+            case KeyLimitsSet():
+                state.keys[record.key_id].limits = record.limits
+        workspace_id = getattr(record, "workspace_id", None)
+        if workspace_id is not None:
+            self._check(state.workspaces[workspace_id])
+
+    def _commit(self, record: Record) -> None:
+        """Applies a new record, then hands it to the journal. Nothing may fail in between."""
+        self.apply(record)
+        self._sink(record)
+
+    # ---- rules ---------------------------------------------------------------------------
+
+    def _cap_room_nano(self, ws: Workspace) -> int | None:
+        if ws.spend_cap_nano is None:
+            return None
+        return ws.spend_cap_nano - ws.month_spend_nano - ws.held_nano
+
+    def _spendable_nano(self, ws: Workspace) -> int:
+        cap_room = self._cap_room_nano(ws)
+        return ws.available_nano if cap_room is None else min(ws.available_nano, cap_room)
+
+    def _roll_month(self, ws: Workspace, at_ms: int) -> None:
+        """Starts a new month's spend at zero when the calendar month (UTC) has changed."""
+        month = month_of(at_ms)
+        if month > ws.month:
+            ws.month = month
+            ws.month_spend_nano = 0
+
+    def _roll_key_month(self, key: ApiKey, at_ms: int) -> None:
+        month = month_of(at_ms)
+        if month > key.month:
+            key.month = month
+            key.month_tokens = 0
+
+    @staticmethod
+    def _check(ws: Workspace) -> None:
+        """The invariants of DESIGN.md principle 4. A failure here is a bug, never user error."""
+        assert ws.balance_nano >= 0, f"{ws.id}: balance below zero"
+        assert ws.held_nano >= 0, f"{ws.id}: negative holds"
+        assert ws.held_nano <= ws.balance_nano, f"{ws.id}: holds exceed the balance"
+        assert ws.month_spend_nano >= 0, f"{ws.id}: negative spend"
+
+
+def _idem(workspace_id: str, key: str) -> str:
+    return f"{workspace_id}\x00{key}"
+
+
+def _check_name(name: str) -> None:
+    if not 1 <= len(name.strip()) <= MAX_NAME_CHARS:
+        raise errors.InvalidRequest(f"name must be 1 to {MAX_NAME_CHARS} characters", param="name")
+
+
+def _check_amount(amount_nano: int, *, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= amount_nano <= MAX_AMOUNT_NANO:
+        raise errors.InvalidRequest(
+            f"amount must be {'at least $0' if allow_zero else 'positive'} and at most "
+            f"${format_usd(MAX_AMOUNT_NANO)}",
+            param="amount",
+        )
+
+
+def _check_limits(limits: KeyLimits) -> None:
+    for name in ("requests_per_minute", "tokens_per_minute", "monthly_tokens"):
+        value = getattr(limits, name)
+        if value is not None and not 1 <= value <= 10**12:
+            raise errors.InvalidRequest(f"{name} must be from 1 to 10^12", param=name)

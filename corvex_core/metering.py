@@ -1,0 +1,152 @@
+"""Metering: admission and settlement of one request against a key's money and limits.
+
+It joins the ledger (balance, spend cap, holds), the limiter (per-key request and token
+limits) and the journal. `admit` is all-or-nothing and synchronous: it resolves how many
+completion tokens a request may produce (bounded by the context, the key's token limits and
+what the workspace can pay for), then takes them from every limit and holds their cost, with
+no `await` in between. `settle` returns what was not used and charges what was, exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+from corvex_core import errors
+from corvex_core.journal import Journal
+from corvex_core.ledger import ApiKey, Hold, Ledger
+from corvex_core.limits import LimitTicket, RateLimiter
+from corvex_core.payments import AutoReloader
+from corvex_core.ratecard import ModelRate
+from corvex_core.records import Charged
+
+_BEARER: Final = "bearer "
+
+
+class Ticket:
+    """An admitted request: what it holds and the completion tokens it may produce."""
+
+    __slots__ = ("headers", "hold", "key", "limits", "max_tokens", "prompt_tokens", "rate")
+
+    def __init__(
+        self,
+        key: ApiKey,
+        rate: ModelRate,
+        hold: Hold,
+        limits: LimitTicket,
+        prompt_tokens: int,
+        max_tokens: int,
+        headers: dict[str, str],
+    ) -> None:
+        self.key = key
+        self.rate = rate
+        self.hold = hold
+        self.limits = limits
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        # x-ratelimit-* values after this request's admission.
+        self.headers = headers
+
+
+class Meter:
+    """Admission and settlement. One per core; every method but `durable` is synchronous."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        limiter: RateLimiter,
+        *,
+        journal: Journal | None = None,
+        reloader: AutoReloader | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.limiter = limiter
+        self._journal = journal
+        self._reloader = reloader
+
+    def authenticate(self, authorization: str | None) -> ApiKey:
+        """The key of an `authorization: Bearer <key>` value."""
+        if not authorization or not authorization[: len(_BEARER)].lower() == _BEARER:
+            raise errors.InvalidApiKey(
+                "No API key provided. Send it as `Authorization: Bearer <key>`; "
+                "`corvex admin key create` makes one."
+            )
+        return self.ledger.authenticate(authorization[len(_BEARER) :].strip())
+
+    def admit(
+        self,
+        key: ApiKey,
+        rate: ModelRate,
+        rate_card_version: str,
+        request_id: str,
+        *,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        context_checked: bool = True,
+    ) -> Ticket:
+        """Admits a request or raises the error of the first limit it breaks.
+
+        `max_tokens` None means "as many as allowed": the bound becomes the smallest of the
+        context, the token limits and the affordable tokens, and the engine stops there with
+        finish_reason "length". `context_checked` False skips the context (embeddings, whose
+        inputs are each bounded by the engine).
+        """
+        explicit = max_tokens is not None
+        want = self._context_bound(rate, prompt_tokens, max_tokens, context_checked)
+        bound = self.limiter.completion_bound(key, prompt_tokens, want, explicit=explicit)
+        ws = self.ledger.workspace(key.workspace_id)
+        if not explicit:
+            affordable = self.ledger.affordable_completion_tokens(ws, rate, prompt_tokens)
+            bound = min(bound, max(affordable, 1))  # 1 so that an unaffordable request fails below
+        self.ledger.check_affordable(ws, rate, prompt_tokens, bound)
+        # Every check passed: take from each limit. Nothing below may raise a user error.
+        limit_ticket = self.limiter.admit(key, prompt_tokens + bound)
+        hold = self.ledger.reserve(request_id, key, rate, rate_card_version, prompt_tokens, bound)
+        headers = self.limiter.headers(key)
+        return Ticket(key, rate, hold, limit_ticket, prompt_tokens, bound, headers)
+
+    def settle(
+        self,
+        ticket: Ticket,
+        *,
+        request_id: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int = 0,
+    ) -> Charged | None:
+        """Charges what the request used, returns the rest to every limit. Exactly once."""
+        prompt_tokens = min(prompt_tokens, ticket.prompt_tokens)
+        completion_tokens = min(completion_tokens, ticket.max_tokens)
+        charge = self.ledger.settle(
+            ticket.hold,
+            request_id=request_id,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_prompt_tokens=cached_prompt_tokens,
+        )
+        self.limiter.settle(ticket.limits, prompt_tokens + completion_tokens)
+        if charge is not None and self._reloader is not None:
+            self._reloader.check(ticket.key.workspace_id)
+        return charge
+
+    async def durable(self) -> None:
+        """Returns once every change made so far is on disk."""
+        if self._journal is not None:
+            await self._journal.sync_point()
+        else:
+            await asyncio.sleep(0)
+
+    @staticmethod
+    def _context_bound(
+        rate: ModelRate, prompt_tokens: int, max_tokens: int | None, checked: bool
+    ) -> int:
+        if not checked:
+            return max_tokens or 0
+        room = rate.context_length - prompt_tokens
+        if (max_tokens is not None and max_tokens > room) or room < 1:
+            raise errors.ContextLengthExceeded(
+                prompt_tokens=prompt_tokens,
+                max_tokens=max_tokens if max_tokens is not None else 1,
+                context_length=rate.context_length,
+            )
+        return room if max_tokens is None else max_tokens

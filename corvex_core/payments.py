@@ -1,0 +1,140 @@
+"""Auto-reload: buying credits through a payment provider when a balance runs low.
+
+The provider is a seam: `simulated` (always succeeds; development and tests) and `none`
+(every attempt fails and is recorded) ship here, and a real processor plugs in behind the same
+protocol. At most one reload is in flight per workspace; failures are recorded on the
+workspace and retried with exponential backoff. Serving never waits for a reload: requests
+are admitted against the balance as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Protocol
+
+from corvex.money import format_usd
+from corvex_core import errors
+from corvex_core.journal import Journal
+from corvex_core.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+
+class PaymentError(Exception):
+    """The provider declined or failed; the message is recorded on the workspace."""
+
+
+class PaymentProvider(Protocol):
+    name: str
+
+    async def charge(self, workspace_id: str, amount_nano: int, idempotency_key: str) -> None:
+        """Takes the payment, or raises PaymentError. Retried with the same idempotency key,
+        it must not take the payment twice."""
+        ...
+
+
+class SimulatedProvider:
+    """Accepts every payment at once. For development and tests; it moves no real money.
+
+    `fail_next` makes the next N attempts fail, so tests can exercise the retry path.
+    """
+
+    name = "simulated"
+
+    def __init__(self) -> None:
+        self.fail_next = 0
+        self.charges: list[tuple[str, int, str]] = []
+
+    async def charge(self, workspace_id: str, amount_nano: int, idempotency_key: str) -> None:
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise PaymentError("simulated provider declined the payment")
+        self.charges.append((workspace_id, amount_nano, idempotency_key))
+
+
+class NoProvider:
+    """No payment processor is configured: auto-reload can be set, but every attempt fails."""
+
+    name = "none"
+
+    async def charge(self, workspace_id: str, amount_nano: int, idempotency_key: str) -> None:
+        raise PaymentError("no payment provider is configured on this core")
+
+
+def make_provider(name: str) -> PaymentProvider:
+    if name == "simulated":
+        return SimulatedProvider()
+    if name == "none":
+        return NoProvider()
+    raise ValueError(f"unknown payment provider {name!r}")
+
+
+class AutoReloader:
+    """Starts at most one reload per workspace whose balance fell below its threshold."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        journal: Journal | None,
+        provider: PaymentProvider,
+        *,
+        retry_initial_s: float,
+        retry_max_s: float,
+    ) -> None:
+        self._ledger = ledger
+        self._journal = journal
+        self._provider = provider
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def check(self, workspace_id: str) -> None:
+        """Called after every charge; synchronous and cheap when nothing is needed."""
+        if workspace_id in self._tasks or self._ledger.needs_auto_reload(workspace_id) is None:
+            return
+        task = asyncio.create_task(self._reload(workspace_id), name=f"auto-reload:{workspace_id}")
+        self._tasks[workspace_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(workspace_id, None))
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def _reload(self, workspace_id: str) -> None:
+        delay = self._retry_initial_s
+        # One idempotency key per reload, reused by its retries: a provider that took the money
+        # but timed out is not charged twice, and the ledger credits the reload once.
+        idempotency_key = f"auto-reload:{workspace_id}:{secrets.token_hex(8)}"
+        while (settings := self._ledger.needs_auto_reload(workspace_id)) is not None:
+            try:
+                await self._provider.charge(workspace_id, settings.amount_nano, idempotency_key)
+            except PaymentError as exc:
+                log.warning(
+                    "auto-reload of %s for %s failed: %s; retrying in %.0fs",
+                    format_usd(settings.amount_nano),
+                    workspace_id,
+                    exc,
+                    delay,
+                )
+                self._ledger.record_auto_reload_failure(workspace_id, str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max_s)
+                continue
+            try:
+                self._ledger.add_credits(
+                    workspace_id, settings.amount_nano, "auto_reload", idempotency_key
+                )
+            except errors.CorvexError as exc:
+                log.error("auto-reload credit of %s refused: %s", workspace_id, exc.message)
+                return
+            if self._journal is not None:
+                await self._journal.sync_point()
+            log.info("auto-reload added $%s to %s", format_usd(settings.amount_nano), workspace_id)
+            return

@@ -1,0 +1,113 @@
+"""Journal records: one immutable record per durable change of the ledger.
+
+The ledger applies these and only these to change durable state, live and during recovery,
+so replaying the journal rebuilds exactly the state that acknowledged callers saw. Records
+are msgpack-encoded tagged Structs; a record type never changes meaning once written (add a
+new type instead). Holds are not records: they live only in memory, so a restart releases
+them without charging.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class KeyLimits(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Per-key limits; None means no limit of that kind."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    monthly_tokens: int | None = None
+
+
+class _Record(msgspec.Struct, frozen=True, array_like=True, tag_field="t"):
+    at_ms: int
+
+
+class WorkspaceCreated(_Record, tag="ws", frozen=True):
+    workspace_id: str
+    name: str
+
+
+class CreditsAdded(_Record, tag="credit", frozen=True):
+    """A top-up and its invoice. `method` is "manual", "starter" or "auto_reload"."""
+
+    workspace_id: str
+    invoice_number: int
+    amount_nano: int
+    method: str
+    idempotency_key: str
+
+
+class SpendCapSet(_Record, tag="cap", frozen=True):
+    workspace_id: str
+    cap_nano: int | None
+
+
+class AutoReloadSet(_Record, tag="reload", frozen=True):
+    workspace_id: str
+    enabled: bool
+    threshold_nano: int
+    amount_nano: int
+
+
+class AutoReloadFailed(_Record, tag="reload_failed", frozen=True):
+    workspace_id: str
+    error: str
+
+
+class KeyCreated(_Record, tag="key", frozen=True):
+    key_id: str
+    workspace_id: str
+    name: str
+    prefix: str
+    secret_sha256: bytes
+    limits: KeyLimits
+
+
+class KeyRevoked(_Record, tag="key_revoked", frozen=True):
+    key_id: str
+
+
+class KeyLimitsSet(_Record, tag="key_limits", frozen=True):
+    key_id: str
+    limits: KeyLimits
+
+
+class Charged(_Record, tag="charge", frozen=True):
+    """The settlement of one request: the usage record. `charge_id` is unique."""
+
+    charge_id: str
+    request_id: str
+    workspace_id: str
+    key_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    cost_nano: int
+    rate_card_version: str
+
+
+Record = (
+    WorkspaceCreated
+    | CreditsAdded
+    | SpendCapSet
+    | AutoReloadSet
+    | AutoReloadFailed
+    | KeyCreated
+    | KeyRevoked
+    | KeyLimitsSet
+    | Charged
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Record] = msgspec.msgpack.Decoder(Record)
+
+
+def encode(record: Record) -> bytes:
+    return _encoder.encode(record)
+
+
+def decode(data: bytes) -> Record:
+    return _decoder.decode(data)

@@ -1,0 +1,246 @@
+"""The core process: wires rate card, engines, ledger, journal and servicers into one grpc.aio
+server, and owns its life: start (recover, load engines, then report SERVING), housekeeping,
+and the drain on SIGTERM. It holds no business rule of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from corvex import readyfile
+from corvex.money import cents_from_usd
+from corvex.v1 import accounts_pb2, accounts_pb2_grpc, inference_pb2, inference_pb2_grpc
+from corvex_core.catalogue import Catalogue
+from corvex_core.config import CoreConfig
+from corvex_core.engines.base import Engine
+from corvex_core.engines.registry import build_engine
+from corvex_core.journal import Journal
+from corvex_core.ledger import Ledger
+from corvex_core.lifecycle import Lifecycle
+from corvex_core.limits import RateLimiter
+from corvex_core.metering import Meter
+from corvex_core.payments import AutoReloader, make_provider
+from corvex_core.ratecard import RateCard, load_rate_card
+from corvex_core.servicers.accounts import AccountsServicer
+from corvex_core.servicers.inference import InferenceServicer
+from corvex_core.servicers.status import ErrorInterceptor
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+    accounts_pb2.DESCRIPTOR.services_by_name["Accounts"].full_name,
+)
+_HOUSEKEEPING_S = 5.0
+# gRPC messages can carry long conversations; the edge bounds request bodies separately.
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class StartupError(Exception):
+    """The core cannot start; the message tells the operator why."""
+
+
+def build_engines(config: CoreConfig, rate_card: RateCard) -> list[Engine]:
+    unknown = sorted(set(config.engines.models) - set(rate_card.by_id))
+    if unknown:
+        raise StartupError(
+            f"core.engines.models names models that are not on the rate card: {', '.join(unknown)}"
+        )
+    return [
+        build_engine(m.id, config.engines.for_model(m.id), context_length=m.context_length)
+        for m in rate_card.models
+    ]
+
+
+def admin_token(config: CoreConfig, data_dir: Path) -> str:
+    """The configured admin token, or the one kept in data_dir (created on first start)."""
+    if config.admin_token:
+        return config.admin_token
+    path = data_dir / "admin_token"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write("corvex-admin-" + secrets.token_urlsafe(32) + "\n")
+        log.info("created an admin token in %s", path)
+    return path.read_text().strip()
+
+
+class Core:
+    """One core process. `start()`, then `wait()` until a signal drains it."""
+
+    def __init__(self, config: CoreConfig) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.lifecycle = Lifecycle()
+        self.lifecycle.stop_accepting("The core is starting; retry shortly.")
+        self.ledger = Ledger()
+        self.limiter = RateLimiter()
+        self.journal = Journal(
+            self.data_dir, max_batch=config.journal.max_batch, fsync=config.journal.fsync
+        )
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(admin_token(config, self.data_dir))],
+            options=[
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        try:
+            rate_card = load_rate_card(config.rate_card)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
+        self.catalogue = Catalogue(rate_card, build_engines(config, rate_card))
+        self.reloader = AutoReloader(
+            self.ledger,
+            self.journal,
+            make_provider(config.accounts.payment_provider),
+            retry_initial_s=config.accounts.auto_reload_retry_initial_s,
+            retry_max_s=config.accounts.auto_reload_retry_max_s,
+        )
+        self.meter = Meter(self.ledger, self.limiter, journal=self.journal, reloader=self.reloader)
+        self.port = 0
+        self._stopped = asyncio.Event()
+        self._draining: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Serves health at once (NOT_SERVING), recovers the ledger, loads the engines, and
+        only then reports SERVING and admits requests."""
+        accounts = self.config.accounts
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(self.catalogue, self.meter, self.lifecycle), self.server
+        )
+        accounts_pb2_grpc.add_AccountsServicer_to_server(
+            AccountsServicer(
+                self.ledger,
+                durable=self.meter.durable,
+                starter_credits_cents=cents_from_usd(accounts.starter_credits_usd),
+                min_topup_cents=cents_from_usd(accounts.min_topup_usd),
+            ),
+            self.server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise StartupError(f"cannot listen on {address}")
+        await self.server.start()
+        log.info("core listening on %s:%d (not serving until ready)", self.config.host, self.port)
+        await self._recover()
+        engines = self.catalogue.engines
+        await asyncio.gather(*(engine.start() for engine in engines))
+        for engine in engines:
+            log.info("engine ready", extra={"model": engine.model_id, "engine": engine.kind})
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self.lifecycle.start_accepting()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("core serving %d models", len(engines))
+
+    async def _recover(self) -> None:
+        recovery = await asyncio.to_thread(self.journal.recover)
+        if recovery.state is not None:
+            self.ledger.restore(recovery.state)
+        for record in recovery.records:
+            self.ledger.apply(record)
+        self.journal.start()
+        self.ledger.set_sink(self.journal.append)
+        state = self.ledger.state
+        log.info(
+            "ledger recovered: %d workspaces, %d keys, %d charges (snapshot at record %d, "
+            "%d records replayed)",
+            len(state.workspaces),
+            len(state.keys),
+            state.charges,
+            recovery.snapshot_seq,
+            len(recovery.records),
+        )
+
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(_HOUSEKEEPING_S)
+            self.limiter.sweep()
+            if self.journal.records_since_snapshot >= self.config.journal.snapshot_every:
+                self.journal.snapshot(self.ledger.state)
+            failure = self.journal.failure
+            if failure is not None and self.lifecycle.accepting:
+                self.lifecycle.stop_accepting(
+                    "The core cannot record charges (journal failure); retry on another core."
+                )
+                await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def drain_on_signals(self) -> None:
+        """SIGTERM/SIGINT drain once; a second signal exits at once (the journal is a SQLite
+        WAL, so an exit at any instant leaves it consistent)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._draining is not None:
+            log.warning("second %s: exiting now without draining", sig.name)
+            os._exit(1)
+        log.info("%s: draining (grace %.0fs)", sig.name, self.config.drain_grace_s)
+        self._draining = asyncio.create_task(self.drain())
+
+    async def drain(self) -> None:
+        """Stops admitting, lets streams finish within the grace period, aborts (and so
+        settles) the rest, flushes the journal, and stops."""
+        self.lifecycle.stop_accepting("The core is shutting down; retry shortly.")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if not await self.lifecycle.wait_idle(self.config.drain_grace_s):
+            aborted = await self.lifecycle.abort_all()
+            log.warning("grace period over: aborted %d streams", aborted)
+            await self.lifecycle.wait_idle(5.0)
+        await self.server.stop(grace=1.0)
+        await self.close()
+        self._stopped.set()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.reloader.close()
+        await asyncio.gather(*(e.shutdown() for e in self.catalogue.engines))
+        await self.journal.close()
+        log.info("core stopped; journal flushed at record %d", self.journal.last_seq)
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: CoreConfig, *, ready_file: str | None = None) -> None:
+    core = Core(config)
+    core.drain_on_signals()
+    try:
+        await core.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await core.server.stop(grace=0)
+            await core.journal.close()
+        raise
+    if ready_file:
+        readyfile.write(ready_file, grpc_port=core.port)
+    await core.wait()

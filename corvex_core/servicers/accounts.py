@@ -1,0 +1,309 @@
+"""The Accounts servicer: the admin surface, wire → ledger → wire.
+
+Every change is made by one synchronous ledger call and acknowledged only after the journal
+has it on disk. The admin credential is checked by the status interceptor before any of
+these methods runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, TypeAlias
+
+from google.protobuf import timestamp_pb2
+
+from corvex.money import NANO_PER_CENT
+from corvex.v1 import accounts_pb2, accounts_pb2_grpc
+from corvex_core import errors
+from corvex_core.invoices import invoice_html, invoice_json
+from corvex_core.journal import JournalError
+from corvex_core.ledger import ApiKey, Invoice, Ledger, Workspace
+from corvex_core.records import KeyLimits
+
+# grpc ships no types; this names what the handlers receive.
+Context: TypeAlias = Any
+
+_METHODS = {
+    "manual": accounts_pb2.TOP_UP_METHOD_MANUAL,
+    "starter": accounts_pb2.TOP_UP_METHOD_STARTER,
+    "auto_reload": accounts_pb2.TOP_UP_METHOD_AUTO_RELOAD,
+}
+_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "monthly_tokens")
+
+
+class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        durable: Any,
+        starter_credits_cents: int,
+        min_topup_cents: int,
+    ) -> None:
+        self._ledger = ledger
+        self._durable = durable
+        self._starter_cents = starter_credits_cents
+        self._min_topup_cents = min_topup_cents
+
+    async def CreateWorkspace(
+        self, request: accounts_pb2.CreateWorkspaceRequest, context: Context
+    ) -> accounts_pb2.Workspace:
+        starter = (
+            request.starter_credits_cents
+            if request.HasField("starter_credits_cents")
+            else self._starter_cents
+        )
+        if starter < 0:
+            raise errors.InvalidRequest(
+                "starter_credits_cents must not be negative", param="starter_credits_cents"
+            )
+        ws, _ = self._ledger.create_workspace(request.name, starter * NANO_PER_CENT)
+        await self._sync()
+        return workspace_pb(ws)
+
+    async def ListWorkspaces(
+        self, request: accounts_pb2.ListWorkspacesRequest, context: Context
+    ) -> accounts_pb2.ListWorkspacesResponse:
+        return accounts_pb2.ListWorkspacesResponse(
+            workspaces=[workspace_pb(ws) for ws in self._ledger.workspaces()]
+        )
+
+    async def GetWorkspace(
+        self, request: accounts_pb2.GetWorkspaceRequest, context: Context
+    ) -> accounts_pb2.Workspace:
+        return workspace_pb(self._ledger.workspace(request.workspace_id))
+
+    async def AddCredits(
+        self, request: accounts_pb2.AddCreditsRequest, context: Context
+    ) -> accounts_pb2.AddCreditsResponse:
+        self._check_topup(request.amount_cents, "amount_cents")
+        invoice, replayed = self._ledger.add_credits(
+            request.workspace_id,
+            request.amount_cents * NANO_PER_CENT,
+            "manual",
+            request.idempotency_key,
+        )
+        # A replay waits too: its first attempt may still be on its way to disk.
+        await self._sync()
+        return accounts_pb2.AddCreditsResponse(
+            invoice=invoice_pb(invoice),
+            workspace=workspace_pb(self._ledger.workspace(request.workspace_id)),
+            replayed=replayed,
+        )
+
+    async def SetSpendCap(
+        self, request: accounts_pb2.SetSpendCapRequest, context: Context
+    ) -> accounts_pb2.Workspace:
+        cap = None
+        if request.HasField("cap_cents"):
+            if request.cap_cents < 0:
+                raise errors.InvalidRequest("cap_cents must not be negative", param="cap_cents")
+            cap = request.cap_cents * NANO_PER_CENT
+        ws = self._ledger.set_spend_cap(request.workspace_id, cap)
+        await self._sync()
+        return workspace_pb(ws)
+
+    async def SetAutoReload(
+        self, request: accounts_pb2.SetAutoReloadRequest, context: Context
+    ) -> accounts_pb2.Workspace:
+        if request.enabled:
+            self._check_topup(request.amount_cents, "amount_cents")
+            if request.threshold_cents < 0:
+                raise errors.InvalidRequest(
+                    "threshold_cents must not be negative", param="threshold_cents"
+                )
+        ws = self._ledger.set_auto_reload(
+            request.workspace_id,
+            enabled=request.enabled,
+            threshold_nano=request.threshold_cents * NANO_PER_CENT,
+            amount_nano=request.amount_cents * NANO_PER_CENT,
+        )
+        await self._sync()
+        return workspace_pb(ws)
+
+    async def CreateKey(
+        self, request: accounts_pb2.CreateKeyRequest, context: Context
+    ) -> accounts_pb2.CreateKeyResponse:
+        limits = limits_from_pb(request.limits) if request.HasField("limits") else KeyLimits()
+        key, secret = self._ledger.create_key(request.workspace_id, request.name, limits)
+        await self._sync()
+        return accounts_pb2.CreateKeyResponse(key=key_pb(key), secret=secret)
+
+    async def ListKeys(
+        self, request: accounts_pb2.ListKeysRequest, context: Context
+    ) -> accounts_pb2.ListKeysResponse:
+        return accounts_pb2.ListKeysResponse(
+            keys=[key_pb(k) for k in self._ledger.keys(request.workspace_id)]
+        )
+
+    async def RevokeKey(
+        self, request: accounts_pb2.RevokeKeyRequest, context: Context
+    ) -> accounts_pb2.ApiKey:
+        key = self._ledger.revoke_key(request.key_id)
+        await self._sync()
+        return key_pb(key)
+
+    async def SetKeyLimits(
+        self, request: accounts_pb2.SetKeyLimitsRequest, context: Context
+    ) -> accounts_pb2.ApiKey:
+        current = self._ledger.key(request.key_id).limits
+        given = limits_from_pb(request.limits)
+        paths = list(request.update_mask.paths) or list(_LIMIT_FIELDS)
+        unknown = [p for p in paths if p not in _LIMIT_FIELDS]
+        if unknown:
+            raise errors.InvalidRequest(
+                f"update_mask names unknown fields: {', '.join(unknown)}", param="update_mask"
+            )
+        merged = KeyLimits(
+            **{f: getattr(given if f in paths else current, f) for f in _LIMIT_FIELDS}
+        )
+        key = self._ledger.set_key_limits(request.key_id, merged)
+        await self._sync()
+        return key_pb(key)
+
+    async def GetUsage(
+        self, request: accounts_pb2.GetUsageRequest, context: Context
+    ) -> accounts_pb2.GetUsageResponse:
+        for name in ("since", "until"):
+            value = getattr(request, name)
+            if value and not _is_day(value):
+                raise errors.InvalidRequest(f"{name} must be a date, YYYY-MM-DD", param=name)
+        if request.key_id:
+            key = self._ledger.key(request.key_id)
+            if key.workspace_id != request.workspace_id:
+                raise errors.NotFound(
+                    f"Key {request.key_id} is not a key of {request.workspace_id}."
+                )
+        rows = self._ledger.usage(
+            request.workspace_id, key_id=request.key_id, since=request.since, until=request.until
+        )
+        return accounts_pb2.GetUsageResponse(
+            rows=[
+                accounts_pb2.UsageRow(
+                    day=r.day,
+                    key_id=r.key_id,
+                    model=r.model,
+                    requests=r.requests,
+                    prompt_tokens=r.prompt_tokens,
+                    completion_tokens=r.completion_tokens,
+                    cost_nano_usd=r.cost_nano,
+                )
+                for r in rows
+            ]
+        )
+
+    async def ListInvoices(
+        self, request: accounts_pb2.ListInvoicesRequest, context: Context
+    ) -> accounts_pb2.ListInvoicesResponse:
+        return accounts_pb2.ListInvoicesResponse(
+            invoices=[invoice_pb(i) for i in self._ledger.invoices(request.workspace_id)]
+        )
+
+    async def GetInvoice(
+        self, request: accounts_pb2.GetInvoiceRequest, context: Context
+    ) -> accounts_pb2.InvoiceDocument:
+        number = parse_invoice_number(request.number)
+        invoice = self._ledger.invoice(number)
+        ws = self._ledger.workspace(invoice.workspace_id)
+        if request.format == accounts_pb2.INVOICE_FORMAT_HTML:
+            content_type, document = "text/html; charset=utf-8", invoice_html(invoice, ws)
+        else:
+            content_type, document = "application/json", invoice_json(invoice, ws)
+        return accounts_pb2.InvoiceDocument(
+            invoice=invoice_pb(invoice), content_type=content_type, document=document
+        )
+
+    def _check_topup(self, cents: int, param: str) -> None:
+        if cents < self._min_topup_cents:
+            raise errors.InvalidRequest(
+                f"The smallest top-up is ${self._min_topup_cents / 100:.2f}.", param=param
+            )
+
+    async def _sync(self) -> None:
+        try:
+            await self._durable()
+        except JournalError as exc:
+            raise errors.ServiceUnavailable(
+                "The change could not be made durable; the core has stopped taking changes."
+            ) from exc
+
+
+def parse_invoice_number(text: str) -> int:
+    digits = text.strip().upper().removeprefix("INV-")
+    if not digits.isdigit():
+        raise errors.InvalidRequest("invoice numbers look like INV-000001", param="number")
+    return int(digits)
+
+
+def _is_day(text: str) -> bool:
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return len(text) == 10
+
+
+def _timestamp(at_ms: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMilliseconds(at_ms)
+    return ts
+
+
+def workspace_pb(ws: Workspace) -> accounts_pb2.Workspace:
+    reload = ws.auto_reload
+    return accounts_pb2.Workspace(
+        id=ws.id,
+        name=ws.name,
+        created=_timestamp(ws.created_ms),
+        balance_nano_usd=ws.balance_nano,
+        held_nano_usd=ws.held_nano,
+        available_nano_usd=ws.available_nano,
+        spend_cap_nano_usd=ws.spend_cap_nano,
+        month=ws.month,
+        month_spend_nano_usd=ws.month_spend_nano,
+        auto_reload=accounts_pb2.AutoReload(
+            enabled=reload is not None,
+            threshold_nano_usd=reload.threshold_nano if reload else 0,
+            amount_nano_usd=reload.amount_nano if reload else 0,
+            last_error=ws.auto_reload_error,
+        ),
+    )
+
+
+def limits_from_pb(limits: accounts_pb2.KeyLimits) -> KeyLimits:
+    return KeyLimits(
+        requests_per_minute=(
+            limits.requests_per_minute if limits.HasField("requests_per_minute") else None
+        ),
+        tokens_per_minute=limits.tokens_per_minute
+        if limits.HasField("tokens_per_minute")
+        else None,
+        monthly_tokens=limits.monthly_tokens if limits.HasField("monthly_tokens") else None,
+    )
+
+
+def key_pb(key: ApiKey) -> accounts_pb2.ApiKey:
+    return accounts_pb2.ApiKey(
+        id=key.id,
+        workspace_id=key.workspace_id,
+        name=key.name,
+        prefix=key.prefix,
+        created=_timestamp(key.created_ms),
+        revoked=key.revoked,
+        limits=accounts_pb2.KeyLimits(
+            **{f: v for f in _LIMIT_FIELDS if (v := getattr(key.limits, f)) is not None}
+        ),
+        month_tokens=key.month_tokens,
+    )
+
+
+def invoice_pb(invoice: Invoice) -> accounts_pb2.Invoice:
+    return accounts_pb2.Invoice(
+        number=invoice.label,
+        workspace_id=invoice.workspace_id,
+        created=_timestamp(invoice.created_ms),
+        amount_nano_usd=invoice.amount_nano,
+        method=_METHODS[invoice.method],
+        balance_after_nano_usd=invoice.balance_after_nano,
+        idempotency_key=invoice.idempotency_key,
+    )

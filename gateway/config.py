@@ -1,0 +1,20 @@
+"""The edge's configuration: the `edge:` section of the Corvex YAML file."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # gRPC address of the core.
+    core: str = "127.0.0.1:50051"
+    # Largest request body accepted; larger ones get 413.
+    max_body_bytes: int = 4 * 1024 * 1024
+    # Longest a request may take end to end (gRPC deadline), seconds.
+    request_timeout_s: float = 600.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "text"] = "auto"
