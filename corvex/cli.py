@@ -172,13 +172,14 @@ def _run_core(args: argparse.Namespace) -> int:
 
     from corvex import logs
     from corvex_core.config import CoreConfig
+    from corvex_core.journal import JournalError
     from corvex_core.server import StartupError, serve
 
     config = load_section("core", CoreConfig, path=args.config, flags=_flags(args, CORE_FLAGS))
     logs.setup(process="core", level=config.log_level, fmt=config.log_format)
     try:
         uvloop.run(serve(config, ready_file=args.ready_file))
-    except StartupError as exc:
+    except (StartupError, JournalError) as exc:
         print(f"corvex core: {exc}", file=sys.stderr)
         return 1
     return 0

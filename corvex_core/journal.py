@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -27,6 +28,7 @@ import msgspec
 
 from corvex_core import records
 from corvex_core.ledger import LedgerState
+from corvex_core.sqlite_wal import check_wal
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +107,16 @@ class Journal:
     def recover(self) -> Recovery:
         """Reads the latest valid snapshot and every record after it. Blocking."""
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        wal = check_wal(Path(f"{self._path}-wal"))
+        if wal.damaged_frame is not None:
+            raise JournalCorrupt(
+                f"The journal's write-ahead log {self._path}-wal is damaged at frame "
+                f"{wal.damaged_frame} of {wal.frames}, with acknowledged records after it. "
+                "SQLite would silently drop them, so the core will not start: restore the "
+                "data directory from a backup."
+            )
         try:
-            with _connect(self._path, fsync=self._fsync) as db:
+            with contextlib.closing(_connect(self._path, fsync=self._fsync)) as db:
                 state, snapshot_seq = _load_snapshot(db)
                 found = list(_read_records(db, after=snapshot_seq))
                 last_seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
@@ -163,7 +173,7 @@ class Journal:
 
     def _writer(self) -> None:
         try:
-            with _connect(self._path, fsync=self._fsync) as db:
+            with contextlib.closing(_connect(self._path, fsync=self._fsync)) as db:
                 while self._write_batch(db):
                     pass
         except Exception as exc:
