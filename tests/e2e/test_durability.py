@@ -7,7 +7,6 @@ import asyncio
 import random
 import secrets
 import signal
-import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 
 from corvex.admin import Client
 from corvex.money import NANO_PER_USD
-from corvex.stack import running_stack
+from corvex.stack import StackError, running_stack
 from corvex.v1 import accounts_pb2, accounts_pb2_grpc
 from corvex_core import records
 from corvex_core.journal import Journal
@@ -230,10 +229,8 @@ def test_core_refuses_to_start_on_a_damaged_journal(tmp_path: Path) -> None:
     data = bytearray(db.read_bytes())
     data[data.index(b"victim")] ^= 0x20
     db.write_bytes(bytes(data))
-    started = time.monotonic()
-    from corvex.stack import StackError
-
-    with pytest.raises(StackError, match="fails its checksum"):
-        with running_stack(config=config(), data_dir=data_dir, edge_port=None):
-            pass
-    assert time.monotonic() - started < 30
+    with (
+        pytest.raises(StackError, match="fails its checksum"),
+        running_stack(config=config(), data_dir=data_dir, edge_port=None),
+    ):
+        pass
