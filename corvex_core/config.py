@@ -99,6 +99,8 @@ class JournalConfig(msgspec.Struct, forbid_unknown_fields=True):
     snapshot_every: int = 50_000
     # fsync on every commit. Turn off only for benchmarks that measure what durability costs.
     fsync: bool = True
+    # Benchmarks only: no journal at all; nothing survives a restart.
+    enabled: bool = True
 
 
 class CoreConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -118,6 +120,9 @@ class CoreConfig(msgspec.Struct, forbid_unknown_fields=True):
     admin_token: str = ""
     # SIGTERM: seconds in-flight streams get to finish before they are aborted and settled.
     drain_grace_s: float = 30.0
+    # Benchmarks only: skip keys, limits and money entirely (every request is admitted and
+    # nothing is charged), to measure what metering costs. Never set this in production.
+    benchmark_unmetered: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # "auto": JSON lines unless stderr is a terminal.
     log_format: Literal["auto", "json", "text"] = "auto"

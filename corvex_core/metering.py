@@ -150,3 +150,79 @@ class Meter:
                 context_length=rate.context_length,
             )
         return room if max_tokens is None else max_tokens
+
+
+class UnmeteredMeter(Meter):
+    """Benchmark-only: admits every request without a key, limit or charge, and writes nothing.
+
+    It exists so that a benchmark can measure what metering costs by switching it off; the
+    core logs a warning when it is on. Usage is still computed (at the rate card's prices) so
+    responses keep their shape.
+    """
+
+    _KEY = ApiKey(
+        id="key_unmetered",
+        workspace_id="ws_unmetered",
+        name="unmetered",
+        prefix="",
+        secret_sha256=b"",
+        created_ms=0,
+    )
+
+    def __init__(self) -> None:
+        pass
+
+    def authenticate(self, authorization: str | None) -> ApiKey:
+        return self._KEY
+
+    def admit(
+        self,
+        key: ApiKey,
+        rate: ModelRate,
+        rate_card_version: str,
+        request_id: str,
+        *,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        context_checked: bool = True,
+    ) -> Ticket:
+        bound = self._context_bound(rate, prompt_tokens, max_tokens, context_checked)
+        hold = Hold(
+            id=request_id,
+            workspace_id=key.workspace_id,
+            key_id=key.id,
+            rate=rate,
+            rate_card_version=rate_card_version,
+            prompt_tokens=prompt_tokens,
+            max_completion_tokens=bound,
+            amount_nano=rate.cost_nano(prompt_tokens, bound),
+        )
+        return Ticket(key, rate, hold, LimitTicket(key.id, 0, 0), prompt_tokens, bound, {})
+
+    def settle(
+        self,
+        ticket: Ticket,
+        *,
+        request_id: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int = 0,
+    ) -> Charged | None:
+        if prompt_tokens == 0 and completion_tokens == 0:
+            return None
+        return Charged(
+            at_ms=0,
+            charge_id="",
+            request_id=request_id,
+            workspace_id=ticket.key.workspace_id,
+            key_id=ticket.key.id,
+            model=ticket.rate.id,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_prompt_tokens=cached_prompt_tokens,
+            cost_nano=ticket.rate.cost_nano(prompt_tokens, completion_tokens),
+            rate_card_version=ticket.hold.rate_card_version,
+        )
+
+    async def durable(self) -> None:
+        return None

@@ -28,7 +28,7 @@ from corvex_core.journal import Journal
 from corvex_core.ledger import Ledger
 from corvex_core.lifecycle import Lifecycle
 from corvex_core.limits import RateLimiter
-from corvex_core.metering import Meter
+from corvex_core.metering import Meter, UnmeteredMeter
 from corvex_core.payments import AutoReloader, make_provider
 from corvex_core.ratecard import RateCard, load_rate_card
 from corvex_core.servicers.accounts import AccountsServicer
@@ -86,8 +86,10 @@ class Core:
         self.lifecycle.stop_accepting("The core is starting; retry shortly.")
         self.ledger = Ledger()
         self.limiter = RateLimiter()
-        self.journal = Journal(
-            self.data_dir, max_batch=config.journal.max_batch, fsync=config.journal.fsync
+        self.journal = (
+            Journal(self.data_dir, max_batch=config.journal.max_batch, fsync=config.journal.fsync)
+            if config.journal.enabled
+            else None
         )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
@@ -110,7 +112,11 @@ class Core:
             retry_initial_s=config.accounts.auto_reload_retry_initial_s,
             retry_max_s=config.accounts.auto_reload_retry_max_s,
         )
-        self.meter = Meter(self.ledger, self.limiter, journal=self.journal, reloader=self.reloader)
+        self.meter = (
+            UnmeteredMeter()
+            if config.benchmark_unmetered
+            else Meter(self.ledger, self.limiter, journal=self.journal, reloader=self.reloader)
+        )
         self.port = 0
         self._stopped = asyncio.Event()
         self._draining: asyncio.Task[None] | None = None
@@ -157,6 +163,11 @@ class Core:
         log.info("core serving %d models", len(engines))
 
     async def _recover(self) -> None:
+        if self.config.benchmark_unmetered:
+            log.warning("benchmark_unmetered is on: no key, limit or charge is checked")
+        if self.journal is None:
+            log.warning("the journal is disabled (benchmark mode): nothing survives a restart")
+            return
         recovery = await asyncio.to_thread(self.journal.recover)
         if recovery.state is not None:
             self.ledger.restore(recovery.state)
@@ -185,10 +196,11 @@ class Core:
         while True:
             await asyncio.sleep(_HOUSEKEEPING_S)
             self.limiter.sweep()
+            if self.journal is None:
+                continue
             if self.journal.records_since_snapshot >= self.config.journal.snapshot_every:
                 self.journal.snapshot(self.ledger.state)
-            failure = self.journal.failure
-            if failure is not None and self.lifecycle.accepting:
+            if self.journal.failure is not None and self.lifecycle.accepting:
                 self.lifecycle.stop_accepting(
                     "The core cannot record charges (journal failure); retry on another core."
                 )
@@ -227,8 +239,9 @@ class Core:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.reloader.close()
         await asyncio.gather(*(e.shutdown() for e in self.catalogue.engines))
-        await self.journal.close()
-        log.info("core stopped; journal flushed at record %d", self.journal.last_seq)
+        if self.journal is not None:
+            await self.journal.close()
+            log.info("core stopped; journal flushed at record %d", self.journal.last_seq)
 
     async def wait(self) -> None:
         await self._stopped.wait()
@@ -242,7 +255,8 @@ async def serve(config: CoreConfig, *, ready_file: str | None = None) -> None:
     except BaseException:
         with contextlib.suppress(Exception):
             await core.server.stop(grace=0)
-            await core.journal.close()
+            if core.journal is not None:
+                await core.journal.close()
         raise
     if ready_file:
         readyfile.write(ready_file, grpc_port=core.port)
