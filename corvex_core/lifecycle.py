@@ -28,6 +28,11 @@ class Lifecycle:
         return self._refusal is None
 
     @property
+    def refusal(self) -> str | None:
+        """Why new work is refused, or None while accepting."""
+        return self._refusal
+
+    @property
     def active_streams(self) -> int:
         return len(self._streams)
 

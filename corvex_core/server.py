@@ -12,14 +12,17 @@ import os
 import secrets
 import signal
 from pathlib import Path
+from typing import Any
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from corvex import readyfile
-from corvex.money import cents_from_usd
+from corvex.money import NANO_PER_USD, cents_from_usd
 from corvex.v1 import accounts_pb2, accounts_pb2_grpc, inference_pb2, inference_pb2_grpc
+from corvex_core import ops_http
 from corvex_core.catalogue import Catalogue
 from corvex_core.config import CoreConfig
 from corvex_core.engines.base import Engine
@@ -31,9 +34,11 @@ from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter, UnmeteredMeter
 from corvex_core.payments import AutoReloader, make_provider
 from corvex_core.ratecard import RateCard, load_rate_card
+from corvex_core.records import Record
 from corvex_core.servicers.accounts import AccountsServicer
 from corvex_core.servicers.inference import InferenceServicer
 from corvex_core.servicers.status import ErrorInterceptor
+from corvex_core.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +97,9 @@ class Core:
             else None
         )
         self.health = health.aio.HealthServicer()
+        self.telemetry = Telemetry()
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(admin_token(config, self.data_dir))],
+            interceptors=[ErrorInterceptor(admin_token(config, self.data_dir), self.telemetry)],
             options=[
                 ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
@@ -118,6 +124,10 @@ class Core:
             else Meter(self.ledger, self.limiter, journal=self.journal, reloader=self.reloader)
         )
         self.port = 0
+        self.metrics_port = 0
+        self.last_reload_error = ""
+        self._reload_lock = asyncio.Lock()
+        self._ops: web.AppRunner | None = None
         self._stopped = asyncio.Event()
         self._draining: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -152,6 +162,7 @@ class Core:
             raise StartupError(f"cannot listen on {address}")
         await self.server.start()
         log.info("core listening on %s:%d (not serving until ready)", self.config.host, self.port)
+        await self._start_ops()
         await self._recover()
         engines = self.catalogue.engines
         await asyncio.gather(*(engine.start() for engine in engines))
@@ -167,6 +178,7 @@ class Core:
             log.warning("benchmark_unmetered is on: no key, limit or charge is checked")
         if self.journal is None:
             log.warning("the journal is disabled (benchmark mode): nothing survives a restart")
+            self.ledger.set_sink(self.telemetry.on_record)
             return
         recovery = await asyncio.to_thread(self.journal.recover)
         if recovery.state is not None:
@@ -174,7 +186,14 @@ class Core:
         for record in recovery.records:
             self.ledger.apply(record)
         self.journal.start()
-        self.ledger.set_sink(self.journal.append)
+        self.journal.on_batch = self.telemetry.on_journal_batch
+        journal_append, on_record = self.journal.append, self.telemetry.on_record
+
+        def sink(record: Record) -> None:
+            journal_append(record)
+            on_record(record)
+
+        self.ledger.set_sink(sink)
         state = self.ledger.state
         log.info(
             "ledger recovered: %d workspaces, %d keys, %d charges (snapshot at record %d, "
@@ -213,6 +232,70 @@ class Core:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
 
+    async def _start_ops(self) -> None:
+        """The operators' HTTP port (/metrics, /health) and the gauges read at scrape time."""
+        telemetry = self.telemetry
+        telemetry.gauge(
+            "corvex_active_streams",
+            "Chat streams in flight.",
+            lambda: self.lifecycle.active_streams,
+        )
+        telemetry.gauge(
+            "corvex_held_usd",
+            "Money held by requests in flight, USD.",
+            lambda: self.ledger.held_total_nano() / NANO_PER_USD,
+        )
+        telemetry.labelled_gauge(
+            "corvex_engine_running",
+            "Requests an engine is generating for.",
+            "model",
+            lambda: {e.model_id: e.stats().running for e in self.catalogue.engines},
+        )
+        telemetry.labelled_gauge(
+            "corvex_engine_waiting",
+            "Requests queued in an engine.",
+            "model",
+            lambda: {e.model_id: e.stats().waiting for e in self.catalogue.engines},
+        )
+        if self.config.metrics_port < 0:
+            return
+        self._ops, self.metrics_port = await ops_http.start(
+            telemetry, self.health_details, self.config.metrics_host, self.config.metrics_port
+        )
+        log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
+
+    def health_details(self) -> dict[str, Any]:
+        card = self.catalogue.rate_card
+        journal = self.journal
+        return {
+            "serving": self.lifecycle.accepting,
+            "reason": self.lifecycle.refusal,
+            "rate_card": {
+                "version": card.version,
+                "digest": card.digest,
+                "last_reload_error": self.last_reload_error or None,
+            },
+            "engines": {
+                e.model_id: {
+                    "kind": e.kind,
+                    "state": e.state.value,
+                    "running": e.stats().running,
+                    "waiting": e.stats().waiting,
+                }
+                for e in self.catalogue.engines
+            },
+            "journal": (
+                {
+                    "enabled": True,
+                    "last_record": journal.last_seq,
+                    "failure": str(journal.failure) if journal.failure else None,
+                }
+                if journal is not None
+                else {"enabled": False}
+            ),
+            "active_streams": self.lifecycle.active_streams,
+        }
+
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._draining is not None:
             log.warning("second %s: exiting now without draining", sig.name)
@@ -234,6 +317,8 @@ class Core:
         self._stopped.set()
 
     async def close(self) -> None:
+        if self._ops is not None:
+            await self._ops.cleanup()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -259,5 +344,5 @@ async def serve(config: CoreConfig, *, ready_file: str | None = None) -> None:
                 await core.journal.close()
         raise
     if ready_file:
-        readyfile.write(ready_file, grpc_port=core.port)
+        readyfile.write(ready_file, grpc_port=core.port, metrics_port=core.metrics_port)
     await core.wait()

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from corvex import readyfile
 from corvex.v1 import inference_pb2_grpc
+from gateway import telemetry
 from gateway.chat import chat_completions
 from gateway.config import EdgeConfig
 from gateway.embeddings import embeddings
@@ -75,7 +76,9 @@ async def ready(request: web.Request) -> web.Response:
 
 
 def create_app(config: EdgeConfig) -> web.Application:
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[json_errors])
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[telemetry.observe, json_errors]
+    )
 
     async def channel_ctx(app: web.Application) -> AsyncIterator[None]:
         channel = grpc.aio.insecure_channel(config.core, options=_CHANNEL_OPTIONS)
@@ -90,6 +93,7 @@ def create_app(config: EdgeConfig) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", telemetry.metrics)
     return app
 
 

@@ -23,6 +23,7 @@ from gateway import rest
 from gateway.errors import error_response, map_rpc_error
 from gateway.openai_types import ChatCompletionRequest, chat_decoder
 from gateway.state import EDGE
+from gateway.telemetry import ACTIVE_STREAMS, REQUEST_ID, first_token
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         rpc_request = to_rpc(parsed)
     except rest.BadRequest as exc:
         return exc.response()
-    request_id = rest.request_id(request)
+    request_id = request[REQUEST_ID]
     edge = request.app[EDGE]
     call = edge.inference.Chat(
         rpc_request,
@@ -243,9 +244,11 @@ async def _stream(
     framer = _Framer(completion_id, created, model, include_usage)
     await response.write(framer.role())
     chunk = first
+    ACTIVE_STREAMS.inc()
     try:
         while chunk is not grpc.aio.EOF:
             if chunk.text:
+                first_token(request)
                 await response.write(framer.content(chunk.text))
             if chunk.finish_reason:
                 await response.write(framer.finish(_FINISH.get(chunk.finish_reason, "stop")))
@@ -259,5 +262,7 @@ async def _stream(
     except grpc.aio.AioRpcError as exc:
         # Headers are gone; the OpenAI SDKs raise an APIError for an `error` event.
         await response.write(map_rpc_error(exc).sse_event())
+    finally:
+        ACTIVE_STREAMS.dec()
     await response.write_eof()
     return response

@@ -16,6 +16,7 @@ from gateway.chat import usage_json
 from gateway.errors import map_rpc_error
 from gateway.openai_types import EmbeddingRequest, embedding_decoder
 from gateway.state import EDGE
+from gateway.telemetry import REQUEST_ID
 
 _encoder = msgspec.json.Encoder()
 
@@ -31,7 +32,7 @@ async def embeddings(request: web.Request) -> web.Response:
         rpc_request = to_rpc(parsed)
     except rest.BadRequest as exc:
         return exc.response()
-    request_id = rest.request_id(request)
+    request_id = request[REQUEST_ID]
     edge = request.app[EDGE]
     call = edge.inference.Embed(
         rpc_request,

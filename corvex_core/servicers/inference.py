@@ -12,13 +12,14 @@ import contextlib
 import logging
 import math
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any, Final, TypeAlias
 
 import msgspec
 
 from corvex.v1 import inference_pb2, inference_pb2_grpc
-from corvex_core import errors
+from corvex_core import errors, telemetry
 from corvex_core.catalogue import Catalogue, Served
 from corvex_core.engines.base import (
     ChatMessage,
@@ -31,9 +32,11 @@ from corvex_core.engines.base import (
     SamplingOptions,
 )
 from corvex_core.journal import JournalError
+from corvex_core.ledger import ApiKey
 from corvex_core.lifecycle import Lifecycle
 from corvex_core.metering import Meter, Ticket
 from corvex_core.records import Charged
+from corvex_core.telemetry import CallRecord
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,6 @@ ROLES: Final = frozenset({"system", "developer", "user", "assistant"})
 MAX_MESSAGES: Final = 4096
 MAX_STOP: Final = 4
 MAX_EMBED_INPUTS: Final = 2048
-MAX_REQUEST_ID_CHARS: Final = 128
 
 _FINISH: Final = {
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
@@ -65,12 +67,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.ChatRequest, context: Context
     ) -> None:
         self._lifecycle.check_accepting()
-        metadata = _metadata(context)
-        key = self._meter.authenticate(metadata.get("authorization"))
-        served = self._catalogue.lookup(request.model)
+        call = _call()
+        key = self._authenticate(context, call)
+        served = self._lookup(request.model, call)
         messages, options = chat_inputs(request)
         prompt = await _engine_call(served, served.engine.render_chat(messages))
-        request_id = _request_id(metadata)
         hold_id = "req_" + secrets.token_hex(12)
         ticket = self._meter.admit(
             key,
@@ -82,7 +83,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
         with self._lifecycle.stream(served.engine, hold_id):
             final, charge = await self._generate(
-                context, served, ticket, hold_id, request_id, prompt, options
+                context, served, ticket, hold_id, call, prompt, options
             )
             await self._durable()
             await context.write(
@@ -100,7 +101,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         served: Served,
         ticket: Ticket,
         hold_id: str,
-        request_id: str,
+        call: CallRecord,
         prompt: Prompt,
         options: SamplingOptions,
     ) -> tuple[Delta, Charged | None]:
@@ -109,10 +110,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         produced = 0
         last: Delta | None = None
         try:
-            await context.send_initial_metadata(_initial_metadata(ticket, request_id))
+            await context.send_initial_metadata(_initial_metadata(ticket, call.request_id))
             stream = served.engine.generate(hold_id, prompt, options)
             async with contextlib.aclosing(stream):
                 async for delta in stream:
+                    if not produced and delta.num_tokens:
+                        call.first_token_at = time.perf_counter()
                     produced += delta.num_tokens
                     if delta.finish_reason is not None:
                         last = delta
@@ -126,12 +129,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise errors.InvalidRequest(str(exc), param=exc.param) from exc
         finally:
             # Reached however the stream ends, cancellation included: settle exactly once.
-            charge = self._settle(ticket, request_id, prompt, produced, last)
+            charge = self._settle(ticket, call, prompt, produced, last)
         assert last is not None
         return last, charge
 
     def _settle(
-        self, ticket: Ticket, request_id: str, prompt: Prompt, produced: int, last: Delta | None
+        self, ticket: Ticket, call: CallRecord, prompt: Prompt, produced: int, last: Delta | None
     ) -> Charged | None:
         """A request is charged its prompt once it finished or produced a token; a request that
         ended before producing anything (refused, aborted in the queue) is charged nothing."""
@@ -143,21 +146,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             engine_count = last.prompt_tokens if last is not None else None
             prompt_tokens = prompt.num_tokens if engine_count is None else engine_count
             cached = last.cached_prompt_tokens if last is not None else 0
-        return self._meter.settle(
+        charge = self._meter.settle(
             ticket,
-            request_id=request_id,
+            request_id=call.request_id,
             prompt_tokens=prompt_tokens,
             completion_tokens=produced,
             cached_prompt_tokens=cached,
         )
+        _record_charge(call, charge)
+        return charge
 
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: Context
     ) -> inference_pb2.EmbedResponse:
         self._lifecycle.check_accepting()
-        metadata = _metadata(context)
-        key = self._meter.authenticate(metadata.get("authorization"))
-        served = self._catalogue.lookup(request.model)
+        call = _call()
+        key = self._authenticate(context, call)
+        served = self._lookup(request.model, call)
         engine = served.engine
         if not engine.supports_embeddings:
             raise errors.InvalidRequest(
@@ -178,7 +183,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 raise errors.ContextLengthExceeded(
                     prompt_tokens=count, max_tokens=0, context_length=served.rate.context_length
                 )
-        request_id = _request_id(metadata)
+        request_id = call.request_id
         hold_id = "req_" + secrets.token_hex(12)
         ticket = self._meter.admit(
             key,
@@ -198,6 +203,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             charge = self._meter.settle(
                 ticket, request_id=request_id, prompt_tokens=used, completion_tokens=0
             )
+            _record_charge(call, charge)
         await self._durable()
         return inference_pb2.EmbedResponse(
             embeddings=[inference_pb2.Embedding(values=v) for v in result.vectors],
@@ -216,8 +222,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: Context
     ) -> inference_pb2.TokenizeResponse:
-        self._meter.authenticate(_metadata(context).get("authorization"))
-        served = self._catalogue.lookup(request.model)
+        call = _call()
+        self._authenticate(context, call)
+        served = self._lookup(request.model, call)
         if request.messages and request.text:
             raise errors.InvalidRequest("send either messages or text, not both", param="text")
         if request.messages:
@@ -230,6 +237,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return inference_pb2.TokenizeResponse(
             token_count=count, context_length=served.rate.context_length
         )
+
+    def _authenticate(self, context: Context, call: CallRecord) -> ApiKey:
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                authorization = value
+        api_key = self._meter.authenticate(authorization)
+        call.key_id, call.workspace_id = api_key.id, api_key.workspace_id
+        return api_key
+
+    def _lookup(self, model: str, call: CallRecord) -> Served:
+        served = self._catalogue.lookup(model)
+        call.model = served.rate.id  # only catalogue ids become metric labels
+        return served
 
     async def _durable(self) -> None:
         try:
@@ -327,20 +348,6 @@ def _with_max_tokens(options: SamplingOptions, max_tokens: int) -> SamplingOptio
     return msgspec.structs.replace(options, max_tokens=max_tokens)
 
 
-def _metadata(context: Context) -> dict[str, str]:
-    return {
-        key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)
-    }
-
-
-def _request_id(metadata: dict[str, str]) -> str:
-    """The caller's x-request-id if it is sane, else a new one."""
-    supplied = metadata.get("x-request-id", "")
-    if 0 < len(supplied) <= MAX_REQUEST_ID_CHARS and supplied.isprintable():
-        return supplied
-    return secrets.token_hex(16)
-
-
 async def _engine_call(served: Served, awaitable: Any) -> Any:
     """Awaits an engine call, mapping engine errors to the error table."""
     try:
@@ -352,6 +359,18 @@ async def _engine_call(served: Served, awaitable: Any) -> Any:
 
 
 # ---- domain → wire ---------------------------------------------------------------------------
+
+
+def _call() -> CallRecord:
+    """The telemetry record of this call (a detached one outside the interceptor)."""
+    return telemetry.current() or CallRecord("", secrets.token_hex(16))
+
+
+def _record_charge(call: CallRecord, charge: Charged | None) -> None:
+    if charge is not None:
+        call.prompt_tokens = charge.prompt_tokens
+        call.completion_tokens = charge.completion_tokens
+        call.cost_nano = charge.cost_nano
 
 
 def _initial_metadata(ticket: Ticket, request_id: str) -> tuple[tuple[str, str], ...]:

@@ -9,8 +9,10 @@ checked here too, so no Accounts method can forget it.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -20,6 +22,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from corvex_core import errors
 from corvex_core.errors import Reason
+from corvex_core.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,7 @@ DOMAIN: Final = "corvex.ai"
 DETAILS_KEY: Final = "grpc-status-details-bin"
 CORVEX_PREFIX: Final = "/corvex.v1."
 ACCOUNTS_PREFIX: Final = "/corvex.v1.Accounts/"
+MAX_REQUEST_ID_CHARS: Final = 128
 
 _CODES: Final = {
     Reason.INVALID_API_KEY: grpc.StatusCode.UNAUTHENTICATED,
@@ -84,25 +88,48 @@ _INTERNAL_STATUS: Final = status_pb2.Status(
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
-def _guard(method: str, behavior: Behavior, admin_token: str | None) -> Behavior:
+def _guard(
+    method: str, behavior: Behavior, admin_token: str | None, telemetry: Telemetry
+) -> Behavior:
+    rpc = method.rsplit("/", 1)[-1]
+
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        record = telemetry.begin(rpc, request_id(context))
+        status, failure = "OK", None
         try:
             if admin_token is not None:
                 _check_admin(context, admin_token)
             return await behavior(request, context)
         except errors.CorvexError as error:
+            status, failure = error.reason.value, error
             await abort(context, error)
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
         except Exception:
-            log.exception("unexpected error in %s", method)
+            status = "INTERNAL"
+            log.exception("unexpected error in %s", method, extra={"request_id": record.request_id})
             await context.abort(
                 grpc.StatusCode.INTERNAL,
-                "Internal error; it has been logged.",
+                f"Internal error (request {record.request_id}); it has been logged.",
                 trailing_metadata=((DETAILS_KEY, _INTERNAL_STATUS),),
             )
+        finally:
+            telemetry.end(record, status, failure)
 
     return guarded
+
+
+def request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The caller's x-request-id if it is sane, else a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str):
+            if 0 < len(value) <= MAX_REQUEST_ID_CHARS and value.isascii() and value.isprintable():
+                return value
+            break
+    return secrets.token_hex(16)
 
 
 def _check_admin(context: grpc.aio.ServicerContext[Any, Any], admin_token: str) -> None:
@@ -118,10 +145,12 @@ def _check_admin(context: grpc.aio.ServicerContext[Any, Any], admin_token: str) 
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
-    """Maps errors of every method and guards the Accounts service with the admin token."""
+    """Maps errors of every method, guards the Accounts service with the admin token, and
+    opens and closes each call's telemetry record."""
 
-    def __init__(self, admin_token: str) -> None:
+    def __init__(self, admin_token: str, telemetry: Telemetry) -> None:
         self._admin_token = admin_token
+        self._telemetry = telemetry
 
     async def intercept_service(
         self,
@@ -136,7 +165,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
             return handler
         token = self._admin_token if method.startswith(ACCOUNTS_PREFIX) else None
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_guard(method, handler.unary_unary, token))
+            return handler._replace(
+                unary_unary=_guard(method, handler.unary_unary, token, self._telemetry)
+            )
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_guard(method, handler.unary_stream, token))
+            return handler._replace(
+                unary_stream=_guard(method, handler.unary_stream, token, self._telemetry)
+            )
         return handler

@@ -153,8 +153,8 @@ async def _traffic(
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_kill_9_loses_nothing_acknowledged(tmp_path: Path, seed: int) -> None:
     data_dir = tmp_path / "data"
-    kill_after = random.Random(seed).uniform(0.3, 1.2)
-    with running_stack(config=config(tpot_ms=2), data_dir=data_dir) as stack:
+    kill_after = random.Random(seed).uniform(1.0, 2.5)
+    with running_stack(config=config(tpot_ms=5), data_dir=data_dir) as stack:
         admin = Client(stack.grpc_address, ADMIN_TOKEN)
         account = new_account(admin, credits_cents=50_000)
         admin.close()

@@ -1,0 +1,101 @@
+"""Telemetry of the edge: Prometheus metrics at /metrics and one JSON log line per request.
+
+Labels are the route template and the status code only: never a model name (clients can send
+anything there), a key or a request id. The Authorization header is never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from gateway import rest
+
+log = logging.getLogger("corvex.edge.requests")
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+REQUESTS: Final = Counter(
+    "corvex_edge_requests", "HTTP requests by route and status.", ["route", "status"]
+)
+DURATION: Final = Histogram(
+    "corvex_edge_request_duration_seconds", "HTTP request latency.", ["route"], buckets=_BUCKETS
+)
+TTFT: Final = Histogram(
+    "corvex_edge_time_to_first_token_seconds",
+    "Time to the first streamed content chunk.",
+    buckets=_BUCKETS,
+)
+ACTIVE_STREAMS: Final = Gauge("corvex_edge_active_streams", "SSE streams being sent.")
+REQUEST_ID: Final = web.RequestKey("request_id", str)
+FIRST_TOKEN_AT: Final = web.RequestKey("first_token_at", float)
+STARTED_AT: Final = web.RequestKey("started_at", float)
+_QUIET_ROUTES: Final = frozenset({"/health", "/ready", "/metrics"})
+
+
+def first_token(request: web.Request) -> None:
+    """Marks the first content chunk of a stream (once)."""
+    if FIRST_TOKEN_AT not in request:
+        now = time.perf_counter()
+        request[FIRST_TOKEN_AT] = now
+        TTFT.observe(now - request[STARTED_AT])
+
+
+@web.middleware
+async def observe(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    request[STARTED_AT] = started = time.perf_counter()
+    request[REQUEST_ID] = request_id = rest.request_id(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        if not response.prepared:
+            response.headers.setdefault("x-request-id", request_id)
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except BaseException:
+        status = 499  # the client went away (nginx's convention), or the handler failed
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        REQUESTS.labels(route, str(status)).inc()
+        DURATION.labels(route).observe(elapsed)
+        if route not in _QUIET_ROUTES and log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s %s %d",
+                request.method,
+                route,
+                status,
+                extra={
+                    "request_id": request_id,
+                    "method": request.method,
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                },
+            )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
