@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -639,7 +639,7 @@ class VllmEngine:
 
     async def generate(
         self, request_id: str, prompt: Prompt, options: SamplingOptions
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         built = self._require_ready()
         if self._config.runner == "embed":
             raise EngineRequestError(f"{self._model_id} is an embedding model", param="model")

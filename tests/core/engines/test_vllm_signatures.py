@@ -1,0 +1,140 @@
+"""Every vLLM call the adapter makes, checked against the real vLLM with inspect.signature.
+
+Skipped where vLLM cannot be imported (`make test` on a machine without it); `make vllm-check`
+installs vLLM in a venv of its own and runs this module. The adapter publishes what it uses
+(VLLM_OBJECTS, VLLM_CALLS, VLLM_FIELDS, VLLM_MEMBERS in corvex_core/engines/vllm.py), so these
+tests check exactly that, independently of the adapter's own check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corvex_core.config import VllmEngineConfig
+from corvex_core.engines.base import SamplingOptions
+from corvex_core.engines.vllm import (
+    VLLM_CALLS,
+    VLLM_FIELDS,
+    VLLM_MEMBERS,
+    VLLM_OBJECTS,
+    engine_args_kwargs,
+    pooling_kwargs,
+    sampling_kwargs,
+    vllm_contract_problems,
+)
+
+
+def import_quietly(name: str) -> Any:
+    """Imports a vLLM module; warnings its dependencies raise while importing are theirs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module(name)
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (see make vllm-check)")
+
+FAKES = Path(__file__).resolve().parents[2] / "fakes"
+
+
+def resolve(target: str) -> Any:
+    module_name, _, path = target.partition(":")
+    obj: Any = import_quietly(module_name)
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def test_this_is_the_real_vllm() -> None:
+    assert not getattr(vllm, "CORVEX_FAKE", False), "the fake vllm leaked into this test"
+    assert FAKES not in Path(vllm.__file__).resolve().parents
+
+
+@pytest.mark.parametrize("target", [*VLLM_OBJECTS.values(), *VLLM_MEMBERS])
+def test_every_object_the_adapter_uses_exists(target: str) -> None:
+    assert resolve(target) is not None
+
+
+@pytest.mark.parametrize(("target", "names"), sorted(VLLM_CALLS.items()))
+def test_every_call_takes_the_parameters_the_adapter_passes(
+    target: str, names: tuple[str, ...]
+) -> None:
+    parameters = inspect.signature(resolve(target)).parameters
+    takes_any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    missing = [name for name in names if name not in parameters and not takes_any_keyword]
+    assert missing == []
+
+
+def has_field(cls: Any, name: str) -> bool:
+    if hasattr(cls, "__required_keys__"):  # a TypedDict
+        return name in cls.__required_keys__ | cls.__optional_keys__
+    if dataclasses.is_dataclass(cls):
+        return name in {field.name for field in dataclasses.fields(cls)}
+    if name in getattr(cls, "__struct_fields__", ()) or hasattr(cls, name):
+        return True
+    # A plain class assigns its attributes in __init__.
+    return f"self.{name} =" in inspect.getsource(cls.__init__)
+
+
+@pytest.mark.parametrize(("target", "names"), sorted(VLLM_FIELDS.items()))
+def test_every_field_the_adapter_reads_or_fills_exists(target: str, names: tuple[str, ...]) -> None:
+    cls = resolve(target)
+    assert [name for name in names if not has_field(cls, name)] == []
+
+
+def test_the_calls_are_awaited_iterated_or_called_as_the_adapter_does() -> None:
+    llm_class = resolve("vllm.v1.engine.async_llm:AsyncLLM")
+    assert inspect.isasyncgenfunction(llm_class.generate)
+    assert inspect.isasyncgenfunction(llm_class.encode)
+    assert inspect.iscoroutinefunction(llm_class.abort)
+    assert inspect.iscoroutinefunction(llm_class.check_health)
+    # Called on a worker thread, so they must not be coroutines.
+    assert not inspect.iscoroutinefunction(llm_class.shutdown)
+    assert not inspect.iscoroutinefunction(llm_class.get_tokenizer)
+    assert not inspect.iscoroutinefunction(llm_class.from_vllm_config)
+
+
+def test_the_exception_classes_nest_as_the_adapter_expects() -> None:
+    # The adapter catches the narrower class of each pair first.
+    exceptions = import_quietly("vllm.exceptions")
+    assert issubclass(exceptions.VLLMValidationError, exceptions.VLLMClientError)
+    assert issubclass(exceptions.RetryableRequestError, exceptions.GenerationError)
+    engine_exceptions = import_quietly("vllm.v1.engine.exceptions")
+    assert not issubclass(engine_exceptions.EngineDeadError, exceptions.VLLMClientError)
+
+
+def test_vllm_accepts_the_arguments_the_adapter_builds() -> None:
+    every_option = SamplingOptions(
+        max_tokens=5, temperature=0.5, top_p=0.9, stop=("x",), seed=1, ignore_eos=True
+    )
+    delta = resolve("vllm.sampling_params:RequestOutputKind.DELTA")
+    params = resolve("vllm.sampling_params:SamplingParams")(
+        **sampling_kwargs(every_option, {}), output_kind=delta
+    )
+    assert (params.max_tokens, params.stop, params.output_kind) == (5, ["x"], delta)
+    pooling = resolve("vllm.pooling_params:PoolingParams")(**pooling_kwargs(4))
+    assert pooling.dimensions == 4
+    config = VllmEngineConfig(
+        model="/weights/m",
+        quantization="fp8",
+        distributed_executor_backend="ray",
+        enable_prefix_caching=True,
+        max_num_seqs=8,
+        engine_args={"trust_remote_code": True},
+    )
+    args_class = resolve("vllm.engine.arg_utils:AsyncEngineArgs")
+    args = args_class(**engine_args_kwargs("acme/m", config, context_length=4096))
+    assert (args.max_model_len, args.served_model_name) == (4096, "acme/m")
+    assert args.enable_log_requests is False
+
+
+def test_the_adapters_own_check_agrees() -> None:
+    assert vllm_contract_problems() == []
