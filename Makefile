@@ -49,8 +49,19 @@ proto-check: $(INSTALLED)
 	  || { echo "corvex/v1 is stale: run 'make proto' and commit the result"; exit 1; }
 	rm -rf .proto-check
 
+## The tier-0 pricing drift gate: docs/pricing.md, the rate card and a live /v1/models agree.
 drift-gate: $(INSTALLED)
-	@echo "drift gate: not yet wired"
+	$(BIN)/corvex docs pricing --check
+	$(BIN)/corvex drift-gate --start-stack
+
+## Benchmarks (a few minutes): results in benchmarks/results and benchmarks/README.md.
+bench: $(INSTALLED)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[bench]'
+	$(BIN)/python -m benchmarks --out benchmarks/results
+
+## Check the vLLM adapter's calls against the real vllm classes (separate venv, several GB).
+vllm-check:
+	PYTHON=$(PYTHON) bash scripts/vllm-check.sh
 
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock

@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         core_port=core.port,
         edge_host=edge.host,
         edge_port=edge.port,
+        metrics_port=core.metrics_port,
         admin_token=core.admin_token or None,
         log_to_file=False,
     ) as stack:

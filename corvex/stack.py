@@ -151,6 +151,7 @@ def running_stack(
     data_dir: Path | None = None,
     core_port: int = 0,
     edge_port: int | None = 0,
+    metrics_port: int | None = 0,
     host: str = "127.0.0.1",
     edge_host: str = "127.0.0.1",
     admin_token: str | None = "test-admin-token",
@@ -160,7 +161,8 @@ def running_stack(
     """A core (and an edge unless edge_port is None) on loopback; stopped on exit.
 
     `config` is written as the YAML config file (e.g. zero engine timings for tests);
-    `config_path` names an existing one instead.
+    `config_path` names an existing one instead. Ports default to 0 (any free port);
+    `metrics_port=None` leaves the core's metrics port to the configuration.
     """
     with tempfile.TemporaryDirectory(prefix="corvex-stack-") as tmp:
         workdir = Path(tmp)
@@ -181,6 +183,8 @@ def running_stack(
         ]
         if admin_token is not None:
             core_args += ["--admin-token", admin_token]
+        if metrics_port is not None:
+            core_args += ["--metrics-port", str(metrics_port)]
         if rate_card:
             core_args += ["--rate-card", rate_card]
         stack_processes: list[Process] = []

@@ -48,6 +48,26 @@ class Catalogue:
             raise errors.ModelNotFound(model_id)
         return Served(rate, card.version, engine)
 
+    def has_engine(self, model_id: str) -> bool:
+        return model_id in self._engines
+
+    def replace(self, rate_card: RateCard, new_engines: Iterable[Engine]) -> list[Engine]:
+        """Puts a new rate card in force, with engines for the models it adds. Returns the
+        engines of models it no longer lists: they finish what they run, then retire."""
+        for engine in new_engines:
+            assert engine.model_id not in self._engines
+            self._engines[engine.model_id] = engine
+        missing = [m.id for m in rate_card.models if m.id not in self._engines]
+        assert not missing, f"no engine for {missing}"
+        self._rate_card = rate_card
+        return [e for model_id, e in self._engines.items() if rate_card.get(model_id) is None]
+
+    def retire(self, engine: Engine) -> bool:
+        """Forgets an engine whose model left the rate card; False if the model came back."""
+        if self._rate_card.get(engine.model_id) is not None:
+            return False
+        return self._engines.pop(engine.model_id, None) is not None
+
     def served(self) -> list[Served]:
         card = self._rate_card
         return [Served(rate, card.version, self._engines[rate.id]) for rate in card.models]

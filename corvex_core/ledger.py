@@ -277,6 +277,8 @@ class Ledger:
     def create_workspace(self, name: str, starter_nano: int) -> tuple[Workspace, Invoice | None]:
         _check_name(name)
         _check_amount(starter_nano, allow_zero=True)
+        if starter_nano % NANO_PER_CENT:
+            raise errors.InvalidRequest("starter credits are whole cents", param="amount")
         now = self.now_ms()
         ws_id = "ws_" + secrets.token_hex(8)
         self._commit(WorkspaceCreated(at_ms=now, workspace_id=ws_id, name=name))

@@ -1,17 +1,26 @@
 """Per-key limits: requests and tokens per minute, and tokens per calendar month.
 
-Per-minute limits are token buckets in GCRA form, kept in exact integer arithmetic: a bucket
-holds `limit` units, refills continuously at `limit` per 60 s, and a request takes what it may
-use (prompt + max completion tokens) at admission; its settlement gives back what it did not
-use. Consequently, for a limit L:
+Requests per minute (limit L) are a token bucket in GCRA form (`Bucket`): it holds L, refills
+continuously at L per 60 s, and each request takes 1. A request is never given back, so:
 
-  * a burst, however concurrent, is admitted at most L (requests or tokens);
-  * in any interval of length t, admissions total at most L + L·t/60 s, so at most 2·L in any
-    60-second window and L per minute on average over long runs.
+  * a burst, however concurrent, is admitted at most L;
+  * an interval of length t admits at most L + L·t/60 s (2·L in any 60-second window).
 
-The monthly limit counts charged tokens (durable, on the ledger's key) plus tokens held by
-requests in flight, and never admits past the limit. Everything here is synchronous and
-O(1) per request; a key whose buckets are full again costs no memory after `sweep`.
+Tokens per minute (limit L) are a sliding window of 60 one-second slots (`Window`). A request
+takes what it may use (prompt + max completion tokens) in the current second; its settlement
+gives back, into that same second, what it did not use. Placing the correction exactly is why
+tokens use a window: a bucket's continuous refill cannot tell which refill a late refund
+overlaps. For the tokens *used*, as for those admitted:
+
+  * a burst, however concurrent, is admitted at most L;
+  * every 60 consecutive whole seconds hold at most L, and so does any interval shorter than
+    a minute; an interval of length t holds at most L·⌈(t + 1 s)/60 s⌉ (2·L for a minute that
+    does not start on a whole second). Capacity comes back when a second leaves the window.
+
+A limit change keeps what was used and applies to the next request. The monthly limit counts
+charged tokens (durable, on the ledger's key) plus tokens held by requests in flight, and never
+admits past the limit. Everything is synchronous and O(1) per request (amortised); a key with
+nothing outstanding costs no memory after `sweep`.
 """
 
 from __future__ import annotations
@@ -23,15 +32,19 @@ from typing import Final
 from corvex_core import errors
 from corvex_core.ledger import ApiKey
 
-WINDOW_NS: Final = 60 * 1_000_000_000
+SLOTS: Final = 60
+SLOT_NS: Final = 1_000_000_000
+WINDOW_NS: Final = SLOTS * SLOT_NS
 _NS_PER_S: Final = 1_000_000_000
 
 
 class Bucket:
-    """A GCRA bucket of `limit` units per 60 s.
+    """A GCRA bucket of `limit` units per 60 s, for units that are never given back.
 
-    State is the theoretical arrival time scaled by the limit (`tat_scaled` = tat_ns × limit),
-    so one unit costs exactly WINDOW_NS scaled units and no division ever rounds.
+    State is the theoretical arrival time scaled by the limit (`tat_scaled` = tat_ns × limit):
+    one unit then costs exactly WINDOW_NS whatever the limit, the debt still to refill is
+    `tat_scaled - now_ns × limit`, and it drains at `limit` per ns, so no division rounds a
+    decision.
     """
 
     __slots__ = ("limit", "tat_scaled")
@@ -46,16 +59,15 @@ class Bucket:
 
     def available(self, now_ns: int) -> int:
         """Whole units that can be taken now."""
-        return (self.limit * WINDOW_NS - self._used_scaled(now_ns)) // WINDOW_NS
+        return max(0, (self.limit * WINDOW_NS - self._used_scaled(now_ns)) // WINDOW_NS)
+
+    def used(self, now_ns: int) -> int:
+        """Units not refilled yet, rounded up."""
+        return -(-self._used_scaled(now_ns) // WINDOW_NS)
 
     def take(self, units: int, now_ns: int) -> None:
         assert 0 <= units <= self.available(now_ns), "took more than the bucket holds"
         self.tat_scaled = max(self.tat_scaled, now_ns * self.limit) + units * WINDOW_NS
-
-    def give_back(self, units: int, now_ns: int) -> None:
-        """Returns units that an admitted request did not use; never beyond a full bucket."""
-        assert units >= 0
-        self.tat_scaled = max(self.tat_scaled - units * WINDOW_NS, now_ns * self.limit)
 
     def wait_ns(self, units: int, now_ns: int) -> int:
         """Time until `units` can be taken (0 if now). `units` must be at most `limit`."""
@@ -67,15 +79,101 @@ class Bucket:
         """Time until the bucket is full again."""
         return -(-self._used_scaled(now_ns) // self.limit)
 
-    def is_full(self, now_ns: int) -> bool:
+    def is_empty(self, now_ns: int) -> bool:
+        """True when nothing is owed: the bucket is full."""
         return self._used_scaled(now_ns) == 0
 
     def set_limit(self, limit: int, now_ns: int) -> None:
-        """Changes the limit, keeping the time the bucket needs to become full."""
+        """Changes the limit; the units used stay used (so a raised limit admits at once)."""
         assert limit >= 1
-        used_ns = -(-self._used_scaled(now_ns) // self.limit)
+        used = self._used_scaled(now_ns)
         self.limit = limit
-        self.tat_scaled = (now_ns + used_ns) * limit
+        self.tat_scaled = now_ns * limit + used
+
+
+class Window:
+    """Units admitted in each of the last 60 whole seconds, against a limit of `limit`."""
+
+    __slots__ = ("limit", "second", "slots", "total")
+
+    def __init__(self, limit: int, now_ns: int) -> None:
+        assert limit >= 1
+        self.limit = limit
+        self.slots = [0] * SLOTS
+        self.total = 0
+        self.second = now_ns // SLOT_NS
+
+    def _advance(self, now_ns: int) -> None:
+        """Drops the seconds that left the window."""
+        second = now_ns // SLOT_NS
+        assert second >= self.second, "the clock went backwards"
+        if second - self.second >= SLOTS:
+            self.slots = [0] * SLOTS
+            self.total = 0
+        else:
+            for gone in range(self.second + 1, second + 1):
+                self.total -= self.slots[gone % SLOTS]
+                self.slots[gone % SLOTS] = 0
+        self.second = second
+        assert self.total >= 0
+
+    def available(self, now_ns: int) -> int:
+        """Units that can be taken now."""
+        self._advance(now_ns)
+        return max(0, self.limit - self.total)
+
+    def used(self, now_ns: int) -> int:
+        self._advance(now_ns)
+        return self.total
+
+    def take(self, units: int, now_ns: int) -> int:
+        """Takes units; returns the second they were taken in, for `give_back`."""
+        assert 0 <= units <= self.available(now_ns), "took more than the window allows"
+        self.slots[self.second % SLOTS] += units
+        self.total += units
+        return self.second
+
+    def give_back(self, units: int, taken_second: int, now_ns: int) -> None:
+        """Returns units taken in `taken_second` that were not used (nothing once that second
+        has left the window: they no longer count anyway)."""
+        assert units >= 0
+        self._advance(now_ns)
+        if self.second - taken_second >= SLOTS:
+            return
+        slot = taken_second % SLOTS
+        returned = min(units, self.slots[slot])
+        self.slots[slot] -= returned
+        self.total -= returned
+
+    def wait_ns(self, units: int, now_ns: int) -> int:
+        """Time until `units` can be taken (0 if now). `units` must be at most `limit`."""
+        assert units <= self.limit
+        self._advance(now_ns)
+        excess = self.total + units - self.limit
+        if excess <= 0:
+            return 0
+        for second in range(self.second - SLOTS + 1, self.second + 1):
+            excess -= self.slots[second % SLOTS]
+            if excess <= 0:
+                return (second + SLOTS) * SLOT_NS - now_ns
+        raise AssertionError("the window holds less than it counts")
+
+    def reset_ns(self, now_ns: int) -> int:
+        """Time until the window is empty again."""
+        self._advance(now_ns)
+        for second in range(self.second, self.second - SLOTS, -1):
+            if self.slots[second % SLOTS]:
+                return (second + SLOTS) * SLOT_NS - now_ns
+        return 0
+
+    def is_empty(self, now_ns: int) -> bool:
+        self._advance(now_ns)
+        return self.total == 0
+
+    def set_limit(self, limit: int) -> None:
+        """Changes the limit; what was used stays used."""
+        assert limit >= 1
+        self.limit = limit
 
 
 class _KeyState:
@@ -83,21 +181,23 @@ class _KeyState:
 
     def __init__(self) -> None:
         self.requests: Bucket | None = None
-        self.tokens: Bucket | None = None
+        self.tokens: Window | None = None
         self.month_reserved = 0
 
 
 class LimitTicket:
     """What an admitted request took from its key's limits, returned at settlement."""
 
-    __slots__ = ("bucket_tokens", "key_id", "month_tokens", "settled")
+    __slots__ = ("key_id", "month_tokens", "second", "settled", "window_tokens")
 
-    def __init__(self, key_id: str, bucket_tokens: int, month_tokens: int) -> None:
+    def __init__(self, key_id: str, window_tokens: int, month_tokens: int, second: int) -> None:
         self.key_id = key_id
-        # Tokens taken from the per-minute bucket and held against the monthly limit; zero for
-        # a limit the key did not have at admission, so a limit added later is not credited.
-        self.bucket_tokens = bucket_tokens
+        # Tokens taken from the per-minute window (in `second`) and held against the monthly
+        # limit; zero for a limit the key did not have at admission, so a limit added later is
+        # not credited.
+        self.window_tokens = window_tokens
         self.month_tokens = month_tokens
+        self.second = second
         self.settled = False
 
 
@@ -126,7 +226,7 @@ class RateLimiter:
             wait = state.requests.wait_ns(1, now)
             raise errors.RateLimitExceeded(
                 f"Rate limit reached for requests per minute on key {key.id}: limit "
-                f"{state.requests.limit}, used {state.requests.limit}, requested 1. "
+                f"{state.requests.limit}, used {state.requests.used(now)}, requested 1. "
                 f"Please try again in {_seconds(wait)}.",
                 metadata={"limit": "requests_per_minute"},
                 retry_after_s=wait / _NS_PER_S,
@@ -157,19 +257,20 @@ class RateLimiter:
         state = self._state(key, now)
         if state.requests is not None:
             state.requests.take(1, now)
-        bucket_tokens = month_tokens = 0
+        window_tokens = month_tokens = 0
+        second = now // SLOT_NS
         if state.tokens is not None:
-            state.tokens.take(tokens, now)
-            bucket_tokens = tokens
+            second = state.tokens.take(tokens, now)
+            window_tokens = tokens
         if key.limits.monthly_tokens is not None:
             state.month_reserved += tokens
             month_tokens = tokens
-        return LimitTicket(key.id, bucket_tokens, month_tokens)
+        return LimitTicket(key.id, window_tokens, month_tokens, second)
 
     def settle(self, ticket: LimitTicket, used_tokens: int) -> None:
         """Gives back the tokens an admitted request did not use. Exactly once per ticket.
 
-        The used tokens stay taken from the bucket; the monthly count of them moves from
+        The used tokens stay taken from the window; the monthly count of them moves from
         "held" here to "charged" on the ledger's key, which the caller records.
         """
         assert not ticket.settled, "limit ticket settled twice"
@@ -178,8 +279,10 @@ class RateLimiter:
         state = self._keys.get(ticket.key_id)
         if state is None:
             return
-        if state.tokens is not None and ticket.bucket_tokens > used_tokens:
-            state.tokens.give_back(ticket.bucket_tokens - used_tokens, self._clock_ns())
+        if state.tokens is not None and ticket.window_tokens > used_tokens:
+            state.tokens.give_back(
+                ticket.window_tokens - used_tokens, ticket.second, self._clock_ns()
+            )
         state.month_reserved -= ticket.month_tokens
         assert state.month_reserved >= 0
 
@@ -188,61 +291,61 @@ class RateLimiter:
         now = self._clock_ns()
         state = self._keys.get(key.id)
         result: dict[str, str] = {}
-        for kind, limit, bucket in (
+        for kind, limit, window in (
             ("requests", key.limits.requests_per_minute, state.requests if state else None),
             ("tokens", key.limits.tokens_per_minute, state.tokens if state else None),
         ):
             if limit is None:
                 continue
-            remaining = bucket.available(now) if bucket else limit
-            reset = bucket.reset_ns(now) if bucket else 0
+            remaining = window.available(now) if window else limit
+            reset = window.reset_ns(now) if window else 0
             result[f"x-ratelimit-limit-{kind}"] = str(limit)
             result[f"x-ratelimit-remaining-{kind}"] = str(remaining)
             result[f"x-ratelimit-reset-{kind}"] = format_duration(reset)
         return result
 
     def sweep(self) -> int:
-        """Forgets keys whose buckets are full and that hold nothing. Returns how many."""
+        """Forgets keys whose windows are empty and that hold nothing. Returns how many."""
         now = self._clock_ns()
         idle = [
             key_id
             for key_id, state in self._keys.items()
             if state.month_reserved == 0
-            and (state.requests is None or state.requests.is_full(now))
-            and (state.tokens is None or state.tokens.is_full(now))
+            and (state.requests is None or state.requests.is_empty(now))
+            and (state.tokens is None or state.tokens.is_empty(now))
         ]
         for key_id in idle:
             del self._keys[key_id]
         return len(idle)
 
     def _state(self, key: ApiKey, now: int) -> _KeyState:
-        """The key's buckets, created or resized to its current limits."""
+        """The key's windows, created or resized to its current limits."""
         state = self._keys.get(key.id)
         if state is None:
             state = self._keys[key.id] = _KeyState()
-        state.requests = _resized(state.requests, key.limits.requests_per_minute, now)
-        state.tokens = _resized(state.tokens, key.limits.tokens_per_minute, now)
+        state.requests = _resized_bucket(state.requests, key.limits.requests_per_minute, now)
+        state.tokens = _resized_window(state.tokens, key.limits.tokens_per_minute, now)
         return state
 
     def _tokens_bound(
-        self, key: ApiKey, bucket: Bucket, now: int, prompt_tokens: int, bound: int, explicit: bool
+        self, key: ApiKey, window: Window, now: int, prompt_tokens: int, bound: int, explicit: bool
     ) -> int:
         needed = prompt_tokens + (bound if explicit else 1)
-        available = bucket.available(now)
+        available = window.available(now)
         if needed <= available:
             return min(bound, available - prompt_tokens)
-        used = bucket.limit - available
+        used = window.used(now)
         message = (
-            f"Rate limit reached for tokens per minute on key {key.id}: limit {bucket.limit}, "
+            f"Rate limit reached for tokens per minute on key {key.id}: limit {window.limit}, "
             f"used {used}, requested {needed}."
         )
-        if needed > bucket.limit:
+        if needed > window.limit:
             raise errors.RateLimitExceeded(
                 message + " The request is larger than the limit allows in a minute; "
                 "shorten the prompt or lower max_tokens.",
                 metadata={"limit": "tokens_per_minute"},
             )
-        wait = bucket.wait_ns(needed, now)
+        wait = window.wait_ns(needed, now)
         raise errors.RateLimitExceeded(
             message + f" Please try again in {_seconds(wait)}.",
             metadata={"limit": "tokens_per_minute"},
@@ -250,7 +353,7 @@ class RateLimiter:
         )
 
 
-def _resized(bucket: Bucket | None, limit: int | None, now: int) -> Bucket | None:
+def _resized_bucket(bucket: Bucket | None, limit: int | None, now: int) -> Bucket | None:
     if limit is None:
         return None
     if bucket is None:
@@ -258,6 +361,16 @@ def _resized(bucket: Bucket | None, limit: int | None, now: int) -> Bucket | Non
     if bucket.limit != limit:
         bucket.set_limit(limit, now)
     return bucket
+
+
+def _resized_window(window: Window | None, limit: int | None, now: int) -> Window | None:
+    if limit is None:
+        return None
+    if window is None:
+        return Window(limit, now)
+    if window.limit != limit:
+        window.set_limit(limit)
+    return window
 
 
 def _seconds(ns: int) -> str:

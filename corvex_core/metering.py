@@ -197,7 +197,7 @@ class UnmeteredMeter(Meter):
             max_completion_tokens=bound,
             amount_nano=rate.cost_nano(prompt_tokens, bound),
         )
-        return Ticket(key, rate, hold, LimitTicket(key.id, 0, 0), prompt_tokens, bound, {})
+        return Ticket(key, rate, hold, LimitTicket(key.id, 0, 0, 0), prompt_tokens, bound, {})
 
     def settle(
         self,

@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import signal
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from corvex.v1 import accounts_pb2, accounts_pb2_grpc, inference_pb2, inference_
 from corvex_core import ops_http
 from corvex_core.catalogue import Catalogue
 from corvex_core.config import CoreConfig
-from corvex_core.engines.base import Engine
+from corvex_core.engines.base import Engine, EngineError
 from corvex_core.engines.registry import build_engine
 from corvex_core.journal import Journal
 from corvex_core.ledger import Ledger
@@ -33,7 +34,7 @@ from corvex_core.lifecycle import Lifecycle
 from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter, UnmeteredMeter
 from corvex_core.payments import AutoReloader, make_provider
-from corvex_core.ratecard import RateCard, load_rate_card
+from corvex_core.ratecard import RateCard, RateCardError, load_rate_card
 from corvex_core.records import Record
 from corvex_core.servicers.accounts import AccountsServicer
 from corvex_core.servicers.inference import InferenceServicer
@@ -130,7 +131,7 @@ class Core:
         self._ops: web.AppRunner | None = None
         self._stopped = asyncio.Event()
         self._draining: asyncio.Task[None] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         """Serves health at once (NOT_SERVING), recovers the ledger, loads the engines, and
@@ -168,7 +169,7 @@ class Core:
         await asyncio.gather(*(engine.start() for engine in engines))
         for engine in engines:
             log.info("engine ready", extra={"model": engine.model_id, "engine": engine.kind})
-        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self._background(self._housekeeping())
         self.lifecycle.start_accepting()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("core serving %d models", len(engines))
@@ -231,6 +232,7 @@ class Core:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._background(self.reload_rate_card()))
 
     async def _start_ops(self) -> None:
         """The operators' HTTP port (/metrics, /health) and the gauges read at scrape time."""
@@ -296,6 +298,56 @@ class Core:
             "active_streams": self.lifecycle.active_streams,
         }
 
+    async def reload_rate_card(self) -> bool:
+        """Loads the rate card file again (SIGHUP). A valid new card prices the next request;
+        requests already admitted settle at the rates they were admitted with. An invalid one
+        leaves the current card in force and is reported in /health and the log."""
+        async with self._reload_lock:
+            current = self.catalogue.rate_card
+            try:
+                card = await asyncio.to_thread(load_rate_card, self.config.rate_card)
+                if card.digest == current.digest:
+                    log.info("rate card unchanged (version %s)", card.version)
+                    return True
+                if card.version == current.version:
+                    raise RateCardError(
+                        f"{self.config.rate_card}: the card changed but its version is still "
+                        f"{card.version}; give every change a new version"
+                    )
+                added = [
+                    build_engine(
+                        m.id, self.config.engines.for_model(m.id), context_length=m.context_length
+                    )
+                    for m in card.models
+                    if not self.catalogue.has_engine(m.id)
+                ]
+                await asyncio.gather(*(engine.start() for engine in added))
+            except (ValueError, EngineError) as exc:
+                self.last_reload_error = str(exc)
+                self.telemetry.reload_failures.inc()
+                log.error("rate card reload refused; %s stays in force: %s", current.version, exc)
+                return False
+            for engine in self.catalogue.replace(card, added):
+                self._background(self._retire(engine))
+            self.last_reload_error = ""
+            log.info("rate card %s is in force (was %s)", card.version, current.version)
+            return True
+
+    async def _retire(self, engine: Engine) -> None:
+        """Shuts down the engine of a model that left the rate card once it is idle."""
+        # Polling: the seam has no "idle" event, and retirement is rare and unhurried.
+        while engine.stats().running or engine.stats().waiting:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        if self.catalogue.retire(engine):
+            await engine.shutdown()
+            log.info("engine of %s retired: the model left the rate card", engine.model_id)
+
+    def _background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Runs a task the core owns; close() cancels what is still running."""
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._draining is not None:
             log.warning("second %s: exiting now without draining", sig.name)
@@ -319,9 +371,10 @@ class Core:
     async def close(self) -> None:
         if self._ops is not None:
             await self._ops.cleanup()
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.reloader.close()
         await asyncio.gather(*(e.shutdown() for e in self.catalogue.engines))
         if self.journal is not None:

@@ -146,34 +146,46 @@ def test_rate_limit_headers_and_sdk_retry(stack: Stack, admin: Client) -> None:
     account: Account = new_account(
         admin,
         credits_cents=1000,
-        limits=accounts_pb2.KeyLimits(requests_per_minute=100, tokens_per_minute=600),
+        limits=accounts_pb2.KeyLimits(requests_per_minute=30, tokens_per_minute=1000),
     )
     base = stack.http_url + "/v1"
     with openai.OpenAI(base_url=base, api_key=account.secret, max_retries=0) as client:
         raw = client.chat.completions.with_raw_response.create(
             model=MODEL,
             messages=[{"role": "user", "content": PROMPT}],
-            max_tokens=570,
+            max_tokens=500,
             extra_body={"ignore_eos": True},
         )
         headers = raw.headers
-        assert headers["x-ratelimit-limit-requests"] == "100"
-        assert headers["x-ratelimit-remaining-requests"] == "99"
-        assert headers["x-ratelimit-limit-tokens"] == "600"
-        assert int(headers["x-ratelimit-remaining-tokens"]) < 50
+        assert headers["x-ratelimit-limit-requests"] == "30"
+        assert headers["x-ratelimit-remaining-requests"] == "29"
+        assert headers["x-ratelimit-reset-requests"] == "2s"
+        assert headers["x-ratelimit-limit-tokens"] == "1000"
+        # 1000 - (12 prompt + 500) tokens; then 29 requests of 13 tokens still fit.
+        assert int(headers["x-ratelimit-remaining-tokens"]) == 488
         assert headers["x-ratelimit-reset-tokens"].endswith("s")
+        with pytest.raises(openai.RateLimitError) as tokens_limited:
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=480
+            )
+        assert tokens_limited.value.code == "rate_limit_exceeded"
+        assert "tokens per minute" in tokens_limited.value.message
+        assert 1 <= int(tokens_limited.value.response.headers["retry-after"]) <= 60
+        for _ in range(29):
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=1
+            )
         with pytest.raises(openai.RateLimitError) as limited:
             client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=40
+                model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=1
             )
-        assert limited.value.code == "rate_limit_exceeded"
-        retry_after = float(limited.value.response.headers["retry-after"])
-        assert 1 <= retry_after <= 10
-    # The SDK waits as told and succeeds once the bucket allows the request.
+        assert "requests per minute" in limited.value.message
+        assert 1 <= float(limited.value.response.headers["retry-after"]) <= 2
+    # The SDK waits as told and succeeds once the bucket has refilled one request.
     with openai.OpenAI(base_url=base, api_key=account.secret, max_retries=3) as patient:
         started = time.monotonic()
         patient.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=40
+            model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=1
         )
         assert time.monotonic() - started > 0.5
 
