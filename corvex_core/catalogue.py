@@ -1,6 +1,7 @@
 """The catalogue: the current rate card joined with the engines that serve its models.
 
-A model is served when it is on the rate card and its engine is ready. The rate card can be
+A model is served when it is on the rate card and this core has an engine for it (a GPU node
+may host only some of the card). The rate card can be
 replaced at run time (`replace`): the next admission uses the new prices, while requests
 already admitted keep the rate they were admitted with (their hold carries it).
 """
@@ -27,8 +28,7 @@ class Served(msgspec.Struct, frozen=True):
 class Catalogue:
     def __init__(self, rate_card: RateCard, engines: Iterable[Engine]) -> None:
         self._engines = {engine.model_id: engine for engine in engines}
-        missing = [m.id for m in rate_card.models if m.id not in self._engines]
-        assert not missing, f"no engine for {missing}"
+        assert all(rate_card.get(model_id) for model_id in self._engines)
         self._rate_card = rate_card
 
     @property
@@ -57,8 +57,6 @@ class Catalogue:
         for engine in new_engines:
             assert engine.model_id not in self._engines
             self._engines[engine.model_id] = engine
-        missing = [m.id for m in rate_card.models if m.id not in self._engines]
-        assert not missing, f"no engine for {missing}"
         self._rate_card = rate_card
         return [e for model_id, e in self._engines.items() if rate_card.get(model_id) is None]
 
@@ -69,5 +67,10 @@ class Catalogue:
         return self._engines.pop(engine.model_id, None) is not None
 
     def served(self) -> list[Served]:
+        """The models this core serves, in rate-card order."""
         card = self._rate_card
-        return [Served(rate, card.version, self._engines[rate.id]) for rate in card.models]
+        return [
+            Served(rate, card.version, self._engines[rate.id])
+            for rate in card.models
+            if rate.id in self._engines
+        ]

@@ -58,6 +58,9 @@ class VllmEngineConfig(msgspec.Struct, tag="vllm", tag_field="backend", forbid_u
     devices: list[int] | None = None
     # "generate" for chat models, "embed" for embedding models.
     runner: Literal["generate", "embed"] = "generate"
+    # Extra variables for the model's chat template (e.g. {"thinking": false} for models whose
+    # template turns reasoning on by default), applied to every request.
+    chat_template_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
     # Passed to vllm's AsyncEngineArgs as given, for arguments not named above.
     engine_args: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -66,12 +69,13 @@ EngineConfig = SimulatedEngineConfig | VllmEngineConfig
 
 
 class EnginesConfig(msgspec.Struct, forbid_unknown_fields=True):
-    """Which engine serves each model. Models not listed use `default`."""
+    """Which engine serves each model. Models not listed use `default`; a `default` of null
+    means this core serves only the models listed (a GPU node that hosts some of the card)."""
 
-    default: EngineConfig = msgspec.field(default_factory=SimulatedEngineConfig)
+    default: EngineConfig | None = msgspec.field(default_factory=SimulatedEngineConfig)
     models: dict[str, EngineConfig] = msgspec.field(default_factory=dict)
 
-    def for_model(self, model_id: str) -> EngineConfig:
+    def for_model(self, model_id: str) -> EngineConfig | None:
         return self.models.get(model_id, self.default)
 
 

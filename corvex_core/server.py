@@ -62,10 +62,20 @@ def build_engines(config: CoreConfig, rate_card: RateCard) -> list[Engine]:
         raise StartupError(
             f"core.engines.models names models that are not on the rate card: {', '.join(unknown)}"
         )
-    return [
-        build_engine(m.id, config.engines.for_model(m.id), context_length=m.context_length)
-        for m in rate_card.models
-    ]
+    engines = []
+    for model in rate_card.models:
+        engine_config = config.engines.for_model(model.id)
+        if engine_config is None:
+            continue  # not served by this core
+        try:
+            engines.append(
+                build_engine(model.id, engine_config, context_length=model.context_length)
+            )
+        except (ValueError, TypeError) as exc:
+            raise StartupError(f"core.engines: {model.id}: {exc}") from exc
+    if not engines:
+        raise StartupError("core.engines serves none of the rate card's models")
+    return engines
 
 
 def admin_token(config: CoreConfig, data_dir: Path) -> str:
@@ -166,7 +176,10 @@ class Core:
         await self._start_ops()
         await self._recover()
         engines = self.catalogue.engines
-        await asyncio.gather(*(engine.start() for engine in engines))
+        try:
+            await asyncio.gather(*(engine.start() for engine in engines))
+        except EngineError as exc:
+            raise StartupError(f"an engine failed to start: {exc}") from exc
         for engine in engines:
             log.info("engine ready", extra={"model": engine.model_id, "engine": engine.kind})
         self._background(self._housekeeping())
@@ -315,11 +328,10 @@ class Core:
                         f"{card.version}; give every change a new version"
                     )
                 added = [
-                    build_engine(
-                        m.id, self.config.engines.for_model(m.id), context_length=m.context_length
-                    )
+                    build_engine(m.id, engine_config, context_length=m.context_length)
                     for m in card.models
                     if not self.catalogue.has_engine(m.id)
+                    and (engine_config := self.config.engines.for_model(m.id)) is not None
                 ]
                 await asyncio.gather(*(engine.start() for engine in added))
             except (ValueError, EngineError) as exc:

@@ -385,10 +385,12 @@ def _message_dict(message: ChatMessage) -> dict[str, str]:
     return rendered
 
 
-def _render_chat(tokenizer: Any, conversation: list[dict[str, str]]) -> tuple[str, list[int]]:
+def _render_chat(
+    tokenizer: Any, conversation: list[dict[str, str]], template_kwargs: Mapping[str, Any]
+) -> tuple[str, list[int]]:
     try:
         text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=True
+            conversation, tokenize=False, add_generation_prompt=True, **template_kwargs
         )
     except Exception as exc:
         # Chat templates reject conversations they cannot render by raising (role order, an
@@ -623,7 +625,10 @@ class VllmEngine:
     async def render_chat(self, messages: Sequence[ChatMessage]) -> Prompt:
         built = self._require_ready()
         conversation = [_message_dict(message) for message in messages]
-        text, token_ids = await self._off_loop(lambda: _render_chat(built.tokenizer, conversation))
+        kwargs = self._config.chat_template_kwargs
+        text, token_ids = await self._off_loop(
+            lambda: _render_chat(built.tokenizer, conversation, kwargs)
+        )
         return Prompt(text=text, num_tokens=len(token_ids), token_ids=tuple(token_ids))
 
     async def count_tokens(self, text: str) -> int:

@@ -282,6 +282,14 @@ async def test_chat_is_rendered_with_the_models_template_and_counted_by_its_toke
     assert prompt.num_tokens == len(words(prompt.text)) == 9
 
 
+async def test_chat_template_kwargs_reach_the_template(make_engine: EngineFactory) -> None:
+    engine = await make_engine(
+        VllmEngineConfig(model="m", chat_template_kwargs={"enable_thinking": False})
+    )
+    prompt = await engine.render_chat(HELLO)
+    assert prompt.text.startswith("<s> <|enable_thinking=False|> <|system|>")
+
+
 async def test_a_conversation_the_template_rejects_is_a_request_error(
     make_engine: EngineFactory,
 ) -> None:

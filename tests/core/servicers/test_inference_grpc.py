@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import msgspec
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -230,3 +231,25 @@ async def test_slow_consumer_gets_coalesced_chunks(channel: grpc.aio.Channel) ->
         sizes.append(chunk.completion_tokens)
     assert sum(sizes) == 20_000
     assert len(sizes) < 15_000 and max(sizes) > 10
+
+
+async def test_a_core_serves_only_the_models_it_has_engines_for(tmp_path: Path) -> None:
+    config = core_config(tmp_path / "data")
+    only = msgspec.structs.replace(
+        config.engines, default=None, models={"zai-org/GLM-5.1-FP8": config.engines.default}
+    )
+    core = Core(msgspec.structs.replace(config, engines=only))
+    await core.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            models = await stub.ListModels(inference_pb2.ListModelsRequest())
+            assert [m.id for m in models.models] == ["zai-org/GLM-5.1-FP8"]
+            secret = await make_key(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                async for _ in stub.Chat(chat(), metadata=auth(secret)):
+                    pass
+            assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await core.server.stop(grace=0)
+        await core.close()

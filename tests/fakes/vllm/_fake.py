@@ -94,6 +94,9 @@ class FakeTokenizer:
     ) -> str | list[int]:
         # Same defaults as transformers: tokenize unless told not to, no generation prompt.
         parts = ["<s>"]
+        # Other keyword arguments are template variables (as in transformers); the toy
+        # template shows them so a test can see they arrived.
+        parts += [f"<|{k}={v}|>" for k, v in sorted(kwargs.items()) if k != "conversation"]
         for message in kwargs.get("conversation", messages):
             role = message["role"]
             if role not in ("system", "user", "assistant"):
