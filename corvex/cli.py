@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start a core and edge on free ports with the rate card and compare them",
     )
+    bench = sub.add_parser(
+        "bench",
+        help="load generator and benchmark scenarios (see benchmarks/README.md)",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -242,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_docs(args)
         if args.command == "drift-gate":
             return _run_drift_gate(args)
+        if args.command == "bench":
+            from benchmarks.cli import main as bench_main
+
+            return bench_main(list(args.bench_args))
     except ConfigError as exc:
         print(f"corvex: {exc}", file=sys.stderr)
         return 2
