@@ -12,9 +12,7 @@ import importlib
 import logging
 import math
 import os
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import ModuleType
 from typing import Any
 
@@ -43,29 +41,9 @@ from corvex_core.engines.vllm import (
     vllm_contract_problems,
 )
 
-FAKES = Path(__file__).resolve().parents[2] / "fakes"
 MODEL = "acme/chat-1"
 HELLO = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
 TIMEOUT_S = 5.0
-
-
-def _vllm_modules() -> list[str]:
-    return [name for name in sys.modules if name == "vllm" or name.startswith("vllm.")]
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """The fake vllm package, importable as `vllm` for this test only."""
-    for name in _vllm_modules():
-        monkeypatch.delitem(sys.modules, name)  # restored after the test
-    monkeypatch.syspath_prepend(str(FAKES))
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
-    fake = importlib.import_module("vllm._fake")
-    assert importlib.import_module("vllm").CORVEX_FAKE
-    yield fake
-    for name in _vllm_modules():
-        del sys.modules[name]
 
 
 EngineFactory = Callable[..., Awaitable[VllmEngine]]

@@ -253,3 +253,25 @@ async def test_a_core_serves_only_the_models_it_has_engines_for(tmp_path: Path) 
     finally:
         await core.server.stop(grace=0)
         await core.close()
+
+
+async def test_unexpected_failures_are_internal_without_details(
+    core: Core, channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = await make_key(channel)
+    engine = core.catalogue.lookup(MODEL).engine
+
+    async def broken(messages: object) -> None:
+        raise RuntimeError("template cache at /srv/secret/path is corrupt")
+
+    engine.render_chat = broken  # type: ignore[method-assign, assignment]
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        async for _ in stub.Chat(chat(), metadata=auth(secret)):
+            pass
+    assert exc.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in (exc.value.details() or "")
+    assert "req-test-1" in (exc.value.details() or "")  # the request id, to find the log line
+    logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert logged and "/srv/secret/path" in (logged[0].exc_text or str(logged[0].exc_info))
+    assert core.ledger.hold_count() == 0
