@@ -22,8 +22,8 @@ from corvex.v1 import inference_pb2
 from gateway import rest
 from gateway.errors import error_response, map_rpc_error
 from gateway.openai_types import ChatCompletionRequest, chat_decoder
-from gateway.state import EDGE
-from gateway.telemetry import ACTIVE_STREAMS, REQUEST_ID, first_token
+from gateway.state import EDGE, REQUEST_ID
+from gateway.telemetry import ACTIVE_STREAMS, first_token
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +39,13 @@ _encoder = msgspec.json.Encoder()
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await request.read()
     try:
-        parsed = chat_decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        return rest.decode_error(exc)
-    rest.log_unknown_fields(body, ChatCompletionRequest)
-    try:
+        parsed = await rest.decode(request, chat_decoder)
         rpc_request = to_rpc(parsed)
     except rest.BadRequest as exc:
         return exc.response()
     request_id = request[REQUEST_ID]
-    edge = request.app[EDGE]
-    call = edge.inference.Chat(
-        rpc_request,
-        metadata=rest.metadata(request, request_id),
-        timeout=edge.config.request_timeout_s,
-    )
+    call = request.app[EDGE].inference.Chat(rpc_request, **rest.call_options(request))
     try:
         initial = await call.initial_metadata()
         first = await call.read()

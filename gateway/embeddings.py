@@ -15,30 +15,19 @@ from gateway import rest
 from gateway.chat import usage_json
 from gateway.errors import map_rpc_error
 from gateway.openai_types import EmbeddingRequest, embedding_decoder
-from gateway.state import EDGE
-from gateway.telemetry import REQUEST_ID
+from gateway.state import EDGE, REQUEST_ID
 
 _encoder = msgspec.json.Encoder()
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    body = await request.read()
     try:
-        parsed = embedding_decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        return rest.decode_error(exc)
-    rest.log_unknown_fields(body, EmbeddingRequest)
-    try:
+        parsed = await rest.decode(request, embedding_decoder)
         rpc_request = to_rpc(parsed)
     except rest.BadRequest as exc:
         return exc.response()
     request_id = request[REQUEST_ID]
-    edge = request.app[EDGE]
-    call = edge.inference.Embed(
-        rpc_request,
-        metadata=rest.metadata(request, request_id),
-        timeout=edge.config.request_timeout_s,
-    )
+    call = request.app[EDGE].inference.Embed(rpc_request, **rest.call_options(request))
     try:
         result = await call
         initial = await call.initial_metadata()

@@ -7,12 +7,15 @@ import logging
 import re
 import secrets
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 from aiohttp import web
 
 from gateway.errors import error_response
+from gateway.state import EDGE, REQUEST_ID
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -34,34 +37,45 @@ class BadRequest(Exception):
         return error_response(400, self.message, param=self.param)
 
 
-def decode_error(exc: msgspec.MsgspecError) -> web.Response:
-    """A 400 for a body that is not JSON or does not match the request type."""
-    text = str(exc)
-    if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
-        return error_response(
-            400,
+async def decode(request: web.Request, decoder: msgspec.json.Decoder[T]) -> T:
+    """The JSON body as the decoder's type; BadRequest if it is not JSON or not that type."""
+    body = await request.read()
+    try:
+        parsed = decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _PATH_RE.search(text)
+        param = match.group("path") if match else None
+        message = _PATH_RE.sub("", text)
+        raise BadRequest(
+            f"Invalid value for `{param}`: {message}" if param else message, param=param or None
+        ) from None
+    except msgspec.DecodeError:
+        raise BadRequest(
             "We could not parse the JSON body of your request. The body must be a JSON "
-            "object (see the API reference).",
-        )
-    match = _PATH_RE.search(text)
-    param = match.group("path") if match else None
-    message = _PATH_RE.sub("", text)
-    if param:
-        message = f"Invalid value for `{param}`: {message}"
-    return error_response(400, message, param=param or None)
+            "object (see the API reference)."
+        ) from None
+    _log_unknown_fields(body, type(parsed))
+    return parsed
 
 
-def log_unknown_fields(body: bytes, struct_type: Any) -> None:
+def _log_unknown_fields(body: bytes, struct_type: Any) -> None:
     """At debug level, names the top-level fields the edge ignored."""
     if not log.isEnabledFor(logging.DEBUG):
         return
-    try:
-        keys = msgspec.json.decode(body, type=dict[str, Any]).keys()
-    except msgspec.MsgspecError:
-        return
+    keys = msgspec.json.decode(body, type=dict[str, Any]).keys()
     unknown = sorted(set(keys) - set(struct_type.__struct_fields__))
     if unknown:
         log.debug("ignored unknown request fields: %s", ", ".join(unknown))
+
+
+def call_options(request: web.Request) -> dict[str, Any]:
+    """What every call to the core carries: the caller's key and request id, and a deadline."""
+    edge = request.app[EDGE]
+    return {
+        "metadata": metadata(request, request[REQUEST_ID]),
+        "timeout": edge.config.request_timeout_s,
+    }
 
 
 def request_id(request: web.Request) -> str:

@@ -20,3 +20,5 @@ class Edge:
 
 
 EDGE: Final = web.AppKey("edge", Edge)
+# The request id of the request being served (the client's x-request-id, or a new one).
+REQUEST_ID: Final = web.RequestKey("request_id", str)

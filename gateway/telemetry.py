@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 
 from gateway import rest
+from gateway.state import REQUEST_ID
 
 log = logging.getLogger("corvex.edge.requests")
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -40,7 +41,6 @@ TTFT: Final = Histogram(
     buckets=_BUCKETS,
 )
 ACTIVE_STREAMS: Final = Gauge("corvex_edge_active_streams", "SSE streams being sent.")
-REQUEST_ID: Final = web.RequestKey("request_id", str)
 FIRST_TOKEN_AT: Final = web.RequestKey("first_token_at", float)
 STARTED_AT: Final = web.RequestKey("started_at", float)
 _QUIET_ROUTES: Final = frozenset({"/health", "/ready", "/metrics"})
