@@ -1,8 +1,8 @@
 """`corvex serve`: the whole stack on one machine, for development and demos.
 
 Starts the core and the edge as two processes (so each has a CPU core of its own), makes
-sure a `dev` workspace and a dev key exist, prints how to use them, and on Ctrl-C or SIGTERM
-stops the edge and then drains the core. The dev key's secret is kept in the data directory
+sure a `dev` workspace and a dev key exist, prints how to use them, passes SIGHUP on to the
+core (rate-card reload), and on Ctrl-C or SIGTERM stops the edge and then drains the core. The dev key's secret is kept in the data directory
 (mode 0600) so that it can be printed again on the next start.
 """
 
@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         admin_token=core.admin_token or None,
         log_to_file=False,
     ) as stack:
+        # SIGHUP reloads the rate card, as it does for `corvex core`.
+        signal.signal(signal.SIGHUP, lambda *_: stack.core.signal(signal.SIGHUP))
         token = core.admin_token or (data_dir / "admin_token").read_text().strip()
         workspace, secret = bootstrap_dev(stack, token)
         print(_banner(stack, workspace, secret, label), flush=True)
