@@ -13,8 +13,8 @@ tokens use a window: a bucket's continuous refill cannot tell which refill a lat
 overlaps. For the tokens *used*, as for those admitted:
 
   * a burst, however concurrent, is admitted at most L;
-  * every 60 consecutive whole seconds hold at most L, and so does any interval shorter than
-    a minute; an interval of length t holds at most L·⌈(t + 1 s)/60 s⌉ (2·L for a minute that
+  * every 60 consecutive whole seconds hold at most L, and so does any interval of at most
+    59 s; an interval of length t holds at most L·⌈(t + 1 s)/60 s⌉ (so 2·L for a minute that
     does not start on a whole second). Capacity comes back when a second leaves the window.
 
 A limit change keeps what was used and applies to the next request. The monthly limit counts
@@ -188,16 +188,25 @@ class _KeyState:
 class LimitTicket:
     """What an admitted request took from its key's limits, returned at settlement."""
 
-    __slots__ = ("key_id", "month_tokens", "second", "settled", "window_tokens")
+    __slots__ = ("key_id", "month_tokens", "second", "settled", "window", "window_tokens")
 
-    def __init__(self, key_id: str, window_tokens: int, month_tokens: int, second: int) -> None:
+    def __init__(
+        self,
+        key_id: str,
+        window_tokens: int,
+        month_tokens: int,
+        second: int,
+        window: Window | None = None,
+    ) -> None:
         self.key_id = key_id
-        # Tokens taken from the per-minute window (in `second`) and held against the monthly
-        # limit; zero for a limit the key did not have at admission, so a limit added later is
-        # not credited.
+        # Tokens taken from `window` (in `second`) and held against the monthly limit; zero for
+        # a limit the key did not have at admission, so a limit added later is not credited.
         self.window_tokens = window_tokens
         self.month_tokens = month_tokens
         self.second = second
+        # The window itself: a refund goes back only into the window it was taken from, never
+        # into a new one made when the limit was removed and set again.
+        self.window = window
         self.settled = False
 
 
@@ -265,7 +274,7 @@ class RateLimiter:
         if key.limits.monthly_tokens is not None:
             state.month_reserved += tokens
             month_tokens = tokens
-        return LimitTicket(key.id, window_tokens, month_tokens, second)
+        return LimitTicket(key.id, window_tokens, month_tokens, second, state.tokens)
 
     def settle(self, ticket: LimitTicket, used_tokens: int) -> None:
         """Gives back the tokens an admitted request did not use. Exactly once per ticket.
@@ -279,8 +288,9 @@ class RateLimiter:
         state = self._keys.get(ticket.key_id)
         if state is None:
             return
-        if state.tokens is not None and ticket.window_tokens > used_tokens:
-            state.tokens.give_back(
+        window = ticket.window
+        if window is not None and window is state.tokens and ticket.window_tokens > used_tokens:
+            window.give_back(
                 ticket.window_tokens - used_tokens, ticket.second, self._clock_ns()
             )
         state.month_reserved -= ticket.month_tokens
