@@ -2,8 +2,9 @@
 
 Starts the core and the edge as two processes (so each has a CPU core of its own), makes
 sure a `dev` workspace and a dev key exist, prints how to use them, passes SIGHUP on to the
-core (rate-card reload), and on Ctrl-C or SIGTERM stops the edge and then drains the core. The dev key's secret is kept in the data directory
-(mode 0600) so that it can be printed again on the next start.
+core (rate-card reload), and on Ctrl-C or SIGTERM stops the edge and then drains the core.
+The dev key's secret is kept in the data directory (mode 0600) so that it can be printed again
+on the next start.
 """
 
 from __future__ import annotations

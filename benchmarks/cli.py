@@ -1,0 +1,281 @@
+"""The benchmarks' command line, `python -m benchmarks` (and `corvex bench ...`):
+
+python -m benchmarks [suite] [--quick] [--out DIR]   the whole suite (make bench)
+python -m benchmarks run --target edge|grpc ...      one custom load, against a running
+                                                     server or a stack it starts
+python -m benchmarks micro                           the in-process microbenchmarks
+python -m benchmarks profile [--target ...]          py-spy profiles of core and edge
+python -m benchmarks report [--from JSON]            re-render the report from results
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+
+from benchmarks import micro, report, scenarios
+from benchmarks.loadgen import LoadResult, LoadSpec
+from benchmarks.systems import CorvexVariant, System
+from benchmarks.targets import Endpoint
+from benchmarks.workload import Lengths, Workload, parse_model_mix
+
+COMMANDS = ("suite", "run", "micro", "profile", "report")
+DEFAULT_OUT = Path("benchmarks/results")
+DEFAULT_README = Path("benchmarks/README.md")
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if getattr(args, "no_progress", False) else None
+
+
+# ---- arguments -----------------------------------------------------------------------------
+
+
+def _suite_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    parser.add_argument("--quick", action="store_true", help="1 repeat, shorter runs (~2 min)")
+    parser.add_argument("--repeats", type=int, help="repeats per case (default 3; quick 1)")
+    parser.add_argument("--no-peer", action="store_true", help="skip the LiteLLM peer")
+    parser.add_argument("--readme", type=Path, default=DEFAULT_README,
+                        help="README whose results block to rewrite")  # fmt: skip
+    parser.add_argument("--no-readme", action="store_true", help="leave the README alone")
+
+
+def _load_args(parser: argparse.ArgumentParser) -> None:
+    load = parser.add_argument_group("load")
+    load.add_argument(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=32,
+        help="clients (closed loop) or most requests in flight (open loop)",
+    )
+    load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
+    load.add_argument("--requests", "-n", type=int, default=2000, help="stop after this many")
+    load.add_argument("--duration", type=float, default=60.0, help="stop after this many s")
+    load.add_argument("--warmup", type=int, default=0, help="unmeasured requests first")
+    work = parser.add_argument_group("workload")
+    work.add_argument("--stream", action="store_true")
+    work.add_argument(
+        "--max-tokens", type=Lengths.parse, default=Lengths.fixed(16), metavar="N|LOW-HIGH"
+    )
+    work.add_argument(
+        "--prompt-tokens",
+        type=Lengths.parse,
+        default=Lengths.fixed(64),
+        metavar="N|LOW-HIGH",
+        help="prompt words (one simulated token each)",
+    )
+    work.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="ID[=WEIGHT]",
+        help="repeat for a mix (default the catalogue's DeepSeek V4 Flash)",
+    )
+    work.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="repeat to spread requests over several keys",
+    )
+    work.add_argument(
+        "--no-ignore-eos",
+        action="store_true",
+        help="let the model end answers early (default: exact max_tokens)",
+    )
+    work.add_argument("--seed", type=int, default=0)  # fmt: skip
+
+
+def _run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        choices=["edge", "grpc"],
+        default="edge",
+        help="the REST edge (OpenAI JSON/SSE) or the core's gRPC API",
+    )
+    parser.add_argument("--url", help="edge base URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--address", help="core gRPC address, e.g. 127.0.0.1:50051")
+    parser.add_argument(
+        "--pid",
+        action="append",
+        default=[],
+        metavar="NAME=PID",
+        help="measure this server process's CPU (repeatable)",
+    )
+    stack = parser.add_argument_group("without --url/--address: start a Corvex stack")
+    stack.add_argument("--unmetered", action="store_true", help="benchmark_unmetered on")
+    stack.add_argument("--journal", choices=["fsync", "nofsync", "off"], default="fsync")
+    stack.add_argument("--tpot-ms", type=float, default=0.0, help="simulated ms per token")
+    stack.add_argument("--keys", type=int, default=4, help="API keys to create and use")
+    parser.add_argument("--json", type=Path, help="also write the result as JSON here")
+    _load_args(parser)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--no-progress", action="store_true", help="no progress line")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _suite_args(sub.add_parser("suite", help="the whole suite (the default)", parents=[common]))
+    _run_args(sub.add_parser("run", help="one custom load", parents=[common]))
+    micro_parser = sub.add_parser("micro", help="in-process microbenchmarks")
+    micro_parser.add_argument("--iterations", type=int, default=20_000)
+    micro_parser.add_argument("--repeats", type=int, default=5)
+    prof = sub.add_parser(
+        "profile", help="py-spy profiles of core and edge under load", parents=[common]
+    )
+    prof.add_argument("--target", choices=["edge", "grpc"], default="edge")
+    prof.add_argument("--tpot-ms", type=float, default=0.0, help="simulated ms per token")
+    prof.add_argument("--unmetered", action="store_true", help="benchmark_unmetered on")
+    prof.add_argument("--journal", choices=["fsync", "nofsync", "off"], default="fsync")
+    prof.add_argument("--out", type=Path, default=DEFAULT_OUT / "profiles")
+    prof.add_argument("--keep-raw", action="store_true", help="also keep py-spy's raw stacks")
+    _load_args(prof)
+    rep = sub.add_parser("report", help="re-render latest.md, charts and README from JSON")
+    rep.add_argument("--from", dest="source", type=Path, default=DEFAULT_OUT / "latest.json")
+    _suite_args(rep)
+    return parser
+
+
+# ---- commands ------------------------------------------------------------------------------
+
+
+def _workload(args: argparse.Namespace, keys: tuple[str, ...]) -> Workload:
+    mix = parse_model_mix(args.model) if args.model else Workload().models
+    return Workload(
+        models=mix,
+        prompt_tokens=args.prompt_tokens,
+        max_tokens=args.max_tokens,
+        stream=args.stream,
+        ignore_eos=not args.no_ignore_eos,
+        api_keys=tuple(args.api_key) or keys,
+        seed=args.seed,
+    )
+
+
+def _spec(args: argparse.Namespace) -> LoadSpec:
+    return LoadSpec(
+        concurrency=args.concurrency,
+        rate_rps=args.rate,
+        requests=args.requests,
+        duration_s=args.duration,
+        warmup_requests=args.warmup,
+        seed=args.seed,
+    )
+
+
+@contextlib.contextmanager
+def _system(args: argparse.Namespace) -> Iterator[System]:
+    """The server named on the command line, or a Corvex stack started for the run."""
+    if args.url or args.address:
+        pids = dict(item.split("=", 1) for item in args.pid)
+        yield System("external", {k: int(v) for k, v in pids.items()}, http_url=args.url,
+                     grpc_address=args.address)  # fmt: skip
+        return
+    from benchmarks import systems
+
+    variant = CorvexVariant(metered=not args.unmetered, journal=args.journal,
+                            tpot_ms=args.tpot_ms, keys=args.keys)  # fmt: skip
+    with systems.corvex("corvex", variant) as system:
+        yield system
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from benchmarks import loadgen
+
+    with _system(args) as system:
+        endpoint: Endpoint = system.endpoint("rest" if args.target == "edge" else "grpc")
+        result = loadgen.run(endpoint, _workload(args, system.api_keys), _spec(args),
+                             watch=system.processes, label=f"{args.target}",
+                             progress=_progress(args))  # fmt: skip
+    print(format_result(result))
+    if args.json:
+        args.json.write_bytes(msgspec.json.format(msgspec.json.encode(result), indent=1))
+    return 0 if result.ok else 1
+
+
+def format_result(result: LoadResult) -> str:
+    """A short human summary of one run."""
+    lines = [
+        f"{result.target}, {result.workload}, {result.mode} loop, concurrency "
+        f"{result.concurrency}" + (f", {result.rate_rps:g} req/s offered" if result.rate_rps
+                                   else ""),
+        f"  requests   {result.ok} ok of {result.sent} sent in {result.duration_s:.2f} s; "
+        f"errors {result.errors or 'none'}" + (f"; dropped {result.dropped}" if result.dropped
+                                               else ""),
+        f"  throughput {result.requests_per_s:,.1f} req/s, {result.output_tokens_per_s:,.0f} "
+        f"output tok/s ({result.completion_tokens} tokens in {result.chunks} chunks)",
+    ]  # fmt: skip
+    for name, dist in (("e2e", result.e2e), ("ttft", result.ttft), ("itl", result.itl)):
+        lines.append(f"  {name:10} p50 {dist.p50_ms:.3f}  p90 {dist.p90_ms:.3f}  "
+                     f"p99 {dist.p99_ms:.3f}  max {dist.max_ms:.3f} ms")  # fmt: skip
+    for name, cpu in result.cpu.items():
+        lines.append(f"  cpu {name:6} {cpu.cpu_s:.2f} s ({cpu.system_s:.2f} s system) = "
+                     f"{cpu.per_request_us:,.0f} µs/request, "
+                     f"{cpu.per_token_us:,.1f} µs/output token")  # fmt: skip
+    lines.append(f"  load generator CPU {result.loadgen_cpu_s:.2f} s")
+    return "\n".join(lines)
+
+
+def command_micro(args: argparse.Namespace) -> int:
+    result = micro.run(iterations=args.iterations, repeats=args.repeats)
+    for name, value in result.ns_per_op.items():
+        print(f"{name:40} {report.cell(value)} ns/op")
+    print(f"{'simulated engine call (p50)':40} {result.engine_call.p50_ms * 1000:,.0f} µs")
+    return 0
+
+
+def command_profile(args: argparse.Namespace) -> int:
+    from benchmarks import profiling
+
+    variant = CorvexVariant(metered=not args.unmetered, journal=args.journal,
+                            tpot_ms=args.tpot_ms)  # fmt: skip
+    result, profiles = profiling.profile(args.target, _workload(args, ()), _spec(args), args.out,
+                                         variant=variant, keep_raw=args.keep_raw)  # fmt: skip
+    print(format_result(result))
+    for condensed in profiles:
+        print(profiling.render(condensed))
+    print(f"profiles written to {args.out}")
+    return 0
+
+
+def _publish(args: argparse.Namespace, result: scenarios.SuiteResult) -> None:
+    for path in report.write(result, args.out):
+        print(f"wrote {path}", file=sys.stderr)
+    if not args.no_readme and report.update_readme(args.readme, result):
+        print(f"updated the results block of {args.readme}", file=sys.stderr)
+    print(report.markdown(result))
+
+
+def command_suite(args: argparse.Namespace) -> int:
+    options = scenarios.SuiteOptions.make(
+        quick=args.quick, repeats=args.repeats, peer=not args.no_peer, progress=_progress(args)
+    )
+    _publish(args, scenarios.run_suite(options))  # fmt: skip
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    _publish(args, report.load(args.source))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `python -m benchmarks` and `corvex bench`. The suite is the default."""
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv = ["suite", *argv]
+    args = build_parser().parse_args(argv)
+    handlers = {"suite": command_suite, "run": command_run, "micro": command_micro,
+                "profile": command_profile, "report": command_report}  # fmt: skip
+    return handlers[args.command](args)

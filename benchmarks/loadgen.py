@@ -1,0 +1,296 @@
+"""The load generator: sends a workload to a target in a closed loop (N concurrent clients)
+or an open loop (Poisson arrivals at a rate, so queueing shows), bounded by a request count
+and a time limit, and measures each request (TTFT, inter-token gaps, end-to-end, tokens) and
+the CPU every watched server process spent on the run. Usable by any harness:
+
+    result = loadgen.run(Endpoint("rest", url), Workload(stream=True), LoadSpec(concurrency=8),
+                         watch={"edge": edge_pid, "core": core_pid})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import time
+from array import array
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+
+import msgspec
+import uvloop
+
+from benchmarks import cpu
+from benchmarks.progress import Progress
+from benchmarks.stats import Distribution, distribution
+from benchmarks.targets import OK, Endpoint, Sample, Target, open_target
+from benchmarks.workload import RequestSpec, Workload, requests
+
+# Open loop: arrivals beyond this many requests in flight are dropped (and counted), so an
+# overloaded server cannot make the generator grow without bound.
+DEFAULT_OPEN_LOOP_IN_FLIGHT = 2048
+
+
+class LoadSpec(msgspec.Struct, frozen=True):
+    """How much load, and for how long. `rate_rps` set: open loop, `concurrency` bounds the
+    requests in flight; unset: closed loop with `concurrency` clients."""
+
+    concurrency: int = 32
+    rate_rps: float | None = None
+    requests: int = 1000
+    duration_s: float = 60.0
+    # Sent before the measured part (same concurrency, closed loop), then forgotten.
+    warmup_requests: int = 0
+    seed: int = 0
+
+    @property
+    def mode(self) -> str:
+        return "open" if self.rate_rps else "closed"
+
+
+class ProcessCpu(msgspec.Struct):
+    """CPU one server process (tree) spent during the measured part of a run: user + system
+    (`cpu_s`), of which system (the kernel, on the process's behalf: syscalls, fsync)."""
+
+    cpu_s: float
+    system_s: float
+    per_request_us: float
+    per_token_us: float
+
+
+class LoadResult(msgspec.Struct):
+    """One run. Latencies cover successful requests; rates use the measured wall time."""
+
+    label: str
+    target: str
+    workload: str
+    mode: str
+    concurrency: int
+    rate_rps: float | None
+    sent: int
+    ok: int
+    errors: dict[str, int]
+    dropped: int
+    duration_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    chunks: int
+    e2e: Distribution
+    ttft: Distribution
+    itl: Distribution
+    cpu: dict[str, ProcessCpu]
+    server_cpu_per_request_us: float
+    server_cpu_per_token_us: float
+    loadgen_cpu_s: float
+
+
+class _Collector:
+    """Accumulates samples into flat arrays (a streaming run yields millions of gaps)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.done = 0
+        self.dropped = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.e2e = array("d")
+        self.ttft = array("d")
+        self.gaps = array("d")
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.chunks = 0
+        self.last_done = 0.0
+
+    def add(self, sample: Sample) -> None:
+        self.done += 1
+        self.last_done = time.perf_counter()
+        if sample.status != OK:
+            self.errors[sample.status] += 1
+            return
+        self.e2e.append(sample.e2e_s)
+        if sample.ttft_s is not None:
+            self.ttft.append(sample.ttft_s)
+        self.gaps.extend(sample.gaps_s)
+        self.prompt_tokens += sample.prompt_tokens
+        self.completion_tokens += sample.completion_tokens
+        self.chunks += sample.chunks
+
+
+Send = Callable[[RequestSpec], Awaitable[Sample]]
+
+
+async def _closed_loop(
+    send: Send,
+    plan: Iterator[RequestSpec],
+    spec: LoadSpec,
+    out: _Collector,
+    tick: Callable[[], None],
+) -> None:
+    deadline = time.monotonic() + spec.duration_s
+
+    async def client() -> None:
+        while out.sent < spec.requests and time.monotonic() < deadline:
+            out.sent += 1
+            out.add(await send(next(plan)))
+            tick()
+
+    await asyncio.gather(*(client() for _ in range(spec.concurrency)))
+
+
+async def _open_loop(
+    send: Send,
+    plan: Iterator[RequestSpec],
+    spec: LoadSpec,
+    out: _Collector,
+    tick: Callable[[], None],
+) -> None:
+    assert spec.rate_rps, "open loop needs a rate"
+    rng = random.Random(spec.seed)
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def one(request: RequestSpec) -> None:
+        out.add(await send(request))
+        tick()
+
+    start = time.monotonic()
+    arrival = start
+    while out.sent + out.dropped < spec.requests:
+        arrival += rng.expovariate(spec.rate_rps)
+        if arrival - start >= spec.duration_s:
+            break
+        delay = arrival - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(in_flight) >= spec.concurrency:
+            out.dropped += 1
+            continue
+        out.sent += 1
+        task = asyncio.create_task(one(next(plan)))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    await asyncio.gather(*in_flight)
+
+
+def _per(total: float, count: int) -> float:
+    """Microseconds of `total` seconds per item; 0 when there were none (JSON has no NaN)."""
+    return total / count * 1e6 if count else 0.0
+
+
+def _process_cpu(times: tuple[float, float], requests: int, tokens: int) -> ProcessCpu:
+    user, system = times
+    return ProcessCpu(
+        user + system, system, _per(user + system, requests), _per(user + system, tokens)
+    )
+
+
+async def run_load(
+    endpoint: Endpoint,
+    workload: Workload,
+    spec: LoadSpec,
+    *,
+    watch: Mapping[str, int] | None = None,
+    label: str = "",
+    progress: bool | None = None,
+) -> LoadResult:
+    """Runs one load (after its warm-up) and measures it. See the module docstring."""
+    plan = requests(workload)
+    async with open_target(endpoint) as target:
+        if spec.warmup_requests:
+            warmup = LoadSpec(
+                concurrency=spec.concurrency,
+                requests=spec.warmup_requests,
+                duration_s=spec.duration_s,
+            )
+            await _closed_loop(target.send, plan, warmup, _Collector(), lambda: None)
+        return await _measure(target, plan, workload, spec, watch or {}, label, progress)
+
+
+async def _measure(
+    target: Target,
+    plan: Iterator[RequestSpec],
+    workload: Workload,
+    spec: LoadSpec,
+    watch: Mapping[str, int],
+    label: str,
+    progress: bool | None,
+) -> LoadResult:
+    out = _Collector()
+    bar = Progress(label or target.name, enabled=progress)
+
+    def tick() -> None:
+        bar.update(out.done, spec.requests, sum(out.errors.values()), spec.duration_s)
+
+    cpu_before, self_before = cpu.snapshot(watch), cpu.self_cpu_s()
+    start = out.last_done = time.perf_counter()
+    loop = _open_loop if spec.mode == "open" else _closed_loop
+    try:
+        await loop(target.send, plan, spec, out, tick)
+    finally:
+        bar.close()
+    duration = out.last_done - start
+    cpu_after, self_after = cpu.snapshot(watch), cpu.self_cpu_s()
+    used = {
+        name: (cpu_after[name][0] - cpu_before[name][0], cpu_after[name][1] - cpu_before[name][1])
+        for name in watch
+    }
+    return summarize(
+        label, target.name, workload, spec, out, duration, used, self_after - self_before
+    )
+
+
+def summarize(
+    label: str,
+    target: str,
+    workload: Workload,
+    spec: LoadSpec,
+    out: _Collector,
+    duration_s: float,
+    cpu_used: Mapping[str, tuple[float, float]],
+    loadgen_cpu_s: float,
+) -> LoadResult:
+    """The result of a run from what was collected and measured; `cpu_used` holds each
+    watched process's (user, system) CPU seconds."""
+    ok = len(out.e2e)
+    tokens = out.completion_tokens
+    total_cpu = sum(user + system for user, system in cpu_used.values())
+    return LoadResult(
+        label=label,
+        target=target,
+        workload=workload.describe(),
+        mode=spec.mode,
+        concurrency=spec.concurrency,
+        rate_rps=spec.rate_rps,
+        sent=out.sent,
+        ok=ok,
+        errors=dict(out.errors),
+        dropped=out.dropped,
+        duration_s=duration_s,
+        requests_per_s=ok / duration_s if duration_s > 0 else 0.0,
+        output_tokens_per_s=tokens / duration_s if duration_s > 0 else 0.0,
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=tokens,
+        chunks=out.chunks,
+        e2e=distribution(out.e2e),
+        ttft=distribution(out.ttft),
+        itl=distribution(out.gaps),
+        cpu={name: _process_cpu(times, ok, tokens) for name, times in cpu_used.items()},
+        server_cpu_per_request_us=_per(total_cpu, ok),
+        server_cpu_per_token_us=_per(total_cpu, tokens),
+        loadgen_cpu_s=loadgen_cpu_s,
+    )
+
+
+def run(
+    endpoint: Endpoint,
+    workload: Workload,
+    spec: LoadSpec,
+    *,
+    watch: Mapping[str, int] | None = None,
+    label: str = "",
+    progress: bool | None = None,
+) -> LoadResult:
+    """`run_load` on a fresh uvloop event loop, for synchronous callers."""
+    result: LoadResult = uvloop.run(
+        run_load(endpoint, workload, spec, watch=watch, label=label, progress=progress)
+    )
+    return result
