@@ -290,9 +290,7 @@ class RateLimiter:
             return
         window = ticket.window
         if window is not None and window is state.tokens and ticket.window_tokens > used_tokens:
-            window.give_back(
-                ticket.window_tokens - used_tokens, ticket.second, self._clock_ns()
-            )
+            window.give_back(ticket.window_tokens - used_tokens, ticket.second, self._clock_ns())
         state.month_reserved -= ticket.month_tokens
         assert state.month_reserved >= 0
 
