@@ -14,7 +14,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -82,6 +82,13 @@ def current() -> CallRecord | None:
     return _current.get()
 
 
+class _CallMetrics(NamedTuple):
+    requests: Counter
+    duration: Histogram
+    ttft: Histogram
+    tpot: Histogram
+
+
 class Telemetry:
     """The core's metrics, in a registry of its own (several cores can share a process)."""
 
@@ -133,6 +140,10 @@ class Telemetry:
             "corvex_rate_card_reload_failures", "Rate-card reloads refused.", registry=r
         )
         self._refreshers: list[Callable[[], None]] = []
+        # Labelled children, looked up once: prometheus_client's labels() takes a lock and
+        # builds a key on every call, which the hot path should not pay per request.
+        self._children: dict[tuple[str, ...], _CallMetrics] = {}
+        self._per_model: dict[str, tuple[Counter, Counter, Counter]] = {}
 
     def gauge(self, name: str, documentation: str, function: Callable[[], float]) -> None:
         """A gauge read at scrape time."""
@@ -162,16 +173,29 @@ class Telemetry:
         _current.set(record)
         return record
 
+    def _call_metrics(self, rpc: str, model: str, status: str) -> _CallMetrics:
+        key = (rpc, model, status)
+        metrics = self._children.get(key)
+        if metrics is None:
+            metrics = self._children[key] = _CallMetrics(
+                self.requests.labels(rpc, model, status),
+                self.duration.labels(rpc, model),
+                self.ttft.labels(model),
+                self.tpot.labels(model),
+            )
+        return metrics
+
     def end(self, record: CallRecord, status: str, error: CorvexError | None = None) -> None:
         elapsed = time.perf_counter() - record.started
         model = record.model
-        self.requests.labels(record.rpc, model, status).inc()
-        self.duration.labels(record.rpc, model).observe(elapsed)
+        metrics = self._call_metrics(record.rpc, model, status)
+        metrics.requests.inc()
+        metrics.duration.observe(elapsed)
         if record.first_token_at is not None:
-            self.ttft.labels(model).observe(record.first_token_at - record.started)
+            metrics.ttft.observe(record.first_token_at - record.started)
             if record.completion_tokens > 1:
                 decode = time.perf_counter() - record.first_token_at
-                self.tpot.labels(model).observe(decode / (record.completion_tokens - 1))
+                metrics.tpot.observe(decode / (record.completion_tokens - 1))
         if error is not None:
             rejection = _rejection(error)
             if rejection:
@@ -207,11 +231,22 @@ class Telemetry:
     def on_record(self, record: records.Record) -> None:
         """Counts the money of every ledger record as it is committed."""
         if isinstance(record, records.Charged):
-            self.charged.labels(record.model).inc(record.cost_nano / NANO_PER_USD)
-            self.tokens.labels(record.model, "prompt").inc(record.prompt_tokens)
-            self.tokens.labels(record.model, "completion").inc(record.completion_tokens)
+            charged, prompt, completion = self._model_counters(record.model)
+            charged.inc(record.cost_nano / NANO_PER_USD)
+            prompt.inc(record.prompt_tokens)
+            completion.inc(record.completion_tokens)
         elif isinstance(record, records.CreditsAdded):
             self.credits_added.labels(record.method).inc(record.amount_nano / NANO_PER_USD)
+
+    def _model_counters(self, model: str) -> tuple[Counter, Counter, Counter]:
+        counters = self._per_model.get(model)
+        if counters is None:
+            counters = self._per_model[model] = (
+                self.charged.labels(model),
+                self.tokens.labels(model, "prompt"),
+                self.tokens.labels(model, "completion"),
+            )
+        return counters
 
     def on_journal_batch(self, count: int, seconds: float) -> None:
         self.journal_sync.observe(seconds)

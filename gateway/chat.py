@@ -46,27 +46,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return exc.response()
     request_id = request[REQUEST_ID]
     call = request.app[EDGE].inference.Chat(rpc_request, **rest.call_options(request))
-    try:
-        initial = await call.initial_metadata()
-        first = await call.read()
-    except grpc.aio.AioRpcError as exc:
-        return map_rpc_error(exc).response()
-    except BaseException:
-        call.cancel()
-        raise
-    headers = rest.response_headers(initial, request_id)
     completion_id = "chatcmpl-" + request_id
     created = int(time.time())
     try:
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             return await _stream(
-                request, call, first, headers, completion_id, created, parsed.model, include_usage
+                request, call, request_id, completion_id, created, parsed.model, include_usage
             )
-        return await _fold(call, first, headers, completion_id, created, parsed.model)
+        return await _answer(call, request_id, completion_id, created, parsed.model)
     finally:
         # A client that went away cancels this handler; the core then aborts the request.
-        call.cancel()
+        if not call.done():
+            call.cancel()
 
 
 def to_rpc(parsed: ChatCompletionRequest) -> inference_pb2.ChatRequest:
@@ -97,6 +89,8 @@ def to_rpc(parsed: ChatCompletionRequest) -> inference_pb2.ChatRequest:
         "stop": stop,
         "user": parsed.user or "",
         "ignore_eos": parsed.ignore_eos,
+        # The edge sends a non-streaming answer in one piece, so the core folds it too.
+        "final_only": not parsed.stream,
     }
     for name, value in (
         ("max_tokens", max_tokens),
@@ -125,25 +119,16 @@ def usage_json(usage: inference_pb2.Usage) -> dict[str, Any]:
     }
 
 
-async def _fold(
-    call: Any,
-    first: Any,
-    headers: dict[str, str],
-    completion_id: str,
-    created: int,
-    model: str,
+async def _answer(
+    call: Any, request_id: str, completion_id: str, created: int, model: str
 ) -> web.StreamResponse:
-    parts: list[str] = []
-    chunk = first
+    """A non-streaming answer: the core sends it as one final chunk (`final_only`)."""
     try:
-        while chunk is not grpc.aio.EOF:
-            parts.append(chunk.text)
-            if chunk.finish_reason:
-                break
-            chunk = await call.read()
+        final = await call.read()
+        trailing = await call.trailing_metadata()
     except grpc.aio.AioRpcError as exc:
         return map_rpc_error(exc).response()
-    if chunk is grpc.aio.EOF:
+    if final is grpc.aio.EOF or not final.finish_reason:
         return error_response(502, "The inference service ended the answer without finishing.")
     body = {
         "id": completion_id,
@@ -154,15 +139,17 @@ async def _fold(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
+                "message": {"role": "assistant", "content": final.text, "refusal": None},
                 "logprobs": None,
-                "finish_reason": _FINISH.get(chunk.finish_reason, "stop"),
+                "finish_reason": _FINISH.get(final.finish_reason, "stop"),
             }
         ],
-        "usage": usage_json(chunk.usage),
+        "usage": usage_json(final.usage),
     }
     return web.Response(
-        body=_encoder.encode(body), content_type="application/json", headers=headers
+        body=_encoder.encode(body),
+        content_type="application/json",
+        headers=rest.response_headers(trailing, request_id),
     )
 
 
@@ -216,42 +203,50 @@ class _Framer:
 async def _stream(
     request: web.Request,
     call: Any,
-    first: Any,
-    headers: dict[str, str],
+    request_id: str,
     completion_id: str,
     created: int,
     model: str,
     include_usage: bool,
 ) -> web.StreamResponse:
+    """SSE: the status is chosen once the core has admitted the request (its first chunk or
+    its error is in); then each gRPC chunk becomes its events, written in one go."""
+    try:
+        initial = await call.initial_metadata()
+        chunk = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        return map_rpc_error(exc).response()
     response = web.StreamResponse(
         headers={
-            **headers,
+            **rest.response_headers(initial, request_id),
             "Content-Type": "text/event-stream; charset=utf-8",
             "Cache-Control": "no-cache",
         }
     )
     await response.prepare(request)
     framer = _Framer(completion_id, created, model, include_usage)
-    await response.write(framer.role())
-    chunk = first
+    events = [framer.role()]
     ACTIVE_STREAMS.inc()
     try:
         while chunk is not grpc.aio.EOF:
             if chunk.text:
                 first_token(request)
-                await response.write(framer.content(chunk.text))
+                events.append(framer.content(chunk.text))
             if chunk.finish_reason:
-                await response.write(framer.finish(_FINISH.get(chunk.finish_reason, "stop")))
+                events.append(framer.finish(_FINISH.get(chunk.finish_reason, "stop")))
                 if include_usage:
-                    await response.write(framer.usage(chunk.usage))
-                await response.write(b"data: [DONE]\n\n")
+                    events.append(framer.usage(chunk.usage))
+                events.append(b"data: [DONE]\n\n")
+                await response.write(b"".join(events))
                 break
+            await response.write(b"".join(events))
+            events = []
             chunk = await call.read()
         else:
             log.error("chat stream from the core ended without a final chunk")
     except grpc.aio.AioRpcError as exc:
         # Headers are gone; the OpenAI SDKs raise an APIError for an `error` event.
-        await response.write(map_rpc_error(exc).sse_event())
+        await response.write(b"".join(events) + map_rpc_error(exc).sse_event())
     finally:
         ACTIVE_STREAMS.dec()
     await response.write_eof()

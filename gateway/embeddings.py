@@ -30,7 +30,7 @@ async def embeddings(request: web.Request) -> web.Response:
     call = request.app[EDGE].inference.Embed(rpc_request, **rest.call_options(request))
     try:
         result = await call
-        initial = await call.initial_metadata()
+        trailing = await call.trailing_metadata()
     except grpc.aio.AioRpcError as exc:
         return map_rpc_error(exc).response()
     encode = _base64 if parsed.encoding_format == "base64" else list
@@ -53,7 +53,7 @@ async def embeddings(request: web.Request) -> web.Response:
     return web.Response(
         body=_encoder.encode(response),
         content_type="application/json",
-        headers=rest.response_headers(initial, request_id),
+        headers=rest.response_headers(trailing, request_id),
     )
 
 

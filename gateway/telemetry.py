@@ -6,6 +6,7 @@ anything there), a key or a request id. The Authorization header is never logged
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,12 @@ STARTED_AT: Final = web.RequestKey("started_at", float)
 _QUIET_ROUTES: Final = frozenset({"/health", "/ready", "/metrics"})
 
 
+@functools.cache
+def _route_metrics(route: str, status: int) -> tuple[Counter, Histogram]:
+    """Labelled children, looked up once per route and status (both bounded sets)."""
+    return REQUESTS.labels(route, str(status)), DURATION.labels(route)
+
+
 def first_token(request: web.Request) -> None:
     """Marks the first content chunk of a stream (once)."""
     if FIRST_TOKEN_AT not in request:
@@ -77,8 +84,9 @@ async def observe(
         raise
     finally:
         elapsed = time.perf_counter() - started
-        REQUESTS.labels(route, str(status)).inc()
-        DURATION.labels(route).observe(elapsed)
+        requests, duration = _route_metrics(route, status)
+        requests.inc()
+        duration.observe(elapsed)
         if route not in _QUIET_ROUTES and log.isEnabledFor(logging.INFO):
             log.info(
                 "%s %s %d",

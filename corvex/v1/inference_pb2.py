@@ -24,43 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63orvex/v1/inference.proto\x12\tcorvex.v1\"H\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x11\n\x04name\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_name\"\xec\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.corvex.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x0c\n\x04user\x18\n \x01(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x9f\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\x12\x15\n\rcost_nano_usd\x18\x05 \x01(\x03\x12\x19\n\x11rate_card_version\x18\x06 \x01(\t\"\x85\x01\n\tChatChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.corvex.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.corvex.v1.Usage\"L\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.corvex.v1.TokenIdsH\x00\x42\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"z\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.corvex.v1.EmbedInput\x12\x17\n\ndimensions\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04user\x18\x04 \x01(\tB\r\n\x0b_dimensions\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"Z\n\rEmbedResponse\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.corvex.v1.Embedding\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.corvex.v1.Usage\"\x13\n\x11ListModelsRequest\"\xf5\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\x12\x11\n\tcard_path\x18\x05 \x01(\t\x12\x1d\n\x15input_usd_per_million\x18\x06 \x01(\t\x12\x1e\n\x16output_usd_per_million\x18\x07 \x01(\t\x12\x10\n\x08\x63urrency\x18\x08 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\t \x01(\r\x12\x0e\n\x06\x65ngine\x18\n \x01(\t\x12\x1b\n\x13supports_embeddings\x18\x0b \x01(\x08\"Q\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.corvex.v1.Model\x12\x19\n\x11rate_card_version\x18\x02 \x01(\t\"X\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.corvex.v1.ChatMessage\x12\x0c\n\x04text\x18\x03 \x01(\t\"?\n\x10TokenizeResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x8f\x02\n\tInference\x12\x36\n\x04\x43hat\x12\x16.corvex.v1.ChatRequest\x1a\x14.corvex.v1.ChatChunk0\x01\x12:\n\x05\x45mbed\x12\x17.corvex.v1.EmbedRequest\x1a\x18.corvex.v1.EmbedResponse\x12I\n\nListModels\x12\x1c.corvex.v1.ListModelsRequest\x1a\x1d.corvex.v1.ListModelsResponse\x12\x43\n\x08Tokenize\x12\x1a.corvex.v1.TokenizeRequest\x1a\x1b.corvex.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63orvex/v1/inference.proto\x12\tcorvex.v1\"H\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x11\n\x04name\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_name\"\x80\x03\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.corvex.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x0c\n\x04user\x18\n \x01(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x12\n\nfinal_only\x18\x0c \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x9f\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\x12\x15\n\rcost_nano_usd\x18\x05 \x01(\x03\x12\x19\n\x11rate_card_version\x18\x06 \x01(\t\"\x85\x01\n\tChatChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.corvex.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.corvex.v1.Usage\"L\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.corvex.v1.TokenIdsH\x00\x42\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"z\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.corvex.v1.EmbedInput\x12\x17\n\ndimensions\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04user\x18\x04 \x01(\tB\r\n\x0b_dimensions\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"Z\n\rEmbedResponse\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.corvex.v1.Embedding\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.corvex.v1.Usage\"\x13\n\x11ListModelsRequest\"\xf5\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\x12\x11\n\tcard_path\x18\x05 \x01(\t\x12\x1d\n\x15input_usd_per_million\x18\x06 \x01(\t\x12\x1e\n\x16output_usd_per_million\x18\x07 \x01(\t\x12\x10\n\x08\x63urrency\x18\x08 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\t \x01(\r\x12\x0e\n\x06\x65ngine\x18\n \x01(\t\x12\x1b\n\x13supports_embeddings\x18\x0b \x01(\x08\"Q\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.corvex.v1.Model\x12\x19\n\x11rate_card_version\x18\x02 \x01(\t\"X\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.corvex.v1.ChatMessage\x12\x0c\n\x04text\x18\x03 \x01(\t\"?\n\x10TokenizeResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x8f\x02\n\tInference\x12\x36\n\x04\x43hat\x12\x16.corvex.v1.ChatRequest\x1a\x14.corvex.v1.ChatChunk0\x01\x12:\n\x05\x45mbed\x12\x17.corvex.v1.EmbedRequest\x1a\x18.corvex.v1.EmbedResponse\x12I\n\nListModels\x12\x1c.corvex.v1.ListModelsRequest\x1a\x1d.corvex.v1.ListModelsResponse\x12\x43\n\x08Tokenize\x12\x1a.corvex.v1.TokenizeRequest\x1a\x1b.corvex.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corvex.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1634
-  _globals['_FINISHREASON']._serialized_end=1754
+  _globals['_FINISHREASON']._serialized_start=1654
+  _globals['_FINISHREASON']._serialized_end=1774
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=112
   _globals['_CHATREQUEST']._serialized_start=115
-  _globals['_CHATREQUEST']._serialized_end=479
-  _globals['_USAGE']._serialized_start=482
-  _globals['_USAGE']._serialized_end=641
-  _globals['_CHATCHUNK']._serialized_start=644
-  _globals['_CHATCHUNK']._serialized_end=777
-  _globals['_EMBEDINPUT']._serialized_start=779
-  _globals['_EMBEDINPUT']._serialized_end=855
-  _globals['_TOKENIDS']._serialized_start=857
-  _globals['_TOKENIDS']._serialized_end=880
-  _globals['_EMBEDREQUEST']._serialized_start=882
-  _globals['_EMBEDREQUEST']._serialized_end=1004
-  _globals['_EMBEDDING']._serialized_start=1006
-  _globals['_EMBEDDING']._serialized_end=1033
-  _globals['_EMBEDRESPONSE']._serialized_start=1035
-  _globals['_EMBEDRESPONSE']._serialized_end=1125
-  _globals['_LISTMODELSREQUEST']._serialized_start=1127
-  _globals['_LISTMODELSREQUEST']._serialized_end=1146
-  _globals['_MODEL']._serialized_start=1149
-  _globals['_MODEL']._serialized_end=1394
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1396
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1477
-  _globals['_TOKENIZEREQUEST']._serialized_start=1479
-  _globals['_TOKENIZEREQUEST']._serialized_end=1567
-  _globals['_TOKENIZERESPONSE']._serialized_start=1569
-  _globals['_TOKENIZERESPONSE']._serialized_end=1632
-  _globals['_INFERENCE']._serialized_start=1757
-  _globals['_INFERENCE']._serialized_end=2028
+  _globals['_CHATREQUEST']._serialized_end=499
+  _globals['_USAGE']._serialized_start=502
+  _globals['_USAGE']._serialized_end=661
+  _globals['_CHATCHUNK']._serialized_start=664
+  _globals['_CHATCHUNK']._serialized_end=797
+  _globals['_EMBEDINPUT']._serialized_start=799
+  _globals['_EMBEDINPUT']._serialized_end=875
+  _globals['_TOKENIDS']._serialized_start=877
+  _globals['_TOKENIDS']._serialized_end=900
+  _globals['_EMBEDREQUEST']._serialized_start=902
+  _globals['_EMBEDREQUEST']._serialized_end=1024
+  _globals['_EMBEDDING']._serialized_start=1026
+  _globals['_EMBEDDING']._serialized_end=1053
+  _globals['_EMBEDRESPONSE']._serialized_start=1055
+  _globals['_EMBEDRESPONSE']._serialized_end=1145
+  _globals['_LISTMODELSREQUEST']._serialized_start=1147
+  _globals['_LISTMODELSREQUEST']._serialized_end=1166
+  _globals['_MODEL']._serialized_start=1169
+  _globals['_MODEL']._serialized_end=1414
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1416
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1497
+  _globals['_TOKENIZEREQUEST']._serialized_start=1499
+  _globals['_TOKENIZEREQUEST']._serialized_end=1587
+  _globals['_TOKENIZERESPONSE']._serialized_start=1589
+  _globals['_TOKENIZERESPONSE']._serialized_end=1652
+  _globals['_INFERENCE']._serialized_start=1777
+  _globals['_INFERENCE']._serialized_end=2048
 # @@protoc_insertion_point(module_scope)

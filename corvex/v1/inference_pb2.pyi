@@ -6,8 +6,10 @@ and tokenization. Every call except ListModels is authenticated by an API key se
 `authorization: Bearer corvex-...` metadata, and every generation is metered.
 
 Errors travel as gRPC status with a `google.rpc.ErrorInfo` detail (domain "corvex.ai");
-the reasons are listed in errors.proto. Rate-limit state for the calling key is returned
-in the initial metadata as `x-ratelimit-*` entries, formatted as OpenAI's HTTP headers.
+the reasons are listed in errors.proto. A successful call returns `x-request-id` and the
+calling key's rate-limit state (`x-ratelimit-*`, formatted as OpenAI's HTTP headers) as
+response metadata: in the initial metadata of a streamed Chat, and in the trailing metadata
+of Embed and of a Chat with `final_only` (which send a single message).
 """
 
 from collections import abc as _abc
@@ -103,6 +105,7 @@ class ChatRequest(_message.Message):
     FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
+    FINAL_ONLY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """/ Catalogue model id, for example "deepseek-ai/DeepSeek-V4-Flash"."""
     max_tokens: _builtins.int
@@ -124,6 +127,11 @@ class ChatRequest(_message.Message):
     ignore_eos: _builtins.bool
     """/ Keep generating past the end-of-sequence token until max_tokens (benchmarks, vLLM's
     / `ignore_eos`). Requires max_tokens.
+    """
+    final_only: _builtins.bool
+    """/ Send the whole answer in the final chunk, with no chunk before it: for callers that wait
+    / for the complete answer anyway (the edge's non-streaming requests). Saves a message per
+    / engine step. Response metadata then comes in the trailing metadata.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
@@ -147,10 +155,11 @@ class ChatRequest(_message.Message):
         frequency_penalty: _builtins.float | None = ...,
         user: _builtins.str = ...,
         ignore_eos: _builtins.bool = ...,
+        final_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "max_tokens", b"max_tokens", "presence_penalty", b"presence_penalty", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "presence_penalty", b"presence_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "final_only", b"final_only", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "presence_penalty", b"presence_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__frequency_penalty: _TypeAlias = _typing.Literal["frequency_penalty"]  # noqa: Y015
     _WhichOneofArgType__frequency_penalty: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty"]  # noqa: Y015
@@ -228,6 +237,7 @@ class ChatChunk(_message.Message):
     / Counts are per chunk: `text` and `completion_tokens` cover only what was generated since
     / the previous chunk. One chunk carries every token the engine produced since the last one
     / was sent, so under load a chunk holds several tokens. `usage` holds whole-request totals.
+    / With `final_only` there is one chunk, holding the whole answer.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -6,8 +6,10 @@ and tokenization. Every call except ListModels is authenticated by an API key se
 `authorization: Bearer corvex-...` metadata, and every generation is metered.
 
 Errors travel as gRPC status with a `google.rpc.ErrorInfo` detail (domain "corvex.ai");
-the reasons are listed in errors.proto. Rate-limit state for the calling key is returned
-in the initial metadata as `x-ratelimit-*` entries, formatted as OpenAI's HTTP headers.
+the reasons are listed in errors.proto. A successful call returns `x-request-id` and the
+calling key's rate-limit state (`x-ratelimit-*`, formatted as OpenAI's HTTP headers) as
+response metadata: in the initial metadata of a streamed Chat, and in the trailing metadata
+of Embed and of a Chat with `final_only` (which send a single message).
 """
 
 from collections import abc as _abc

@@ -83,7 +83,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
         with self._lifecycle.stream(served.engine, hold_id):
             final, charge = await self._generate(
-                context, served, ticket, hold_id, call, prompt, options
+                context, served, ticket, hold_id, call, prompt, options, request.final_only
             )
             await self._durable()
             await context.write(
@@ -104,13 +104,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         call: CallRecord,
         prompt: Prompt,
         options: SamplingOptions,
+        final_only: bool,
     ) -> tuple[Delta, Charged | None]:
-        """Streams all but the last delta; settles the ticket however the stream ends."""
+        """Streams all but the last delta (or, with `final_only`, keeps them for the last one);
+        settles the ticket however the stream ends."""
         options = _with_max_tokens(options, ticket.max_tokens)
         produced = 0
         last: Delta | None = None
+        held: list[str] = []
         try:
-            await context.send_initial_metadata(_initial_metadata(ticket, call.request_id))
+            metadata = _response_metadata(ticket, call.request_id)
+            if final_only:
+                context.set_trailing_metadata(metadata)  # sent with the status, at no cost
+            else:
+                await context.send_initial_metadata(metadata)
             stream = served.engine.generate(hold_id, prompt, options)
             async with contextlib.aclosing(stream):
                 async for delta in stream:
@@ -120,9 +127,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     if delta.finish_reason is not None:
                         last = delta
                         break
-                    await context.write(
-                        inference_pb2.ChatChunk(text=delta.text, completion_tokens=delta.num_tokens)
-                    )
+                    if final_only:
+                        held.append(delta.text)
+                    else:
+                        await context.write(
+                            inference_pb2.ChatChunk(
+                                text=delta.text, completion_tokens=delta.num_tokens
+                            )
+                        )
         except EngineUnavailableError as exc:
             raise errors.EngineUnavailable(str(exc), retry_after_s=exc.retry_after_s) from exc
         except EngineRequestError as exc:
@@ -131,6 +143,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             # Reached however the stream ends, cancellation included: settle exactly once.
             charge = self._settle(ticket, call, prompt, produced, last)
         assert last is not None
+        if final_only:
+            held.append(last.text)
+            last = Delta("".join(held), produced, last.finish_reason)
         return last, charge
 
     def _settle(
@@ -196,7 +211,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
         used = 0
         try:
-            await context.send_initial_metadata(_initial_metadata(ticket, request_id))
+            context.set_trailing_metadata(_response_metadata(ticket, request_id))
             result = await _engine_call(served, engine.embed(inputs, dimensions))
             used = result.prompt_tokens
         finally:
@@ -373,7 +388,7 @@ def _record_charge(call: CallRecord, charge: Charged | None) -> None:
         call.cost_nano = charge.cost_nano
 
 
-def _initial_metadata(ticket: Ticket, request_id: str) -> tuple[tuple[str, str], ...]:
+def _response_metadata(ticket: Ticket, request_id: str) -> tuple[tuple[str, str], ...]:
     return (("x-request-id", request_id), *ticket.headers.items())
 
 

@@ -275,3 +275,19 @@ async def test_unexpected_failures_are_internal_without_details(
     logged = [r for r in caplog.records if r.levelname == "ERROR"]
     assert logged and "/srv/secret/path" in (logged[0].exc_text or str(logged[0].exc_info))
     assert core.ledger.hold_count() == 0
+
+
+async def test_final_only_sends_the_whole_answer_in_one_chunk(channel: grpc.aio.Channel) -> None:
+    secret = await make_key(channel, requests_per_minute=100)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    streamed = [
+        c async for c in stub.Chat(chat(max_tokens=12, temperature=0), metadata=auth(secret))
+    ]
+    call = stub.Chat(chat(max_tokens=12, temperature=0, final_only=True), metadata=auth(secret))
+    [only] = [c async for c in call]
+    assert only.text == "".join(c.text for c in streamed)
+    assert only.completion_tokens == only.usage.completion_tokens == 12
+    assert only.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    trailing = dict(await call.trailing_metadata())
+    assert trailing["x-request-id"] == "req-test-1"
+    assert trailing["x-ratelimit-remaining-requests"] == "98"
