@@ -12,7 +12,7 @@ PROTOS := $(wildcard proto/corvex/v1/*.proto)
 
 $(INSTALLED): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,bench]'
 	touch $(INSTALLED)
 
 ## Start the whole stack (core on simulated engines + OpenAI edge) and print a dev key.
