@@ -56,7 +56,6 @@ drift-gate: $(INSTALLED)
 
 ## Benchmarks (a few minutes): results in benchmarks/results and benchmarks/README.md.
 bench: $(INSTALLED)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[bench]'
 	$(BIN)/python -m benchmarks --out benchmarks/results
 
 ## Check the vLLM adapter's calls against the real vllm classes (separate venv, several GB).
