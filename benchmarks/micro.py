@@ -1,10 +1,13 @@
 """In-process microbenchmarks of the accounting path (authenticate, admit + settle, the
-ledger's reserve + settle, the limiter's check) in ns/op, and of calling the simulated engine
-directly, which the added-latency figure subtracts from a full-stack request. They build the
-core's own objects exactly as the core does and never touch a socket."""
+ledger's reserve + settle, the limiter's check) and of telemetry (a call's metrics, its JSON log
+line, a charge's money counters) in ns/op, and of calling the simulated engine directly, which
+the added-latency figure subtracts from a full-stack request. They build the core's own objects
+exactly as the core does and never touch a socket."""
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -13,6 +16,7 @@ import uvloop
 
 from benchmarks.stats import Distribution, Spread, distribution, spread
 from benchmarks.workload import DEFAULT_MODEL, prompt_text
+from corvex.logs import JsonFormatter
 from corvex_core.config import SimulatedEngineConfig
 from corvex_core.engines.base import ChatMessage, SamplingOptions
 from corvex_core.engines.simulated import SimulatedEngine
@@ -21,6 +25,7 @@ from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter
 from corvex_core.ratecard import load_rate_card
 from corvex_core.records import KeyLimits
+from corvex_core.telemetry import Telemetry
 
 RATE_CARD = "infrastructure/metronome/config.yaml"
 PROMPT_TOKENS = 70  # what the benchmarks' 64-word prompt becomes after the chat template
@@ -79,6 +84,22 @@ def _operations(iterations: int, repeat: int) -> dict[str, Callable[[int], objec
     def limiter_admit_settle(i: int) -> None:
         limiter.settle(limiter.admit(key, PROMPT_TOKENS + MAX_TOKENS), PROMPT_TOKENS + MAX_TOKENS)
 
+    telemetry = Telemetry()
+    charge = meter.settle(
+        meter.admit(key, rate, card.version, "t", prompt_tokens=PROMPT_TOKENS, max_tokens=4),
+        request_id="t",
+        prompt_tokens=PROMPT_TOKENS,
+        completion_tokens=4,
+    )
+    assert charge is not None
+
+    def call_metrics(i: int) -> None:
+        record = telemetry.begin("Chat", ids[i])
+        record.model, record.key_id, record.workspace_id = rate.id, key.id, ws.id
+        record.first_token_at = record.started
+        record.completion_tokens = MAX_TOKENS
+        telemetry.end(record, "OK")
+
     return {
         "loop (subtracted from the rest)": lambda i: None,
         "authenticate (Bearer → key)": lambda i: meter.authenticate(header),
@@ -89,17 +110,50 @@ def _operations(iterations: int, repeat: int) -> dict[str, Callable[[int], objec
         ),
         "limiter admit + settle": limiter_admit_settle,
         "x-ratelimit headers": lambda i: limiter.headers(key),
+        "telemetry: a call's metrics (begin + end)": call_metrics,
+        "telemetry: a call's metrics and JSON log line": _logged(call_metrics),
+        "telemetry: a charge's money counters": lambda i: telemetry.on_record(charge),
     }
+
+
+def _restore(logger: logging.Logger, saved: tuple[list[logging.Handler], int, bool]) -> None:
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])  # setLevel, not .level: it also clears isEnabledFor's cache
+    logger.propagate = saved[2]
+
+
+def _logged(op: Callable[[int], None]) -> Callable[[int], None]:
+    """`op` with the core's request log on at info, formatted as JSON (to /dev/null)."""
+    logger = logging.getLogger("corvex.requests")
+    handler = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115  (lives with the run)
+    handler.setFormatter(JsonFormatter("core"))
+
+    def logged(i: int) -> None:
+        if i == 0:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+        op(i)
+
+    return logged
 
 
 def accounting(iterations: int, repeats: int) -> dict[str, Spread]:
     """ns/op of each accounting operation, loop overhead subtracted."""
     runs: dict[str, list[float]] = {}
-    for repeat in range(repeats):
-        ops = _operations(iterations, repeat)
-        loop_ns = _timed_ns(ops.pop("loop (subtracted from the rest)"), iterations)
-        for name, op in ops.items():
-            runs.setdefault(name, []).append(_timed_ns(op, iterations) - loop_ns)
+    logger = logging.getLogger("corvex.requests")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        for repeat in range(repeats):
+            ops = _operations(iterations, repeat)
+            loop_ns = _timed_ns(ops.pop("loop (subtracted from the rest)"), iterations)
+            for name, op in ops.items():
+                runs.setdefault(name, []).append(_timed_ns(op, iterations) - loop_ns)
+            for handler in logger.handlers[len(saved[0]) :]:
+                handler.close()
+            _restore(logger, saved)
+    finally:
+        _restore(logger, saved)
     return {name: spread(values) for name, values in runs.items()}
 
 
