@@ -4,13 +4,14 @@ removed models, and the drift gate notices a served catalogue that left the pric
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
-import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -67,31 +68,44 @@ def card(tmp_path: Path) -> Path:
     return copy
 
 
-def test_reload_prices_the_next_request_and_keeps_admitted_ones(
-    tmp_path: Path, card: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@contextlib.contextmanager
+def slow_stack(card: Path, data_dir: Path) -> Iterator[tuple[Stack, openai.OpenAI]]:
+    """A stack on `card` whose engines take 10 ms a token, and a client of a funded key."""
     config = {"core": {"engines": {"default": {**FAST_ENGINE, "tpot_ms": 10}}}}
-    with running_stack(config=config, rate_card=str(card), data_dir=tmp_path / "data") as stack:
+    with running_stack(config=config, rate_card=str(card), data_dir=data_dir) as stack:
         admin = Client(stack.grpc_address, ADMIN_TOKEN)
         account = new_account(admin, credits_cents=1000)
         admin.close()
-        client = openai.OpenAI(
+        with openai.OpenAI(
             base_url=stack.http_url + "/v1", api_key=account.secret, max_retries=0
+        ) as client:
+            yield stack, client
+
+
+def in_background(client: openai.OpenAI, **request: Any) -> Future[Any]:
+    """A chat request running in another thread; the future holds its completion."""
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(
+        client.chat.completions.create,
+        model=MODEL,
+        extra_body={"ignore_eos": True},
+        **request,
+    )
+    pool.shutdown(wait=False)
+    time.sleep(0.3)  # admitted by now, and still generating
+    return future
+
+
+def test_reload_prices_the_next_request_and_keeps_admitted_ones(
+    tmp_path: Path, card: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with slow_stack(card, tmp_path / "data") as (stack, client):
+        admitted = in_background(
+            client,
+            messages=[{"role": "user", "content": "old prices"}],
+            max_tokens=150,
+            extra_headers={"x-request-id": "admitted-before-reload"},
         )
-        slow: dict[str, Any] = {}
-
-        def long_request() -> None:
-            slow["result"] = client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "old prices"}],
-                max_tokens=150,
-                extra_body={"ignore_eos": True},
-                extra_headers={"x-request-id": "admitted-before-reload"},
-            )
-
-        thread = threading.Thread(target=long_request)
-        thread.start()
-        time.sleep(0.3)  # admitted at the old rates, still generating
         edit(card, 'version: "2026-11-01"', 'version: "2026-12-01"')
         edit(card, 'input_usd_per_million: "0.35"', 'input_usd_per_million: "0.40"')
         stack.core.signal(signal.SIGHUP)
@@ -102,9 +116,7 @@ def test_reload_prices_the_next_request_and_keeps_admitted_ones(
             max_tokens=5,
             extra_body={"ignore_eos": True},
         )
-        thread.join(30)
-        client.close()
-        before = slow["result"]
+        before = admitted.result(30)
         usage_before = before.usage.model_extra
         assert usage_before["rate_card_version"] == "2026-11-01"
         assert (
@@ -145,27 +157,10 @@ def test_invalid_card_keeps_the_old_one(tmp_path: Path, card: Path) -> None:
 
 
 def test_removed_model_stops_after_in_flight_requests(tmp_path: Path, card: Path) -> None:
-    config = {"core": {"engines": {"default": {**FAST_ENGINE, "tpot_ms": 10}}}}
-    with running_stack(config=config, rate_card=str(card), data_dir=tmp_path / "d") as stack:
-        admin = Client(stack.grpc_address, ADMIN_TOKEN)
-        account = new_account(admin, credits_cents=1000)
-        admin.close()
-        client = openai.OpenAI(
-            base_url=stack.http_url + "/v1", api_key=account.secret, max_retries=0
+    with slow_stack(card, tmp_path / "d") as (stack, client):
+        in_flight = in_background(
+            client, messages=[{"role": "user", "content": "finish me"}], max_tokens=100
         )
-        done: dict[str, Any] = {}
-
-        def in_flight() -> None:
-            done["result"] = client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "finish me"}],
-                max_tokens=100,
-                extra_body={"ignore_eos": True},
-            )
-
-        thread = threading.Thread(target=in_flight)
-        thread.start()
-        time.sleep(0.3)
         text = card.read_text()
         start = text.index("  - id: deepseek-ai/DeepSeek-V4-Flash")
         card.write_text(text[:start].replace('"2026-11-01"', '"2026-11-02"'))
@@ -174,7 +169,5 @@ def test_removed_model_stops_after_in_flight_requests(tmp_path: Path, card: Path
         with pytest.raises(openai.NotFoundError) as gone:
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
         assert gone.value.code == "model_not_found"
-        thread.join(30)
-        client.close()
-        assert done["result"].choices[0].finish_reason == "length"
+        assert in_flight.result(30).choices[0].finish_reason == "length"
         wait_for(lambda: MODEL not in health(stack)["engines"])
