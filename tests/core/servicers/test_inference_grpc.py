@@ -291,3 +291,25 @@ async def test_final_only_sends_the_whole_answer_in_one_chunk(channel: grpc.aio.
     trailing = dict(await call.trailing_metadata())
     assert trailing["x-request-id"] == "req-test-1"
     assert trailing["x-ratelimit-remaining-requests"] == "98"
+
+
+async def test_without_max_tokens_the_answer_stops_at_what_the_balance_pays_for(
+    tmp_path: Path,
+) -> None:
+    endless = core_config(tmp_path / "data", min_answer_tokens=10**6, max_answer_tokens=10**6)
+    core = Core(endless)
+    await core.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+            secret = await make_key(channel, cents=1)  # $0.01
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            chunks = [c async for c in stub.Chat(chat(final_only=True), metadata=auth(secret))]
+        usage = chunks[-1].usage
+        assert chunks[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+        # Every token the cent could buy, and not one more: $0.01 = 10,000,000 nano-USD.
+        affordable = (10**7 - usage.prompt_tokens * 350) // 1400
+        assert usage.completion_tokens == affordable
+        assert core.ledger.workspaces()[0].balance_nano == 10**7 - usage.cost_nano_usd >= 0
+    finally:
+        await core.server.stop(grace=0)
+        await core.close()
