@@ -51,13 +51,6 @@ _BY_REASON: Final[dict[str, tuple[int, str, str | None]]] = {
 _NO_RETRY: Final = frozenset({"TOKEN_LIMIT_EXCEEDED", "INSUFFICIENT_CREDITS"})
 
 
-def error_body(
-    status: int, message: str, *, param: str | None = None, code: str | None = None
-) -> bytes:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return _encoder.encode(_Envelope(ErrorBody(message, kind, param, code)))
-
-
 def error_response(
     status: int,
     message: str,
