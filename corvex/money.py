@@ -30,14 +30,6 @@ def _decimal(text: str) -> Decimal:
     return value
 
 
-def usd_to_nano(text: str) -> int:
-    """Exact nano-USD of a decimal USD text ("0.000000350" → 350). Rejects finer amounts."""
-    nano = _decimal(text) * NANO_PER_USD
-    if nano != nano.to_integral_value():
-        raise MoneyError(f"${text} is finer than one nano-USD")
-    return int(nano)
-
-
 def cents_from_usd(text: str) -> int:
     """Whole cents of a USD text ("25.00" → 2500). Rejects fractions of a cent and negatives."""
     cents = _decimal(text) * 100

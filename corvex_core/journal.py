@@ -85,10 +85,6 @@ class Journal:
         self.on_batch: Callable[[int, float], None] | None = None  # (records, seconds)
 
     @property
-    def path(self) -> Path:
-        return self._path
-
-    @property
     def last_seq(self) -> int:
         return self._seq
 

@@ -14,7 +14,7 @@ import hmac
 import secrets
 import string
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Final
 
 import msgspec
@@ -526,9 +526,6 @@ class Ledger:
         """Releases a hold without charging (the engine never ran the request)."""
         charged = self.settle(hold, request_id="", prompt_tokens=0, completion_tokens=0)
         assert charged is None
-
-    def open_holds(self) -> Iterator[Hold]:
-        return iter(list(self._holds.values()))
 
     def needs_auto_reload(self, workspace_id: str) -> AutoReload | None:
         ws = self.workspace(workspace_id)
