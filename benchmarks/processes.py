@@ -1,16 +1,13 @@
-"""Starting and stopping the benchmark's own server processes (ceilings, the LiteLLM peer):
-each in its own session, ready when it has written its ready file or answers a probe, and
-stopped by signalling its process group, which only ever holds what we started.
-Corvex itself is started by `corvex.stack`, exactly as users start it."""
+"""Starting and stopping the LiteLLM peer: in its own session, ready when a probe answers, and
+stopped by signalling its process group (the proxy and its workers), which only ever holds
+what we started. Corvex and the ceilings write ready files and are started by `corvex.stack`."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -82,30 +79,6 @@ def _wait(server: Server, probe: Callable[[], dict[str, Any] | None], timeout_s:
         time.sleep(0.05)
     server.stop()
     raise LaunchError(f"{server.name} did not start:\n{server.log_tail()}")
-
-
-def launch_module(
-    name: str,
-    module_args: list[str],
-    *,
-    workdir: Path,
-    env: Mapping[str, str] | None = None,
-    timeout_s: float = 30.0,
-) -> Server:
-    """`python -m <module_args> --ready-file F`, ready once F exists (it holds the ports)."""
-    ready_file = workdir / f"{name}.ready.json"
-    ready_file.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", *module_args, "--ready-file", str(ready_file)]
-    server = _spawn(name, argv, workdir, env)
-
-    def probe() -> dict[str, Any] | None:
-        if not ready_file.exists():
-            return None
-        ready: dict[str, Any] = json.loads(ready_file.read_text())
-        return ready
-
-    _wait(server, probe, timeout_s)
-    return server
 
 
 def launch_command(

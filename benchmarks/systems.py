@@ -15,10 +15,9 @@ from typing import Any, Literal
 import msgspec
 
 from benchmarks.ceilings import STREAM_METHOD, UNARY_METHOD
-from benchmarks.processes import Server, launch_module
 from benchmarks.targets import Endpoint
 from corvex.admin import Client
-from corvex.stack import running_stack
+from corvex.stack import Process, launch, running_stack
 from corvex.v1 import accounts_pb2
 
 # $10,000 of credit: far more than any run spends (a 256-token request costs ~$0.0004).
@@ -118,11 +117,12 @@ def corvex(name: str, variant: CorvexVariant) -> Iterator[System]:
         )
 
 
-def _ceiling(kind: str, workdir: Path, *extra: str) -> Server:
-    return launch_module(
+def _ceiling(kind: str, workdir: Path, *extra: str) -> Process:
+    return launch(
         f"ceiling-{kind}-{secrets.token_hex(3)}",
-        ["benchmarks.ceilings", kind, "--port", "0", *extra],
+        [kind, "--port", "0", *extra],
         workdir=workdir,
+        module="benchmarks.ceilings",
     )
 
 

@@ -200,28 +200,24 @@ def _rpc_message(exc: grpc.RpcError, address: str) -> str:
 # ---- rendering -------------------------------------------------------------------------------
 
 
-def _usd_text(nano: int) -> str:
-    return format_usd(nano)
-
-
 def workspace_json(ws: accounts_pb2.Workspace) -> dict[str, Any]:
     reload = ws.auto_reload
     return {
         "id": ws.id,
         "name": ws.name,
         "created": ws.created.ToJsonString(),
-        "balance_usd": _usd_text(ws.balance_nano_usd),
-        "held_usd": _usd_text(ws.held_nano_usd),
-        "available_usd": _usd_text(ws.available_nano_usd),
+        "balance_usd": format_usd(ws.balance_nano_usd),
+        "held_usd": format_usd(ws.held_nano_usd),
+        "available_usd": format_usd(ws.available_nano_usd),
         "spend_cap_usd": (
-            _usd_text(ws.spend_cap_nano_usd) if ws.HasField("spend_cap_nano_usd") else None
+            format_usd(ws.spend_cap_nano_usd) if ws.HasField("spend_cap_nano_usd") else None
         ),
         "month": ws.month,
-        "month_spend_usd": _usd_text(ws.month_spend_nano_usd),
+        "month_spend_usd": format_usd(ws.month_spend_nano_usd),
         "auto_reload": {
             "enabled": reload.enabled,
-            "threshold_usd": _usd_text(reload.threshold_nano_usd),
-            "amount_usd": _usd_text(reload.amount_nano_usd),
+            "threshold_usd": format_usd(reload.threshold_nano_usd),
+            "amount_usd": format_usd(reload.amount_nano_usd),
             "last_error": reload.last_error or None,
         },
     }
@@ -254,9 +250,9 @@ def invoice_json(invoice: accounts_pb2.Invoice) -> dict[str, Any]:
         "number": invoice.number,
         "workspace_id": invoice.workspace_id,
         "created": invoice.created.ToJsonString(),
-        "amount_usd": _usd_text(invoice.amount_nano_usd),
+        "amount_usd": format_usd(invoice.amount_nano_usd),
         "method": _METHOD_NAMES.get(invoice.method, "unknown"),
-        "balance_after_usd": _usd_text(invoice.balance_after_nano_usd),
+        "balance_after_usd": format_usd(invoice.balance_after_nano_usd),
         "idempotency_key": invoice.idempotency_key,
     }
 
@@ -281,7 +277,7 @@ def usage_rows(response: accounts_pb2.GetUsageResponse) -> list[dict[str, Any]]:
             "requests": r.requests,
             "prompt_tokens": r.prompt_tokens,
             "completion_tokens": r.completion_tokens,
-            "cost_usd": _usd_text(r.cost_nano_usd),
+            "cost_usd": format_usd(r.cost_nano_usd),
         }
         for r in response.rows
     ]

@@ -119,15 +119,17 @@ def launch(
     env: Mapping[str, str] | None = None,
     log_to_file: bool = True,
     cwd: Path | None = None,
+    module: str = "corvex",
 ) -> Process:
-    """Starts `python -m corvex <args>` and waits until it wrote its ready file."""
+    """Starts `python -m <module> <args>` (by default the `corvex` command) and waits until
+    it wrote its ready file."""
     ready = workdir / f"{name}.ready.json"
     ready.unlink(missing_ok=True)
     log_path = workdir / f"{name}.log" if log_to_file else None
     log_file: IO[bytes] | None = log_path.open("ab") if log_path else None
     try:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "corvex", *args, "--ready-file", str(ready)],
+            [sys.executable, "-m", module, *args, "--ready-file", str(ready)],
             stdout=log_file if log_file else None,
             stderr=subprocess.STDOUT if log_file else None,
             env={**os.environ, **(env or {})},

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from collections.abc import Iterable
 from typing import Any, Final, TypeVar
 
 import msgspec
 from aiohttp import web
 
+from corvex import request_ids
 from gateway.errors import error_response
 from gateway.state import EDGE, REQUEST_ID
 
@@ -19,7 +19,6 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_ID_CHARS: Final = 128
 _PATH_RE: Final = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 # gRPC metadata from the core that is returned to clients as HTTP headers.
 _FORWARDED_PREFIXES: Final = ("x-ratelimit-",)
@@ -80,10 +79,7 @@ def call_options(request: web.Request) -> dict[str, Any]:
 
 def request_id(request: web.Request) -> str:
     """The client's x-request-id when it is sane, else a new one."""
-    supplied = request.headers.get("x-request-id", "")
-    if 0 < len(supplied) <= MAX_REQUEST_ID_CHARS and supplied.isascii() and supplied.isprintable():
-        return supplied
-    return secrets.token_hex(16)
+    return request_ids.request_id(request.headers.get("x-request-id"))
 
 
 def metadata(request: web.Request, request_id: str) -> tuple[tuple[str, str], ...]:

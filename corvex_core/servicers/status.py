@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -20,6 +19,7 @@ import grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from corvex import request_ids
 from corvex_core import errors
 from corvex_core.errors import Reason
 from corvex_core.telemetry import Telemetry
@@ -30,7 +30,6 @@ DOMAIN: Final = "corvex.ai"
 DETAILS_KEY: Final = "grpc-status-details-bin"
 CORVEX_PREFIX: Final = "/corvex.v1."
 ACCOUNTS_PREFIX: Final = "/corvex.v1.Accounts/"
-MAX_REQUEST_ID_CHARS: Final = 128
 
 _CODES: Final = {
     Reason.INVALID_API_KEY: grpc.StatusCode.UNAUTHENTICATED,
@@ -124,12 +123,10 @@ def _guard(
 
 def request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The caller's x-request-id if it is sane, else a new one."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str):
-            if 0 < len(value) <= MAX_REQUEST_ID_CHARS and value.isascii() and value.isprintable():
-                return value
-            break
-    return secrets.token_hex(16)
+    supplied = next(
+        (v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None
+    )
+    return request_ids.request_id(supplied if isinstance(supplied, str) else None)
 
 
 def _check_admin(context: grpc.aio.ServicerContext[Any, Any], admin_token: str) -> None:

@@ -98,6 +98,7 @@ def test_metrics_logs_and_request_ids(tmp_path: Path) -> None:
     assert value(after, "corvex_rejections_total", reason="insufficient_credits") == 1
     assert value(after, "corvex_time_to_first_token_seconds_count", model=MODEL) == 2
     assert value(after, "corvex_journal_batch_records_count") > 0
+    assert (("corvex_engine_running", (("model", MODEL),))) in after  # exported, and idle:
     assert value(after, "corvex_engine_running", model=MODEL) == 0
     assert (
         value(edge, "corvex_edge_requests_total", route="/v1/chat/completions", status="200") == 2
