@@ -17,13 +17,13 @@ import uvloop
 from benchmarks.stats import Distribution, Spread, distribution, spread
 from benchmarks.workload import DEFAULT_MODEL, prompt_text
 from corvex.logs import JsonFormatter
+from corvex.ratecard import load_rate_card
 from corvex_core.config import SimulatedEngineConfig
 from corvex_core.engines.base import ChatMessage, SamplingOptions
 from corvex_core.engines.simulated import SimulatedEngine
 from corvex_core.ledger import Ledger
 from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter
-from corvex_core.ratecard import load_rate_card
 from corvex_core.records import KeyLimits
 from corvex_core.telemetry import Telemetry
 

@@ -1,6 +1,6 @@
 """Starting and stopping the LiteLLM peer: in its own session, ready when a probe answers, and
 stopped by signalling its process group (the proxy and its workers), which only ever holds
-what we started. Corvex and the ceilings write ready files and are started by `corvex.stack`."""
+what we started. Corvex and the ceilings write ready files and are started by `corvex_ops.stack`."""
 
 from __future__ import annotations
 

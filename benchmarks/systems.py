@@ -1,5 +1,5 @@
 """The systems under test, each started as real processes on 127.0.0.1 and port 0: Corvex
-(core + edge, through `corvex.stack.running_stack`, funded and keyed like a customer's
+(core + edge, through `corvex_ops.stack.running_stack`, funded and keyed like a customer's
 account) in the variants the scenarios compare, and the ceilings. Each yields a `System`:
 where to send load, which process ids to measure, and which API keys to use."""
 
@@ -16,9 +16,9 @@ import msgspec
 
 from benchmarks.ceilings import STREAM_METHOD, UNARY_METHOD
 from benchmarks.targets import Endpoint
-from corvex.admin import Client
-from corvex.stack import Process, launch, running_stack
 from corvex.v1 import accounts_pb2
+from corvex_ops.admin import Client
+from corvex_ops.stack import Process, launch, running_stack
 
 # $10,000 of credit: far more than any run spends (a 256-token request costs ~$0.0004).
 STARTER_CREDITS_CENTS = 1_000_000

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from corvex.pricing_docs import PageRow, PricingPageError, parse_table
-from corvex_core.ratecard import ModelRate, RateCard, RateCardError, load_rate_card
+from corvex.ratecard import ModelRate, RateCard, RateCardError, load_rate_card
 
 # The catalogue is a few kilobytes; anything near this is not our edge answering.
 _MAX_BODY_BYTES = 4 * 1024 * 1024

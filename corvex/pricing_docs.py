@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from corvex_core.ratecard import RateCard, RateCardError, load_rate_card
+from corvex.ratecard import RateCard, RateCardError, load_rate_card
 
 BEGIN_MARKER = "<!-- rate-table:begin"
 END_MARKER = "<!-- rate-table:end -->"

@@ -12,9 +12,9 @@ from collections.abc import Iterable
 
 import msgspec
 
+from corvex.ratecard import ModelRate, RateCard
 from corvex_core import errors
 from corvex_core.engines.base import Engine
-from corvex_core.ratecard import ModelRate, RateCard
 
 
 class Served(msgspec.Struct, frozen=True):

@@ -20,8 +20,8 @@ from typing import Final
 import msgspec
 
 from corvex.money import NANO_PER_CENT, format_usd
+from corvex.ratecard import ModelRate
 from corvex_core import errors
-from corvex_core.ratecard import ModelRate
 from corvex_core.records import (
     AutoReloadFailed,
     AutoReloadSet,

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
+from corvex.ratecard import ModelRate
 from corvex_core import errors
 from corvex_core.journal import Journal
 from corvex_core.ledger import ApiKey, Hold, Ledger
 from corvex_core.limits import LimitTicket, RateLimiter
 from corvex_core.payments import AutoReloader
-from corvex_core.ratecard import ModelRate
 from corvex_core.records import Charged
 
 _BEARER: Final = "bearer "

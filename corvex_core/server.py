@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from corvex import readyfile
 from corvex.money import NANO_PER_USD, cents_from_usd
+from corvex.ratecard import RateCard, RateCardError, load_rate_card
 from corvex.v1 import accounts_pb2, accounts_pb2_grpc, inference_pb2, inference_pb2_grpc
 from corvex_core import ops_http
 from corvex_core.catalogue import Catalogue
@@ -34,7 +35,6 @@ from corvex_core.lifecycle import Lifecycle
 from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter, UnmeteredMeter
 from corvex_core.payments import AutoReloader, make_provider
-from corvex_core.ratecard import RateCard, RateCardError, load_rate_card
 from corvex_core.records import Record
 from corvex_core.servicers.accounts import AccountsServicer
 from corvex_core.servicers.inference import InferenceServicer

@@ -11,11 +11,11 @@ import grpc
 import msgspec
 import pytest
 
-from corvex.admin import Client
-from corvex.stack import Stack, running_stack
 from corvex.v1 import accounts_pb2
 from corvex_core.config import CoreConfig, SimulatedEngineConfig
 from corvex_core.server import Core
+from corvex_ops.admin import Client
+from corvex_ops.stack import Stack, running_stack
 
 ADMIN_TOKEN = "test-admin-token"
 FAST_ENGINE: dict[str, Any] = {

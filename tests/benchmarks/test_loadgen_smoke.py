@@ -10,9 +10,9 @@ from benchmarks import loadgen
 from benchmarks.loadgen import LoadSpec
 from benchmarks.targets import Endpoint
 from benchmarks.workload import Lengths, Workload
-from corvex.admin import Client
-from corvex.stack import Stack
 from corvex.v1 import accounts_pb2
+from corvex_ops.admin import Client
+from corvex_ops.stack import Stack
 from tests.conftest import MODEL, new_account
 
 pytestmark = pytest.mark.e2e

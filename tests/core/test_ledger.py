@@ -15,9 +15,9 @@ import msgspec
 import pytest
 
 from corvex.money import NANO_PER_CENT, NANO_PER_USD
+from corvex.ratecard import ModelRate
 from corvex_core import errors
 from corvex_core.ledger import ApiKey, Ledger, LedgerState, UsageRow
-from corvex_core.ratecard import ModelRate
 from corvex_core.records import Charged, CreditsAdded, KeyCreated, KeyLimits, Record
 
 VERSION = "2026-11-01"

@@ -24,9 +24,9 @@ from hypothesis.stateful import (
     rule,
 )
 
+from corvex.ratecard import ModelRate
 from corvex_core import errors
 from corvex_core.ledger import Hold, Ledger
-from corvex_core.ratecard import ModelRate
 from corvex_core.records import Charged, CreditsAdded, KeyLimits, Record
 
 CENT = 10_000_000  # nano-USD

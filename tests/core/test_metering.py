@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 
 from corvex.money import NANO_PER_CENT, NANO_PER_USD
+from corvex.ratecard import ModelRate
 from corvex_core import errors
 from corvex_core.ledger import ApiKey, Ledger, Workspace
 from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter
-from corvex_core.ratecard import ModelRate
 from corvex_core.records import Charged, KeyLimits
 
 VERSION = "2026-11-01"

@@ -17,7 +17,7 @@ import pytest
 from corvex import drift_gate
 from corvex.drift_gate import Drift, Field, ServedCatalogueError, compare, fetch_served
 from corvex.pricing_docs import parse_table
-from corvex_core.ratecard import RateCard, load_rate_card
+from corvex.ratecard import RateCard, load_rate_card
 
 REPO = Path(__file__).resolve().parents[2]
 RATE_CARD = REPO / "infrastructure" / "metronome" / "config.yaml"

@@ -9,7 +9,7 @@ import pytest
 
 from corvex import drift_gate, pricing_docs
 from corvex.pricing_docs import PageRow, PricingPageError, parse_rate_table, parse_table
-from corvex_core.ratecard import load_rate_card
+from corvex.ratecard import load_rate_card
 
 REPO = Path(__file__).resolve().parents[2]
 RATE_CARD = REPO / "infrastructure" / "metronome" / "config.yaml"

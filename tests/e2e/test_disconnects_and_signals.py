@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from corvex.admin import Client
-from corvex.stack import Stack, running_stack
 from corvex.v1 import accounts_pb2
 from corvex_core.journal import Journal
+from corvex_ops.admin import Client
+from corvex_ops.stack import Stack, running_stack
 from tests.conftest import ADMIN_TOKEN, FAST_ENGINE, MODEL, STACK_CONFIG, new_account
 
 pytestmark = pytest.mark.e2e

@@ -15,12 +15,12 @@ import grpc
 import openai
 import pytest
 
-from corvex.admin import Client
 from corvex.money import NANO_PER_USD
-from corvex.stack import StackError, running_stack
 from corvex.v1 import accounts_pb2, accounts_pb2_grpc
 from corvex_core import records
 from corvex_core.journal import Journal
+from corvex_ops.admin import Client
+from corvex_ops.stack import StackError, running_stack
 from tests.conftest import ADMIN_TOKEN, FAST_ENGINE, MODEL, STACK_CONFIG, new_account
 
 pytestmark = pytest.mark.e2e

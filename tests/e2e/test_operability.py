@@ -18,10 +18,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from corvex.admin import Client
-from corvex.stack import running_stack
 from corvex_core import records
 from corvex_core.journal import Journal
+from corvex_ops.admin import Client
+from corvex_ops.stack import running_stack
 from tests.conftest import ADMIN_TOKEN, FAST_ENGINE, MODEL, new_account
 
 pytestmark = pytest.mark.e2e
@@ -143,7 +143,7 @@ def test_not_serving_while_engines_load(tmp_path: Path) -> None:
     config = tmp_path / "corvex.yaml"
     config.write_text("core:\n  engines:\n    default: {backend: simulated, load_ms: 2000}\n")
     core = subprocess.Popen(
-        [sys.executable, "-m", "corvex", "core", "--config", str(config), "--port", str(port),
+        [sys.executable, "-m", "corvex_cli", "core", "--config", str(config), "--port", str(port),
          "--metrics-port", "-1", "--data-dir", str(tmp_path / "data"), "--admin-token", "t"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

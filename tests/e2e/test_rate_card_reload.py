@@ -20,10 +20,10 @@ import openai
 import pytest
 
 from corvex import drift_gate
-from corvex.admin import Client
-from corvex.stack import Stack, running_stack
 from corvex_core import records
 from corvex_core.journal import Journal
+from corvex_ops.admin import Client
+from corvex_ops.stack import Stack, running_stack
 from tests.conftest import ADMIN_TOKEN, FAST_ENGINE, MODEL, new_account
 
 pytestmark = pytest.mark.e2e

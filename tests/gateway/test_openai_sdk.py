@@ -12,9 +12,9 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from corvex.admin import Client
-from corvex.stack import Stack
 from corvex.v1 import accounts_pb2
+from corvex_ops.admin import Client
+from corvex_ops.stack import Stack
 from tests.conftest import MODEL, Account, new_account
 
 pytestmark = pytest.mark.e2e

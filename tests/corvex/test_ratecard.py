@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from corvex_core.ratecard import RateCardError, load_rate_card, parse_rate_card
+from corvex.ratecard import RateCardError, load_rate_card, parse_rate_card
 
 CARD = Path("infrastructure/metronome/config.yaml")
 GOOD = """version: "v1"

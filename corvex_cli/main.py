@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _ready_flag(edge)
 
     admin = sub.add_parser("admin", help="manage workspaces, credits, caps, keys, usage")
-    from corvex import admin as admin_cli
+    from corvex_ops import admin as admin_cli
 
     admin_cli.add_arguments(admin)
 
@@ -228,7 +228,7 @@ def _run_drift_gate(args: argparse.Namespace) -> int:
     from corvex import drift_gate
 
     if args.start_stack:
-        from corvex.stack import running_stack
+        from corvex_ops.stack import running_stack
 
         with running_stack(rate_card=args.rate_card) as stack:
             return drift_gate.run(
@@ -253,11 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "edge":
             return _run_edge(args)
         if args.command == "serve":
-            from corvex import serve
+            from corvex_ops import serve
 
             return serve.run(args)
         if args.command == "admin":
-            from corvex import admin
+            from corvex_ops import admin
 
             return admin.run(args)
         if args.command == "docs":

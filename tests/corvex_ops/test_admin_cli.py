@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from corvex.stack import Stack
+from corvex_ops.stack import Stack
 from tests.conftest import ADMIN_TOKEN, MODEL
 
 pytestmark = pytest.mark.e2e
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 def admin(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "corvex", "admin", "--core", stack.grpc_address,
+        [sys.executable, "-m", "corvex_cli", "admin", "--core", stack.grpc_address,
          "--admin-token", ADMIN_TOKEN, *args],
         capture_output=True, text=True, check=check, timeout=60,
     )  # fmt: skip
@@ -84,7 +84,7 @@ def test_errors_are_sentences_and_exit_codes(stack: Stack) -> None:
     bad_amount = admin(stack, "credits", "add", "ws_x", "1.001", check=False)
     assert bad_amount.returncode == 2 and "whole number of cents" in bad_amount.stderr
     wrong_token = subprocess.run(
-        [sys.executable, "-m", "corvex", "admin", "--core", stack.grpc_address,
+        [sys.executable, "-m", "corvex_cli", "admin", "--core", stack.grpc_address,
          "--admin-token", "wrong", "workspace", "list"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

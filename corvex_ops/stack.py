@@ -1,7 +1,7 @@
 """Starting the real core and edge as processes, for `corvex serve`, the drift gate, the
 end-to-end tests and the benchmarks, so that all of them run the same thing users run.
 
-Each process is `python -m corvex core|edge` with a ready file; a launch waits until the
+Each process is `python -m corvex_cli core|edge` with a ready file; a launch waits until the
 process has written it (it is then serving) and reports the tail of its log if it died.
 """
 
@@ -119,7 +119,7 @@ def launch(
     env: Mapping[str, str] | None = None,
     log_to_file: bool = True,
     cwd: Path | None = None,
-    module: str = "corvex",
+    module: str = "corvex_cli",
 ) -> Process:
     """Starts `python -m <module> <args>` (by default the `corvex` command) and waits until
     it wrote its ready file."""

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import msgspec
 
-from corvex.admin import Client, workspace_json
 from corvex.config import load_section
-from corvex.stack import Stack, running_stack
 from corvex.v1 import accounts_pb2
+from corvex_ops.admin import Client, workspace_json
+from corvex_ops.stack import Stack, running_stack
 
 DEV_WORKSPACE = "dev"
 

@@ -1,7 +1,0 @@
-"""`python -m corvex` is the `corvex` command."""
-
-import sys
-
-from corvex.cli import main
-
-sys.exit(main())

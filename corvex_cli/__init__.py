@@ -1,0 +1,1 @@
+"""The `corvex` command: the top layer, which may import every other package."""

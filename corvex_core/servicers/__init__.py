@@ -1,0 +1,1 @@
+"""The gRPC servicers: wire ⇄ domain only (see each module)."""
