@@ -124,6 +124,11 @@ class CoreConfig(msgspec.Struct, forbid_unknown_fields=True):
     admin_token: str = ""
     # SIGTERM: seconds in-flight streams get to finish before they are aborted and settled.
     drain_grace_s: float = 30.0
+    # Largest request message accepted (gRPC's receive limit). Keep it at least the edge's
+    # max_body_bytes: a JSON body becomes a protobuf message of about the same size.
+    max_request_bytes: int = 8 * 1024 * 1024
+    # Calls in flight at once; beyond it new calls get RESOURCE_EXHAUSTED at once.
+    max_concurrent_rpcs: int = 8192
     # Benchmarks only: skip keys, limits and money entirely (every request is admitted and
     # nothing is charged), to measure what metering costs. Never set this in production.
     benchmark_unmetered: bool = False

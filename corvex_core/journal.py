@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import queue
 import sqlite3
 import struct
@@ -33,6 +34,10 @@ from corvex_core.sqlite_wal import check_wal
 log = logging.getLogger(__name__)
 
 DB_NAME: Final = "journal.sqlite3"
+# Records appended but not yet durable, beyond which new account changes and admissions are
+# refused (the disk is not keeping up). Charges of requests already admitted are always taken:
+# there are at most as many of them as requests in flight.
+MAX_BACKLOG: Final = 65_536
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, body BLOB NOT NULL,
                                     crc INTEGER NOT NULL);
@@ -49,6 +54,10 @@ class JournalError(Exception):
 
 class JournalCorrupt(JournalError):
     """Recovery found data it cannot trust; the core refuses to start."""
+
+
+class JournalBusy(JournalError):
+    """The disk is a backlog of records behind; nothing new is taken until it catches up."""
 
 
 def _crc(seq: int, body: bytes) -> int:
@@ -69,8 +78,16 @@ class Recovery(msgspec.Struct):
 class Journal:
     """A SQLite journal with a writer thread. Create, `recover()`, `start()`, then `append`."""
 
-    def __init__(self, directory: Path, *, max_batch: int = 1024, fsync: bool = True) -> None:
-        assert max_batch >= 1
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_batch: int = 1024,
+        fsync: bool = True,
+        max_backlog: int = MAX_BACKLOG,
+    ) -> None:
+        assert max_batch >= 1 and max_backlog >= 1
+        self._max_backlog = max_backlog
         self._path = directory / DB_NAME
         self._max_batch = max_batch
         self._fsync = fsync
@@ -83,6 +100,8 @@ class Journal:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._since_snapshot = 0
         self.on_batch: Callable[[int, float], None] | None = None  # (records, seconds)
+        # Called on the event loop, once, when a write fails.
+        self.on_failure: Callable[[JournalError], None] | None = None
 
     @property
     def last_seq(self) -> int:
@@ -98,11 +117,35 @@ class Journal:
     def records_since_snapshot(self) -> int:
         return self._since_snapshot
 
+    @property
+    def backlog(self) -> int:
+        """Records appended but not yet on disk."""
+        return self._seq - self._durable_seq
+
+    def check_writable(self) -> None:
+        """Raises JournalError if a new change could not be taken now: after a failed write,
+        or while the disk is MAX_BACKLOG records behind."""
+        if self._failure is not None:
+            raise JournalError(str(self._failure)) from None
+        if self.backlog >= self._max_backlog:
+            raise JournalBusy(f"the journal is {self.backlog} records behind the disk")
+
     # ---- recovery (before start) ---------------------------------------------------------
 
     def recover(self) -> Recovery:
         """Reads the latest valid snapshot and every record after it. Blocking."""
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # SQLite gives the -wal and -shm files the database file's mode, so creating it 0600
+        # keeps all three private whatever the umask.
+        os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600))
+        recovery = self.read_durable()
+        self._seq = self._durable_seq = recovery.last_seq
+        self._since_snapshot = len(recovery.records)
+        return recovery
+
+    def read_durable(self) -> Recovery:
+        """What is on disk now, read without changing anything: the start-up recovery, and
+        the state a core falls back to when a write fails. Blocking."""
         wal = check_wal(Path(f"{self._path}-wal"))
         if wal.damaged_frame is not None:
             raise JournalCorrupt(
@@ -122,8 +165,6 @@ class Journal:
                 "a damaged journal: restore the data directory from a backup."
             ) from exc
         last_seq = max(last_seq, snapshot_seq)
-        self._seq = self._durable_seq = last_seq
-        self._since_snapshot = len(found)
         return Recovery(state=state, records=found, last_seq=last_seq, snapshot_seq=snapshot_seq)
 
     # ---- writing -------------------------------------------------------------------------
@@ -134,9 +175,13 @@ class Journal:
         self._thread.start()
 
     def append(self, record: records.Record) -> None:
-        """Queues a record for the next commit. Pair with `sync_point()` before acknowledging."""
-        if self._failure is not None:
-            raise self._failure
+        """Queues a record for the next commit. Pair with `sync_point()` before acknowledging.
+
+        Raises JournalError, having queued nothing, if the journal cannot take it (see
+        `check_writable`; a charge is refused only after a failed write).
+        """
+        if self._failure is not None or not isinstance(record, records.Charged):
+            self.check_writable()
         self._seq += 1
         self._since_snapshot += 1
         self._queue.put((self._seq, records.encode(record)))
@@ -144,7 +189,7 @@ class Journal:
     def sync_point(self) -> Awaitable[None]:
         """Resolves once every record appended so far is durable (raises JournalError if not)."""
         if self._failure is not None:
-            raise self._failure
+            raise JournalError(str(self._failure)) from None
         assert self._loop is not None, "journal not started"
         future: asyncio.Future[None] = self._loop.create_future()
         if self._seq <= self._durable_seq:
@@ -173,6 +218,7 @@ class Journal:
                 while self._write_batch(db):
                     pass
         except Exception as exc:
+            # Logged once, here; from now on every refusal is a fresh, short JournalError.
             log.critical("journal write failed: %s", exc, exc_info=True)
             self._fail(JournalError(f"journal write failed: {exc}"))
 
@@ -223,7 +269,9 @@ class Journal:
             while self._waiters:
                 _, future = self._waiters.popleft()
                 if not future.done():
-                    future.set_exception(error)
+                    future.set_exception(JournalError(str(error)))
+            if self.on_failure is not None:
+                self.on_failure(error)
 
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(fail_waiters)

@@ -147,6 +147,9 @@ class Hold(msgspec.Struct):
     max_completion_tokens: int
     amount_nano: int
     resolved: bool = False
+    # Set when the ledger fell back to the durable state (a failed journal write): the
+    # money this hold held is gone with the state it was placed in, so it settles to nothing.
+    voided: bool = False
 
 
 class LedgerState(msgspec.Struct):
@@ -188,6 +191,20 @@ class Ledger:
     def restore(self, state: LedgerState) -> None:
         """Replaces the whole state with a recovered one (a snapshot). Only before serving."""
         assert not self._holds, "restore with requests in flight"
+        self._install(state)
+
+    def rollback(self, state: LedgerState, records: list[Record]) -> None:
+        """Falls back to what is durable (a snapshot and the records after it), after a failed
+        journal write left memory ahead of the disk. Holds in flight are voided: they settle
+        to nothing, since no charge can be recorded any more."""
+        for hold in self._holds.values():
+            hold.voided = True
+        self._holds.clear()
+        self._install(state)
+        for record in records:
+            self.apply(record)
+
+    def _install(self, state: LedgerState) -> None:
         self._state = state
         self._by_hash = {k.secret_sha256: k for k in state.keys.values()}
         for ws in state.workspaces.values():
@@ -494,6 +511,8 @@ class Ledger:
         what was held are a caller bug; they are cut to the hold so a customer is never
         charged more than the hold they were shown.
         """
+        if hold.voided:
+            return None
         assert not hold.resolved, f"hold {hold.id} resolved twice"
         assert self._holds.pop(hold.id) is hold
         hold.resolved = True
@@ -614,9 +633,11 @@ class Ledger:
             self._check(state.workspaces[workspace_id])
 
     def _commit(self, record: Record) -> None:
-        """Applies a new record, then hands it to the journal. Nothing may fail in between."""
-        self.apply(record)
+        """Hands a new record to the journal, then applies it. The journal refuses (raises)
+        before queueing anything if it cannot take the record, so memory never changes for a
+        record the disk will not get; applying it cannot fail but for a bug."""
         self._sink(record)
+        self.apply(record)
 
     # ---- rules ---------------------------------------------------------------------------
 

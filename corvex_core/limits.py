@@ -231,15 +231,7 @@ class RateLimiter:
         limits = key.limits
         now = self._clock_ns()
         state = self._state(key, now)
-        if state.requests is not None and state.requests.available(now) < 1:
-            wait = state.requests.wait_ns(1, now)
-            raise errors.RateLimitExceeded(
-                f"Rate limit reached for requests per minute on key {key.id}: limit "
-                f"{state.requests.limit}, used {state.requests.used(now)}, requested 1. "
-                f"Please try again in {_seconds(wait)}.",
-                metadata={"limit": "requests_per_minute"},
-                retry_after_s=wait / _NS_PER_S,
-            )
+        _check_request(key, state.requests, now)
         bound = completion_tokens
         if state.tokens is not None:
             bound = self._tokens_bound(key, state.tokens, now, prompt_tokens, bound, explicit)
@@ -275,6 +267,15 @@ class RateLimiter:
             state.month_reserved += tokens
             month_tokens = tokens
         return LimitTicket(key.id, window_tokens, month_tokens, second, state.tokens)
+
+    def count_request(self, key: ApiKey) -> None:
+        """Takes one request from the key's requests-per-minute limit for a call that uses no
+        tokens (Tokenize), or raises RateLimitExceeded."""
+        now = self._clock_ns()
+        state = self._state(key, now)
+        _check_request(key, state.requests, now)
+        if state.requests is not None:
+            state.requests.take(1, now)
 
     def settle(self, ticket: LimitTicket, used_tokens: int) -> None:
         """Gives back the tokens an admitted request did not use. Exactly once per ticket.
@@ -357,6 +358,18 @@ class RateLimiter:
         raise errors.RateLimitExceeded(
             message + f" Please try again in {_seconds(wait)}.",
             metadata={"limit": "tokens_per_minute"},
+            retry_after_s=wait / _NS_PER_S,
+        )
+
+
+def _check_request(key: ApiKey, requests: Bucket | None, now: int) -> None:
+    if requests is not None and requests.available(now) < 1:
+        wait = requests.wait_ns(1, now)
+        raise errors.RateLimitExceeded(
+            f"Rate limit reached for requests per minute on key {key.id}: limit "
+            f"{requests.limit}, used {requests.used(now)}, requested 1. "
+            f"Please try again in {_seconds(wait)}.",
+            metadata={"limit": "requests_per_minute"},
             retry_after_s=wait / _NS_PER_S,
         )
 

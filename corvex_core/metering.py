@@ -10,7 +10,6 @@ no `await` in between. `settle` returns what was not used and charges what was, 
 from __future__ import annotations
 
 import asyncio
-from typing import Final
 
 from corvex.ratecard import ModelRate
 from corvex_core import errors
@@ -19,8 +18,6 @@ from corvex_core.ledger import ApiKey, Hold, Ledger
 from corvex_core.limits import LimitTicket, RateLimiter
 from corvex_core.payments import AutoReloader
 from corvex_core.records import Charged
-
-_BEARER: Final = "bearer "
 
 
 class Ticket:
@@ -64,14 +61,14 @@ class Meter:
         self._journal = journal
         self._reloader = reloader
 
-    def authenticate(self, authorization: str | None) -> ApiKey:
-        """The key of an `authorization: Bearer <key>` value."""
-        if not authorization or not authorization[: len(_BEARER)].lower() == _BEARER:
+    def authenticate(self, secret: str | None) -> ApiKey:
+        """The live key with this secret (from `authorization: Bearer <secret>`)."""
+        if not secret:
             raise errors.InvalidApiKey(
                 "No API key provided. Send it as `Authorization: Bearer <key>`; "
                 "`corvex admin key create` makes one."
             )
-        return self.ledger.authenticate(authorization[len(_BEARER) :].strip())
+        return self.ledger.authenticate(secret)
 
     def admit(
         self,
@@ -105,6 +102,10 @@ class Meter:
         headers = self.limiter.headers(key)
         return Ticket(key, rate, hold, limit_ticket, prompt_tokens, bound, headers)
 
+    def count_call(self, key: ApiKey) -> None:
+        """A call that is not metered (Tokenize) still counts against requests per minute."""
+        self.limiter.count_request(key)
+
     def settle(
         self,
         ticket: Ticket,
@@ -117,6 +118,8 @@ class Meter:
         """Charges what the request used, returns the rest to every limit. Exactly once."""
         prompt_tokens = min(prompt_tokens, ticket.prompt_tokens)
         completion_tokens = min(completion_tokens, ticket.max_tokens)
+        # The limits are given back first: a charge the journal refuses still ends the request.
+        self.limiter.settle(ticket.limits, prompt_tokens + completion_tokens)
         charge = self.ledger.settle(
             ticket.hold,
             request_id=request_id,
@@ -124,7 +127,6 @@ class Meter:
             completion_tokens=completion_tokens,
             cached_prompt_tokens=cached_prompt_tokens,
         )
-        self.limiter.settle(ticket.limits, prompt_tokens + completion_tokens)
         if charge is not None and self._reloader is not None:
             self._reloader.check(ticket.key.workspace_id)
         return charge
@@ -172,8 +174,11 @@ class UnmeteredMeter(Meter):
     def __init__(self) -> None:
         pass
 
-    def authenticate(self, authorization: str | None) -> ApiKey:
+    def authenticate(self, secret: str | None) -> ApiKey:
         return self._KEY
+
+    def count_call(self, key: ApiKey) -> None:
+        pass
 
     def admit(
         self,

@@ -3,8 +3,10 @@
 The provider is a seam: `simulated` (always succeeds; development and tests) and `none`
 (every attempt fails and is recorded) ship here, and a real processor plugs in behind the same
 protocol. At most one reload is in flight per workspace; failures are recorded on the
-workspace and retried with exponential backoff. Serving never waits for a reload: requests
-are admitted against the balance as it is.
+workspace and retried with exponential backoff, at most MAX_ATTEMPTS times: then the reloader
+gives up on that workspace (its error says so) until its auto-reload settings are set again or
+credits are added. Serving never waits for a reload: requests are admitted against the balance
+as it is.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import Protocol
+from typing import Final, Protocol
 
 from corvex.money import format_usd
 from corvex_core import errors
-from corvex_core.journal import Journal
-from corvex_core.ledger import Ledger
+from corvex_core.journal import Journal, JournalError
+from corvex_core.ledger import AutoReload, Ledger
 
 log = logging.getLogger(__name__)
+
+# Attempts of one reload before giving up (with the default backoff, about half an hour).
+MAX_ATTEMPTS: Final = 10
 
 
 class PaymentError(Exception):
@@ -36,22 +41,12 @@ class PaymentProvider(Protocol):
 
 
 class SimulatedProvider:
-    """Accepts every payment at once. For development and tests; it moves no real money.
-
-    `fail_next` makes the next N attempts fail, so tests can exercise the retry path.
-    """
+    """Accepts every payment at once. For development and demos; it moves no real money."""
 
     name = "simulated"
 
-    def __init__(self) -> None:
-        self.fail_next = 0
-        self.charges: list[tuple[str, int, str]] = []
-
     async def charge(self, workspace_id: str, amount_nano: int, idempotency_key: str) -> None:
-        if self.fail_next > 0:
-            self.fail_next -= 1
-            raise PaymentError("simulated provider declined the payment")
-        self.charges.append((workspace_id, amount_nano, idempotency_key))
+        log.info("simulated payment of $%s for %s accepted", format_usd(amount_nano), workspace_id)
 
 
 class NoProvider:
@@ -89,6 +84,10 @@ class AutoReloader:
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Workspaces given up on: their settings object and invoice count then. A new
+        # AutoReloadSet makes a new settings object and a top-up a new invoice, and either
+        # lets reloads start again. At most one entry per workspace.
+        self._given_up: dict[str, tuple[AutoReload, int]] = {}
 
     @property
     def in_flight(self) -> int:
@@ -96,8 +95,18 @@ class AutoReloader:
 
     def check(self, workspace_id: str) -> None:
         """Called after every charge; synchronous and cheap when nothing is needed."""
-        if workspace_id in self._tasks or self._ledger.needs_auto_reload(workspace_id) is None:
+        if workspace_id in self._tasks:
             return
+        settings = self._ledger.needs_auto_reload(workspace_id)
+        if settings is None:
+            self._given_up.pop(workspace_id, None)
+            return
+        given_up = self._given_up.get(workspace_id)
+        if given_up is not None:
+            ws = self._ledger.workspace(workspace_id)
+            if given_up[0] is ws.auto_reload and given_up[1] == len(ws.invoice_numbers):
+                return
+            del self._given_up[workspace_id]
         task = asyncio.create_task(self._reload(workspace_id), name=f"auto-reload:{workspace_id}")
         self._tasks[workspace_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(workspace_id, None))
@@ -108,22 +117,26 @@ class AutoReloader:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     async def _reload(self, workspace_id: str) -> None:
+        try:
+            await self._attempts(workspace_id)
+        except JournalError:
+            return  # the core is read-only now; nothing more can be recorded
+
+    async def _attempts(self, workspace_id: str) -> None:
         delay = self._retry_initial_s
         # One idempotency key per reload, reused by its retries: a provider that took the money
         # but timed out is not charged twice, and the ledger credits the reload once.
         idempotency_key = f"auto-reload:{workspace_id}:{secrets.token_hex(8)}"
-        while (settings := self._ledger.needs_auto_reload(workspace_id)) is not None:
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            settings = self._ledger.needs_auto_reload(workspace_id)
+            if settings is None:
+                return
             try:
                 await self._provider.charge(workspace_id, settings.amount_nano, idempotency_key)
             except PaymentError as exc:
-                log.warning(
-                    "auto-reload of %s for %s failed: %s; retrying in %.0fs",
-                    format_usd(settings.amount_nano),
-                    workspace_id,
-                    exc,
-                    delay,
-                )
-                self._ledger.record_auto_reload_failure(workspace_id, str(exc))
+                self._failed(workspace_id, settings, str(exc), attempt, delay)
+                if attempt == MAX_ATTEMPTS:
+                    return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._retry_max_s)
                 continue
@@ -138,3 +151,24 @@ class AutoReloader:
                 await self._journal.sync_point()
             log.info("auto-reload added $%s to %s", format_usd(settings.amount_nano), workspace_id)
             return
+
+    def _failed(
+        self, workspace_id: str, settings: AutoReload, error: str, attempt: int, delay_s: float
+    ) -> None:
+        amount = format_usd(settings.amount_nano)
+        if attempt < MAX_ATTEMPTS:
+            log.warning(
+                "auto-reload of $%s for %s failed (attempt %d of %d): %s; retrying in %.0fs",
+                amount, workspace_id, attempt, MAX_ATTEMPTS, error, delay_s,
+            )  # fmt: skip
+            self._ledger.record_auto_reload_failure(workspace_id, error)
+            return
+        log.error("auto-reload of $%s for %s given up after %d attempts: %s",
+                  amount, workspace_id, attempt, error)  # fmt: skip
+        self._ledger.record_auto_reload_failure(
+            workspace_id,
+            f"{error} (gave up after {attempt} attempts; set auto-reload again or add credits)",
+        )
+        ws = self._ledger.workspace(workspace_id)
+        assert ws.auto_reload is not None
+        self._given_up[workspace_id] = (ws.auto_reload, len(ws.invoice_numbers))

@@ -29,16 +29,17 @@ from corvex_core.catalogue import Catalogue
 from corvex_core.config import CoreConfig
 from corvex_core.engines.base import Engine, EngineError
 from corvex_core.engines.registry import build_engine
-from corvex_core.journal import Journal
-from corvex_core.ledger import Ledger
+from corvex_core.journal import Journal, JournalCorrupt, JournalError
+from corvex_core.ledger import Ledger, LedgerState
 from corvex_core.lifecycle import Lifecycle
 from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter, UnmeteredMeter
-from corvex_core.payments import AutoReloader, make_provider
+from corvex_core.payments import AutoReloader, PaymentProvider, make_provider
 from corvex_core.records import Record
+from corvex_core.servicers import accounts, inference
 from corvex_core.servicers.accounts import AccountsServicer
 from corvex_core.servicers.inference import InferenceServicer
-from corvex_core.servicers.status import ErrorInterceptor
+from corvex_core.servicers.interceptor import CallInterceptor
 from corvex_core.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,8 @@ SERVICE_NAMES = (
     accounts_pb2.DESCRIPTOR.services_by_name["Accounts"].full_name,
 )
 _HOUSEKEEPING_S = 5.0
-# gRPC messages can carry long conversations; the edge bounds request bodies separately.
-_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Answers can be large (2,048 embeddings); requests are bounded by core.max_request_bytes.
+_MAX_SEND_BYTES = 64 * 1024 * 1024
 
 
 class StartupError(Exception):
@@ -78,6 +79,18 @@ def build_engines(config: CoreConfig, rate_card: RateCard) -> list[Engine]:
     return engines
 
 
+def secure_data_dir(data_dir: Path) -> None:
+    """The data directory holds every balance, invoice and key hash: 0700, its files 0600.
+    Looser modes found at start are tightened, with a warning."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in (data_dir, *data_dir.iterdir()):
+        mode = path.stat().st_mode & 0o777
+        wanted = 0o700 if path.is_dir() else 0o600
+        if mode & 0o077:
+            log.warning("%s was mode %o; setting %o", path, mode, wanted)
+            path.chmod(wanted)
+
+
 def admin_token(config: CoreConfig, data_dir: Path) -> str:
     """The configured admin token, or the one kept in data_dir (created on first start)."""
     if config.admin_token:
@@ -95,11 +108,12 @@ def admin_token(config: CoreConfig, data_dir: Path) -> str:
 class Core:
     """One core process. `start()`, then `wait()` until a signal drains it."""
 
-    def __init__(self, config: CoreConfig) -> None:
+    def __init__(
+        self, config: CoreConfig, *, payment_provider: PaymentProvider | None = None
+    ) -> None:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.lifecycle = Lifecycle()
-        self.lifecycle.stop_accepting("The core is starting; retry shortly.")
         self.ledger = Ledger()
         self.limiter = RateLimiter()
         self.journal = (
@@ -109,11 +123,21 @@ class Core:
         )
         self.health = health.aio.HealthServicer()
         self.telemetry = Telemetry()
+        secure_data_dir(self.data_dir)
+        interceptor = CallInterceptor(
+            admin_token=admin_token(config, self.data_dir),
+            telemetry=self.telemetry,
+            lifecycle=self.lifecycle,
+            kinds={**inference.CALL_KINDS, **accounts.CALL_KINDS},
+        )
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(admin_token(config, self.data_dir), self.telemetry)],
+            interceptors=[interceptor],
+            # A bound on calls in flight bounds everything per call (streams, journal waiters);
+            # beyond it gRPC answers RESOURCE_EXHAUSTED at once.
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
-                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", config.max_request_bytes),
+                ("grpc.max_send_message_length", _MAX_SEND_BYTES),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -125,7 +149,7 @@ class Core:
         self.reloader = AutoReloader(
             self.ledger,
             self.journal,
-            make_provider(config.accounts.payment_provider),
+            payment_provider or make_provider(config.accounts.payment_provider),
             retry_initial_s=config.accounts.auto_reload_retry_initial_s,
             retry_max_s=config.accounts.auto_reload_retry_max_s,
         )
@@ -183,7 +207,7 @@ class Core:
         for engine in engines:
             log.info("engine ready", extra={"model": engine.model_id, "engine": engine.kind})
         self._background(self._housekeeping())
-        self.lifecycle.start_accepting()
+        self.lifecycle.serving()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("core serving %d models", len(engines))
 
@@ -197,10 +221,19 @@ class Core:
         recovery = await asyncio.to_thread(self.journal.recover)
         if recovery.state is not None:
             self.ledger.restore(recovery.state)
-        for record in recovery.records:
-            self.ledger.apply(record)
+        first = recovery.snapshot_seq + 1
+        for seq, record in enumerate(recovery.records, start=first):
+            try:
+                self.ledger.apply(record)
+            except (AssertionError, KeyError) as exc:
+                raise JournalCorrupt(
+                    f"Journal record {seq} does not fit the records before it ({exc!r}); the "
+                    "core will not rebuild balances from it. Restore the data directory from "
+                    "a backup."
+                ) from exc
         self.journal.start()
         self.journal.on_batch = self.telemetry.on_journal_batch
+        self.journal.on_failure = self._on_journal_failure
         journal_append, on_record = self.journal.append, self.telemetry.on_record
 
         def sink(record: Record) -> None:
@@ -229,15 +262,41 @@ class Core:
         while True:
             await asyncio.sleep(_HOUSEKEEPING_S)
             self.limiter.sweep()
-            if self.journal is None:
+            journal = self.journal
+            if journal is None or journal.failure is not None:
                 continue
-            if self.journal.records_since_snapshot >= self.config.journal.snapshot_every:
-                self.journal.snapshot(self.ledger.state)
-            if self.journal.failure is not None and self.lifecycle.accepting:
-                self.lifecycle.stop_accepting(
-                    "The core cannot record charges (journal failure); retry on another core."
-                )
-                await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            if journal.records_since_snapshot >= self.config.journal.snapshot_every:
+                journal.snapshot(self.ledger.state)
+
+    def _on_journal_failure(self, error: JournalError) -> None:
+        """A write failed (a full disk, an I/O error): from this instant nothing that writes is
+        taken, and memory falls back to what is on disk, so no read shows a balance, key or
+        invoice the disk does not have. Called once, on the event loop."""
+        reason = (
+            "The core cannot write its journal (see its log and /health); it serves reads "
+            "only. Free the disk and restart it, or retry on another core."
+        )
+        if not self.lifecycle.failed(reason):
+            return
+        log.critical("the core is read-only from now on: %s", error)
+        self._background(self._fall_back_to_disk())
+
+    async def _fall_back_to_disk(self) -> None:
+        assert self.journal is not None
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        aborted = await self.lifecycle.abort_all()
+        try:
+            durable = await asyncio.to_thread(self.journal.read_durable)
+        except JournalError as exc:
+            log.critical("cannot read the journal back after the failed write: %s", exc)
+            return
+        self.ledger.rollback(durable.state or LedgerState(), durable.records)
+        self.lifecycle.read_only()
+        log.warning(
+            "ledger rolled back to the journal on disk (record %d); %d streams aborted, unbilled",
+            durable.last_seq,
+            aborted,
+        )
 
     def drain_on_signals(self) -> None:
         """SIGTERM/SIGINT drain once; a second signal exits at once (the journal is a SQLite
@@ -370,7 +429,7 @@ class Core:
     async def drain(self) -> None:
         """Stops admitting, lets streams finish within the grace period, aborts (and so
         settles) the rest, flushes the journal, and stops."""
-        self.lifecycle.stop_accepting("The core is shutting down; retry shortly.")
+        self.lifecycle.draining("The core is shutting down; retry shortly.")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if not await self.lifecycle.wait_idle(self.config.drain_grace_s):
             aborted = await self.lifecycle.abort_all()
@@ -398,6 +457,8 @@ class Core:
 
 
 async def serve(config: CoreConfig, *, ready_file: str | None = None) -> None:
+    # Whatever the core creates is its own (the journal makes its files 0600 regardless).
+    os.umask(0o077)
     core = Core(config)
     core.drain_on_signals()
     try:

@@ -18,16 +18,33 @@ from corvex_core import errors
 from corvex_core.invoices import invoice_html, invoice_json
 from corvex_core.journal import JournalError
 from corvex_core.ledger import ApiKey, Invoice, Ledger, Workspace
+from corvex_core.lifecycle import CallKind
 from corvex_core.records import KeyLimits
 
 # grpc ships no types; this names what the handlers receive.
 Context: TypeAlias = Any
 
+CALL_KINDS = {
+    "CreateWorkspace": CallKind.WRITE,
+    "ListWorkspaces": CallKind.READ,
+    "GetWorkspace": CallKind.READ,
+    "AddCredits": CallKind.WRITE,
+    "SetSpendCap": CallKind.WRITE,
+    "SetAutoReload": CallKind.WRITE,
+    "CreateKey": CallKind.WRITE,
+    "ListKeys": CallKind.READ,
+    "RevokeKey": CallKind.WRITE,
+    "SetKeyLimits": CallKind.WRITE,
+    "GetUsage": CallKind.READ,
+    "ListInvoices": CallKind.READ,
+    "GetInvoice": CallKind.READ,
+}
 _METHODS = {
     "manual": accounts_pb2.TOP_UP_METHOD_MANUAL,
     "starter": accounts_pb2.TOP_UP_METHOD_STARTER,
     "auto_reload": accounts_pb2.TOP_UP_METHOD_AUTO_RELOAD,
 }
+_MAX_INVOICE_DIGITS = 12
 _LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "monthly_tokens")
 
 
@@ -229,8 +246,9 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
 
 
 def parse_invoice_number(text: str) -> int:
+    """INV-000042 (or 42) → 42. ASCII digits only: `isdigit` alone would take "²" and "٣"."""
     digits = text.strip().upper().removeprefix("INV-")
-    if not digits.isdigit():
+    if not (1 <= len(digits) <= _MAX_INVOICE_DIGITS and digits.isascii() and digits.isdigit()):
         raise errors.InvalidRequest("invoice numbers look like INV-000001", param="number")
     return int(digits)
 

@@ -8,6 +8,7 @@ chunk is sent only after its charge is durable.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -33,9 +34,10 @@ from corvex_core.engines.base import (
 )
 from corvex_core.journal import JournalError
 from corvex_core.ledger import ApiKey
-from corvex_core.lifecycle import Lifecycle
+from corvex_core.lifecycle import CallKind, Lifecycle
 from corvex_core.metering import Meter, Ticket
 from corvex_core.records import Charged
+from corvex_core.servicers import credentials
 from corvex_core.telemetry import CallRecord
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,17 @@ Context: TypeAlias = Any
 ROLES: Final = frozenset({"system", "developer", "user", "assistant"})
 MAX_MESSAGES: Final = 4096
 MAX_STOP: Final = 4
+# OpenAI's bounds for one embeddings request: 2,048 inputs, 300,000 tokens in all.
 MAX_EMBED_INPUTS: Final = 2048
+MAX_EMBED_TOKENS: Final = 300_000
+_EMBED_CHUNK_VECTORS: Final = 128
 
+CALL_KINDS: Final = {
+    "Chat": CallKind.GENERATE,
+    "Embed": CallKind.GENERATE,
+    "ListModels": CallKind.READ,
+    "Tokenize": CallKind.READ,
+}
 _FINISH: Final = {
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
@@ -66,7 +77,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Chat(  # type: ignore[override]
         self, request: inference_pb2.ChatRequest, context: Context
     ) -> None:
-        self._lifecycle.check_accepting()
         call = _call()
         key = self._authenticate(context, call)
         served = self._lookup(request.model, call)
@@ -174,7 +184,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: Context
     ) -> inference_pb2.EmbedResponse:
-        self._lifecycle.check_accepting()
         call = _call()
         key = self._authenticate(context, call)
         served = self._lookup(request.model, call)
@@ -198,6 +207,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 raise errors.ContextLengthExceeded(
                     prompt_tokens=count, max_tokens=0, context_length=served.rate.context_length
                 )
+        if sum(counts) > MAX_EMBED_TOKENS:
+            raise errors.InvalidRequest(
+                f"The inputs hold {sum(counts)} tokens; one request may embed at most "
+                f"{MAX_EMBED_TOKENS}. Split them into several requests.",
+                param="input",
+            )
         request_id = call.request_id
         hold_id = "req_" + secrets.token_hex(12)
         ticket = self._meter.admit(
@@ -220,10 +235,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             )
             _record_charge(call, charge)
         await self._durable()
-        return inference_pb2.EmbedResponse(
-            embeddings=[inference_pb2.Embedding(values=v) for v in result.vectors],
-            usage=_usage(charge, served),
-        )
+        response = inference_pb2.EmbedResponse(usage=_usage(charge, served))
+        for index, vector in enumerate(result.vectors):
+            if index and index % _EMBED_CHUNK_VECTORS == 0:
+                await asyncio.sleep(0)  # 2,048 long vectors take ~75 ms to copy: not at once
+            response.embeddings.add().values.extend(vector)
+        return response
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Context
@@ -238,8 +255,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.TokenizeRequest, context: Context
     ) -> inference_pb2.TokenizeResponse:
         call = _call()
-        self._authenticate(context, call)
+        key = self._authenticate(context, call)
         served = self._lookup(request.model, call)
+        self._meter.count_call(key)
         if request.messages and request.text:
             raise errors.InvalidRequest("send either messages or text, not both", param="text")
         if request.messages:
@@ -254,11 +272,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
 
     def _authenticate(self, context: Context, call: CallRecord) -> ApiKey:
-        authorization = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str):
-                authorization = value
-        api_key = self._meter.authenticate(authorization)
+        secret = credentials.bearer_secret(credentials.authorization(context))
+        api_key = self._meter.authenticate(secret)
         call.key_id, call.workspace_id = api_key.id, api_key.workspace_id
         return api_key
 
@@ -293,7 +308,7 @@ def chat_messages(
         if message.role not in ROLES:
             raise errors.InvalidRequest(
                 f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}, "
-                f"not {message.role!r}",
+                f"not {errors.quote(message.role)}",
                 param=f"messages[{index}].role",
             )
         name = message.name if message.HasField("name") else None

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from corvex_core import records
-from corvex_core.journal import DB_NAME, Journal, JournalCorrupt
+from corvex_core.journal import DB_NAME, Journal, JournalBusy, JournalCorrupt
 from corvex_core.ledger import Ledger
 from corvex_core.records import KeyLimits
+from corvex_core.server import Core
+from tests.conftest import core_config
 
 
 def topup(n: int) -> records.CreditsAdded:
@@ -174,3 +176,39 @@ async def test_truncated_database_refuses_to_start(tmp_path: Path) -> None:
         file.truncate(db.stat().st_size // 2)
     with pytest.raises(JournalCorrupt):
         Journal(tmp_path).recover()
+
+
+def charge(n: int) -> records.Charged:
+    return records.Charged(
+        at_ms=1_700_000_000_000 + n, charge_id=f"ch_{n}", request_id="r", workspace_id="ws_1",
+        key_id="key_1", model="m/m", prompt_tokens=1, completion_tokens=1,
+        cached_prompt_tokens=0, cost_nano=1, rate_card_version="v",
+    )  # fmt: skip
+
+
+async def test_a_backlog_at_its_bound_refuses_changes_but_takes_charges(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_backlog=2)
+    journal.recover()  # not started: nothing reaches the disk, so the backlog only grows
+    journal.append(topup(0))
+    journal.append(topup(1))
+    with pytest.raises(JournalBusy):
+        journal.append(topup(2))
+    assert journal.backlog == 2
+    # A request that already ran is always recorded: charges are bounded by admissions,
+    # which the bound refuses first.
+    journal.append(charge(0))
+    assert journal.backlog == 3
+
+
+async def test_a_record_that_does_not_fit_the_ones_before_stops_the_start(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "data")
+    journal.recover()
+    journal.start()
+    journal.append(charge(0))  # a charge of a workspace no record created
+    await journal.sync_point()
+    await journal.close()
+    core = Core(core_config(tmp_path / "data"))
+    with pytest.raises(JournalCorrupt, match="Journal record 1 does not fit"):
+        await core.start()
+    await core.server.stop(grace=0)
+    await core.close()

@@ -19,6 +19,7 @@ from corvex_core.ledger import ApiKey, Ledger, Workspace
 from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter
 from corvex_core.records import Charged, KeyLimits
+from corvex_core.servicers.credentials import bearer_secret
 
 VERSION = "2026-11-01"
 S = 1_000_000_000
@@ -313,8 +314,8 @@ def test_many_implicit_requests_fill_the_window_exactly(world: World) -> None:
 def test_authenticate_reads_bearer_in_any_case(world: World, scheme: str) -> None:
     key, secret = world.key(0)
 
-    assert world.meter.authenticate(f"{scheme} {secret}") is key
-    assert world.meter.authenticate(f"{scheme} {secret}  ") is key
+    assert world.meter.authenticate(bearer_secret(f"{scheme} {secret}")) is key
+    assert world.meter.authenticate(bearer_secret(f"{scheme} {secret}  ")) is key
 
 
 @pytest.mark.parametrize(
@@ -327,7 +328,7 @@ def test_authenticate_rejects_missing_or_malformed_headers(
     world.key(0)
 
     with pytest.raises(errors.InvalidApiKey) as refused:
-        world.meter.authenticate(header)
+        world.meter.authenticate(bearer_secret(header))
 
     assert refused.value.reason is errors.Reason.INVALID_API_KEY
 
@@ -336,7 +337,7 @@ def test_authenticate_rejects_a_bare_secret_and_a_revoked_key(world: World) -> N
     key, secret = world.key(0)
 
     with pytest.raises(errors.InvalidApiKey):
-        world.meter.authenticate(secret)
+        world.meter.authenticate(bearer_secret(secret))
     world.ledger.revoke_key(key.id)
     with pytest.raises(errors.InvalidApiKey):
-        world.meter.authenticate(f"Bearer {secret}")
+        world.meter.authenticate(bearer_secret(f"Bearer {secret}"))

@@ -1,0 +1,155 @@
+"""The one interceptor of every Corvex RPC: what every call goes through, in order.
+
+1. The request message is decoded; one that is not valid protobuf (garbage, truncated,
+   invalid UTF-8 in a string) is refused as INVALID_ARGUMENT, like any bad request.
+2. The lifecycle admits the call for what it does (nothing while the ledger recovers, no
+   generation while draining, no writes while the journal cannot write).
+3. Accounts calls must carry the admin credential.
+4. The method runs; a domain error ends it with its rich status, a journal failure with
+   SERVICE_UNAVAILABLE, a cancelled call quietly, and anything else with INTERNAL and no
+   internals (logged with the request id).
+Telemetry opens a record for the call before and closes it with the status after. gRPC's own
+services (health, reflection) are left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from corvex import request_ids
+from corvex_core import errors
+from corvex_core.journal import JournalError
+from corvex_core.lifecycle import CallKind, Lifecycle
+from corvex_core.servicers import credentials, status
+from corvex_core.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+CORVEX_PREFIX: Final = "/corvex.v1."
+ACCOUNTS_PREFIX: Final = "/corvex.v1.Accounts/"
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+class _Undecodable:
+    """Stands for a request message that could not be decoded."""
+
+    def __init__(self, message_type: str) -> None:
+        self.message_type = message_type
+
+
+def _tolerant(deserializer: Callable[[bytes], Any], method: str) -> Callable[[bytes], Any]:
+    message_type = method.rsplit("/", 1)[-1] + "Request"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _Undecodable(message_type)
+
+    return deserialize
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
+    """See the module docstring. `kinds` maps each Corvex method name (e.g. "Chat") to what
+    it does; a method missing from it is a bug caught at the first call."""
+
+    def __init__(
+        self,
+        *,
+        admin_token: str,
+        telemetry: Telemetry,
+        lifecycle: Lifecycle,
+        kinds: Mapping[str, CallKind],
+    ) -> None:
+        self._admin_token = admin_token
+        self._telemetry = telemetry
+        self._lifecycle = lifecycle
+        self._kinds = kinds
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        # Health and reflection are grpc's own services (their streaming methods are async
+        # generators); only ours are wrapped.
+        if handler is None or not method.startswith(CORVEX_PREFIX):
+            return handler
+        deserializer = _tolerant(handler.request_deserializer, method)
+        if handler.unary_unary is not None:
+            return handler._replace(
+                request_deserializer=deserializer,
+                unary_unary=self._guard(method, handler.unary_unary),
+            )
+        if handler.unary_stream is not None:
+            return handler._replace(
+                request_deserializer=deserializer,
+                unary_stream=self._guard(method, handler.unary_stream),
+            )
+        return handler
+
+    def _guard(self, method: str, behavior: Behavior) -> Behavior:
+        rpc = method.rsplit("/", 1)[-1]
+        kind = self._kinds[rpc]
+        admin_token = self._admin_token if method.startswith(ACCOUNTS_PREFIX) else None
+        telemetry, lifecycle = self._telemetry, self._lifecycle
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            record = telemetry.begin(rpc, _request_id(context))
+            outcome, failure = "OK", None
+            try:
+                if isinstance(request, _Undecodable):
+                    raise errors.InvalidRequest(
+                        f"The request is not a valid corvex.v1.{request.message_type} message "
+                        "(malformed protobuf)."
+                    )
+                lifecycle.admit_call(kind)
+                if admin_token is not None:
+                    credentials.check_admin(context, admin_token)
+                return await behavior(request, context)
+            except errors.CorvexError as error:
+                outcome, failure = error.reason.value, error
+                await status.abort(context, error)
+            except JournalError:
+                failure = errors.ServiceUnavailable(
+                    "The core cannot record changes right now (its journal failed); nothing "
+                    "was changed or billed. Retry on another core."
+                )
+                outcome = failure.reason.value
+                await status.abort(context, failure)
+            except grpc.aio.AbortError:
+                raise
+            except asyncio.CancelledError:
+                outcome = "CANCELLED"
+                raise
+            except Exception:
+                if context.cancelled():
+                    # The client went away while the call was starting (sending metadata
+                    # fails then): not an error of ours.
+                    outcome = "CANCELLED"
+                    raise
+                outcome = "INTERNAL"
+                extra = {"request_id": record.request_id}
+                log.exception("unexpected error in %s", method, extra=extra)
+                await status.abort_internal(context, record.request_id)
+            finally:
+                telemetry.end(record, outcome, failure)
+
+        return guarded
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The caller's x-request-id if it is sane, else a new one."""
+    supplied = next(
+        (v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None
+    )
+    return request_ids.request_id(supplied if isinstance(supplied, str) else None)
