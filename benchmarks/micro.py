@@ -25,6 +25,8 @@ from corvex_core.ledger import Ledger
 from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter
 from corvex_core.records import KeyLimits
+from corvex_core.servicers.credentials import bearer_secret
+from corvex_core.servicers.metadata import response_metadata
 from corvex_core.telemetry import Telemetry
 
 RATE_CARD = "infrastructure/metronome/config.yaml"
@@ -60,7 +62,7 @@ def _operations(iterations: int, repeat: int) -> dict[str, Callable[[int], objec
     ws, _ = ledger.create_workspace("bench", _FUNDS_NANO)
     limits = KeyLimits(requests_per_minute=10**9, tokens_per_minute=10**12)
     key, secret = ledger.create_key(ws.id, "bench", limits)
-    header = "Bearer " + secret
+    header = "Bearer " + secret  # as the metadata carries it
     ids = [f"req_{repeat}_{i:08x}" for i in range(iterations)]
     ledger_ids = [f"hold_{repeat}_{i:08x}" for i in range(iterations)]
 
@@ -102,14 +104,14 @@ def _operations(iterations: int, repeat: int) -> dict[str, Callable[[int], objec
 
     return {
         "loop (subtracted from the rest)": lambda i: None,
-        "authenticate (Bearer → key)": lambda i: meter.authenticate(header),
+        "authenticate (Bearer → key)": lambda i: meter.authenticate(bearer_secret(header)),
         "Meter.admit + settle": admit_settle,
         "Ledger.reserve + settle": reserve_settle,
         "limiter check (completion_bound)": lambda i: limiter.completion_bound(
             key, PROMPT_TOKENS, MAX_TOKENS, explicit=True
         ),
         "limiter admit + settle": limiter_admit_settle,
-        "x-ratelimit headers": lambda i: limiter.headers(key),
+        "x-ratelimit headers": lambda i: response_metadata("r", limiter.state(key)),
         "telemetry: a call's metrics (begin + end)": call_metrics,
         "telemetry: a call's metrics and JSON log line": _logged(call_metrics),
         "telemetry: a charge's money counters": lambda i: telemetry.on_record(charge),

@@ -283,9 +283,6 @@ class Ledger:
         rows.sort(key=lambda r: (r.day, r.key_id, r.model))
         return rows
 
-    def hold_count(self) -> int:
-        return len(self._holds)
-
     def held_total_nano(self) -> int:
         return sum(h.amount_nano for h in self._holds.values())
 
@@ -507,9 +504,8 @@ class Ledger:
     ) -> Charged | None:
         """Charges a finished request for the tokens it used and releases the rest of its hold.
 
-        Returns the charge record, or None when nothing was charged (no tokens). Counts beyond
-        what was held are a caller bug; they are cut to the hold so a customer is never
-        charged more than the hold they were shown.
+        Returns the charge record, or None when nothing was charged (no tokens, or a hold
+        voided by a rollback). The counts are within the hold (metering cuts them to it).
         """
         if hold.voided:
             return None
@@ -518,8 +514,9 @@ class Ledger:
         hold.resolved = True
         ws = self.workspace(hold.workspace_id)
         ws.held_nano -= hold.amount_nano
-        prompt_tokens = min(prompt_tokens, hold.prompt_tokens)
-        completion_tokens = min(completion_tokens, hold.max_completion_tokens)
+        assert 0 <= prompt_tokens <= hold.prompt_tokens, "prompt beyond the hold"
+        assert 0 <= completion_tokens <= hold.max_completion_tokens, "completion beyond the hold"
+        assert 0 <= cached_prompt_tokens <= prompt_tokens
         cost = hold.rate.cost_nano(prompt_tokens, completion_tokens)
         assert 0 <= cost <= hold.amount_nano
         if prompt_tokens == 0 and completion_tokens == 0:
@@ -534,17 +531,12 @@ class Ledger:
             model=hold.rate.id,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-            cached_prompt_tokens=min(cached_prompt_tokens, prompt_tokens),
+            cached_prompt_tokens=cached_prompt_tokens,
             cost_nano=cost,
             rate_card_version=hold.rate_card_version,
         )
         self._commit(record)
         return record
-
-    def release(self, hold: Hold) -> None:
-        """Releases a hold without charging (the engine never ran the request)."""
-        charged = self.settle(hold, request_id="", prompt_tokens=0, completion_tokens=0)
-        assert charged is None
 
     def needs_auto_reload(self, workspace_id: str) -> AutoReload | None:
         ws = self.workspace(workspace_id)

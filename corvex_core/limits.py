@@ -17,17 +17,18 @@ overlaps. For the tokens *used*, as for those admitted:
     59 s; an interval of length t holds at most L·⌈(t + 1 s)/60 s⌉ (so 2·L for a minute that
     does not start on a whole second). Capacity comes back when a second leaves the window.
 
-A limit change keeps what was used and applies to the next request. The monthly limit counts
-charged tokens (durable, on the ledger's key) plus tokens held by requests in flight, and never
-admits past the limit. Everything is synchronous and O(1) per request (amortised); a key with
-nothing outstanding costs no memory after `sweep`.
+A limit change keeps what was used and applies to the next request. One admission reads the
+clock once (`now_ns()`, passed to each step), so its steps agree on the time. The monthly
+limit counts charged tokens (durable, on the ledger's key) plus tokens held by requests in
+flight, and never admits past the limit. Everything is synchronous and O(1) per request
+(amortised); a key with nothing outstanding costs no memory after `sweep`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, NamedTuple
 
 from corvex_core import errors
 from corvex_core.ledger import ApiKey
@@ -210,6 +211,21 @@ class LimitTicket:
         self.settled = False
 
 
+class Standing(NamedTuple):
+    """One per-minute limit: its size, what is left now, and when it is whole again."""
+
+    limit: int
+    remaining: int
+    reset_ns: int
+
+
+class LimitState(NamedTuple):
+    """The key's per-minute limits; None for a kind of limit the key does not have."""
+
+    requests: Standing | None
+    tokens: Standing | None
+
+
 class RateLimiter:
     """The per-key limits of every key. See the module docstring for the algorithm."""
 
@@ -220,8 +236,17 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def now_ns(self) -> int:
+        return self._clock_ns()
+
     def completion_bound(
-        self, key: ApiKey, prompt_tokens: int, completion_tokens: int, *, explicit: bool
+        self,
+        key: ApiKey,
+        prompt_tokens: int,
+        completion_tokens: int,
+        *,
+        explicit: bool,
+        now_ns: int | None = None,
     ) -> int:
         """The most completion tokens the key's limits admit now, at most `completion_tokens`.
 
@@ -229,7 +254,7 @@ class RateLimiter:
         otherwise it returns the smaller bound, raising only if not even one token fits.
         """
         limits = key.limits
-        now = self._clock_ns()
+        now = self._clock_ns() if now_ns is None else now_ns
         state = self._state(key, now)
         _check_request(key, state.requests, now)
         bound = completion_tokens
@@ -249,12 +274,12 @@ class RateLimiter:
             bound = min(bound, room)
         return bound
 
-    def admit(self, key: ApiKey, tokens: int) -> LimitTicket:
+    def admit(self, key: ApiKey, tokens: int, *, now_ns: int | None = None) -> LimitTicket:
         """Takes one request and `tokens` (prompt + completion bound) from the key's limits.
 
         Call only after `completion_bound` allowed them, with no await in between.
         """
-        now = self._clock_ns()
+        now = self._clock_ns() if now_ns is None else now_ns
         state = self._state(key, now)
         if state.requests is not None:
             state.requests.take(1, now)
@@ -295,23 +320,16 @@ class RateLimiter:
         state.month_reserved -= ticket.month_tokens
         assert state.month_reserved >= 0
 
-    def headers(self, key: ApiKey) -> dict[str, str]:
-        """OpenAI's x-ratelimit-* values for the limits this key has."""
-        now = self._clock_ns()
+    def state(self, key: ApiKey, *, now_ns: int | None = None) -> LimitState:
+        """Where the key's per-minute limits stand (what OpenAI's x-ratelimit-* headers say)."""
+        now = self._clock_ns() if now_ns is None else now_ns
         state = self._keys.get(key.id)
-        result: dict[str, str] = {}
-        for kind, limit, window in (
-            ("requests", key.limits.requests_per_minute, state.requests if state else None),
-            ("tokens", key.limits.tokens_per_minute, state.tokens if state else None),
-        ):
-            if limit is None:
-                continue
-            remaining = window.available(now) if window else limit
-            reset = window.reset_ns(now) if window else 0
-            result[f"x-ratelimit-limit-{kind}"] = str(limit)
-            result[f"x-ratelimit-remaining-{kind}"] = str(remaining)
-            result[f"x-ratelimit-reset-{kind}"] = format_duration(reset)
-        return result
+        requests = state.requests if state else None
+        tokens = state.tokens if state else None
+        return LimitState(
+            requests=_standing(key.limits.requests_per_minute, requests, now),
+            tokens=_standing(key.limits.tokens_per_minute, tokens, now),
+        )
 
     def sweep(self) -> int:
         """Forgets keys whose windows are empty and that hold nothing. Returns how many."""
@@ -374,6 +392,14 @@ def _check_request(key: ApiKey, requests: Bucket | None, now: int) -> None:
         )
 
 
+def _standing(limit: int | None, window: Bucket | Window | None, now: int) -> Standing | None:
+    if limit is None:
+        return None
+    if window is None:
+        return Standing(limit, limit, 0)
+    return Standing(limit, window.available(now), window.reset_ns(now))
+
+
 def _resized_bucket(bucket: Bucket | None, limit: int | None, now: int) -> Bucket | None:
     if limit is None:
         return None
@@ -396,13 +422,3 @@ def _resized_window(window: Window | None, limit: int | None, now: int) -> Windo
 
 def _seconds(ns: int) -> str:
     return f"{ns / _NS_PER_S:.3f}s"
-
-
-def format_duration(ns: int) -> str:
-    """A duration as OpenAI's reset headers write it: "20ms", "1s", "6m0s", "1.5s"."""
-    ms = -(-ns // 1_000_000)
-    if ms < 1000:
-        return f"{ms}ms"
-    minutes, rest_ms = divmod(ms, 60_000)
-    seconds = f"{rest_ms / 1000:.3f}".rstrip("0").rstrip(".")
-    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"

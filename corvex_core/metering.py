@@ -1,64 +1,118 @@
 """Metering: admission and settlement of one request against a key's money and limits.
 
-It joins the ledger (balance, spend cap, holds), the limiter (per-key request and token
-limits) and the journal. `admit` is all-or-nothing and synchronous: it resolves how many
-completion tokens a request may produce (bounded by the context, the key's token limits and
-what the workspace can pay for), then takes them from every limit and holds their cost, with
-no `await` in between. `settle` returns what was not used and charges what was, exactly once.
+It joins the ledger (balance, spend cap, holds) and the limiter (per-key request and token
+limits). `admit` is all-or-nothing and synchronous: it resolves how many completion tokens a
+request may produce (bounded by the context, the key's token limits and what the workspace
+can pay for), holds their cost (the one affordability check), then takes them from the limits,
+with no `await` in between and one reading of the clock. `settle` decides what is billable,
+returns what was not used and charges what was, exactly once.
 """
 
 from __future__ import annotations
 
-import asyncio
+from typing import Protocol
 
 from corvex.ratecard import ModelRate
 from corvex_core import errors
-from corvex_core.journal import Journal
 from corvex_core.ledger import ApiKey, Hold, Ledger
-from corvex_core.limits import LimitTicket, RateLimiter
+from corvex_core.limits import LimitState, LimitTicket, RateLimiter
 from corvex_core.payments import AutoReloader
 from corvex_core.records import Charged
 
 
 class Ticket:
-    """An admitted request: what it holds and the completion tokens it may produce."""
+    """An admitted request: its hold (price, prompt and completion bound), what it took from
+    the key's limits, and where those limits stood after it was admitted."""
 
-    __slots__ = ("headers", "hold", "key", "limits", "max_tokens", "prompt_tokens", "rate")
+    __slots__ = ("hold", "key", "limit_state", "limits")
 
     def __init__(
+        self, key: ApiKey, hold: Hold, limits: LimitTicket, limit_state: LimitState
+    ) -> None:
+        self.key = key
+        self.hold = hold
+        self.limits = limits
+        self.limit_state = limit_state
+
+    @property
+    def rate(self) -> ModelRate:
+        return self.hold.rate
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.hold.prompt_tokens
+
+    @property
+    def max_tokens(self) -> int:
+        """The completion tokens the request may produce."""
+        return self.hold.max_completion_tokens
+
+
+class Metering(Protocol):
+    """What serving needs from metering (the Meter, or the benchmarks' UnmeteredMeter)."""
+
+    def authenticate(self, secret: str | None) -> ApiKey: ...
+
+    def admit(
         self,
         key: ApiKey,
         rate: ModelRate,
-        hold: Hold,
-        limits: LimitTicket,
+        rate_card_version: str,
+        hold_id: str,
+        *,
         prompt_tokens: int,
-        max_tokens: int,
-        headers: dict[str, str],
-    ) -> None:
-        self.key = key
-        self.rate = rate
-        self.hold = hold
-        self.limits = limits
-        self.prompt_tokens = prompt_tokens
-        self.max_tokens = max_tokens
-        # x-ratelimit-* values after this request's admission.
-        self.headers = headers
+        max_tokens: int | None,
+        context_checked: bool = True,
+    ) -> Ticket: ...
+
+    def count_call(self, key: ApiKey) -> None: ...
+
+    def settle(
+        self,
+        ticket: Ticket,
+        *,
+        request_id: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int = 0,
+        finished: bool = True,
+    ) -> Charged | None: ...
+
+
+def context_bound(rate: ModelRate, prompt_tokens: int, max_tokens: int | None) -> int:
+    """The completion tokens the context leaves: `max_tokens` if it fits, all the room if None.
+    Raises ContextLengthExceeded if it does not fit (or nothing fits)."""
+    room = rate.context_length - prompt_tokens
+    if (max_tokens is not None and max_tokens > room) or room < 1:
+        raise errors.ContextLengthExceeded(
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens if max_tokens is not None else 1,
+            context_length=rate.context_length,
+        )
+    return room if max_tokens is None else max_tokens
+
+
+def billable(
+    ticket: Ticket, prompt_tokens: int, completion_tokens: int, *, finished: bool
+) -> tuple[int, int]:
+    """What a request is charged for: its prompt once it finished or produced a token (one
+    that ended before producing anything, refused or aborted in a queue, costs nothing), and
+    the tokens it produced. Counts beyond the hold are an engine's bug; they are cut to the
+    hold, so a customer never pays more than the hold they were admitted with."""
+    completion = min(completion_tokens, ticket.max_tokens)
+    if not finished and completion == 0:
+        return 0, 0
+    return min(prompt_tokens, ticket.prompt_tokens), completion
 
 
 class Meter:
-    """Admission and settlement. One per core; every method but `durable` is synchronous."""
+    """Admission and settlement. One per core; every method is synchronous."""
 
     def __init__(
-        self,
-        ledger: Ledger,
-        limiter: RateLimiter,
-        *,
-        journal: Journal | None = None,
-        reloader: AutoReloader | None = None,
+        self, ledger: Ledger, limiter: RateLimiter, *, reloader: AutoReloader | None = None
     ) -> None:
         self.ledger = ledger
         self.limiter = limiter
-        self._journal = journal
         self._reloader = reloader
 
     def authenticate(self, secret: str | None) -> ApiKey:
@@ -75,7 +129,7 @@ class Meter:
         key: ApiKey,
         rate: ModelRate,
         rate_card_version: str,
-        request_id: str,
+        hold_id: str,
         *,
         prompt_tokens: int,
         max_tokens: int | None,
@@ -89,18 +143,19 @@ class Meter:
         inputs are each bounded by the engine).
         """
         explicit = max_tokens is not None
-        want = self._context_bound(rate, prompt_tokens, max_tokens, context_checked)
-        bound = self.limiter.completion_bound(key, prompt_tokens, want, explicit=explicit)
-        ws = self.ledger.workspace(key.workspace_id)
+        want = context_bound(rate, prompt_tokens, max_tokens) if context_checked else max_tokens
+        now = self.limiter.now_ns()
+        bound = self.limiter.completion_bound(
+            key, prompt_tokens, want or 0, explicit=explicit, now_ns=now
+        )
         if not explicit:
+            ws = self.ledger.workspace(key.workspace_id)
             affordable = self.ledger.affordable_completion_tokens(ws, rate, prompt_tokens)
-            bound = min(bound, max(affordable, 1))  # 1 so that an unaffordable request fails below
-        self.ledger.check_affordable(ws, rate, prompt_tokens, bound)
-        # Every check passed: take from each limit. Nothing below may raise a user error.
-        limit_ticket = self.limiter.admit(key, prompt_tokens + bound)
-        hold = self.ledger.reserve(request_id, key, rate, rate_card_version, prompt_tokens, bound)
-        headers = self.limiter.headers(key)
-        return Ticket(key, rate, hold, limit_ticket, prompt_tokens, bound, headers)
+            bound = min(bound, max(affordable, 1))  # 1 so that an unaffordable request fails
+        # The hold is the one affordability check; after it nothing may raise a user error.
+        hold = self.ledger.reserve(hold_id, key, rate, rate_card_version, prompt_tokens, bound)
+        limit_ticket = self.limiter.admit(key, prompt_tokens + bound, now_ns=now)
+        return Ticket(key, hold, limit_ticket, self.limiter.state(key, now_ns=now))
 
     def count_call(self, key: ApiKey) -> None:
         """A call that is not metered (Tokenize) still counts against requests per minute."""
@@ -114,47 +169,27 @@ class Meter:
         prompt_tokens: int,
         completion_tokens: int,
         cached_prompt_tokens: int = 0,
+        finished: bool = True,
     ) -> Charged | None:
-        """Charges what the request used, returns the rest to every limit. Exactly once."""
-        prompt_tokens = min(prompt_tokens, ticket.prompt_tokens)
-        completion_tokens = min(completion_tokens, ticket.max_tokens)
+        """Charges what the request used (see `billable`) and returns the rest to every limit.
+        Exactly once per ticket. `request_id` is the caller's x-request-id, kept on the charge.
+        """
+        prompt, completion = billable(ticket, prompt_tokens, completion_tokens, finished=finished)
         # The limits are given back first: a charge the journal refuses still ends the request.
-        self.limiter.settle(ticket.limits, prompt_tokens + completion_tokens)
+        self.limiter.settle(ticket.limits, prompt + completion)
         charge = self.ledger.settle(
             ticket.hold,
             request_id=request_id,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cached_prompt_tokens=cached_prompt_tokens,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_prompt_tokens=min(cached_prompt_tokens, prompt),
         )
         if charge is not None and self._reloader is not None:
             self._reloader.check(ticket.key.workspace_id)
         return charge
 
-    async def durable(self) -> None:
-        """Returns once every change made so far is on disk."""
-        if self._journal is not None:
-            await self._journal.sync_point()
-        else:
-            await asyncio.sleep(0)
 
-    @staticmethod
-    def _context_bound(
-        rate: ModelRate, prompt_tokens: int, max_tokens: int | None, checked: bool
-    ) -> int:
-        if not checked:
-            return max_tokens or 0
-        room = rate.context_length - prompt_tokens
-        if (max_tokens is not None and max_tokens > room) or room < 1:
-            raise errors.ContextLengthExceeded(
-                prompt_tokens=prompt_tokens,
-                max_tokens=max_tokens if max_tokens is not None else 1,
-                context_length=rate.context_length,
-            )
-        return room if max_tokens is None else max_tokens
-
-
-class UnmeteredMeter(Meter):
+class UnmeteredMeter:
     """Benchmark-only: admits every request without a key, limit or charge, and writes nothing.
 
     It exists so that a benchmark can measure what metering costs by switching it off; the
@@ -170,9 +205,7 @@ class UnmeteredMeter(Meter):
         secret_sha256=b"",
         created_ms=0,
     )
-
-    def __init__(self) -> None:
-        pass
+    _NO_LIMITS = LimitState(requests=None, tokens=None)
 
     def authenticate(self, secret: str | None) -> ApiKey:
         return self._KEY
@@ -185,15 +218,17 @@ class UnmeteredMeter(Meter):
         key: ApiKey,
         rate: ModelRate,
         rate_card_version: str,
-        request_id: str,
+        hold_id: str,
         *,
         prompt_tokens: int,
         max_tokens: int | None,
         context_checked: bool = True,
     ) -> Ticket:
-        bound = self._context_bound(rate, prompt_tokens, max_tokens, context_checked)
+        bound = (
+            context_bound(rate, prompt_tokens, max_tokens) if context_checked else max_tokens or 0
+        )
         hold = Hold(
-            id=request_id,
+            id=hold_id,
             workspace_id=key.workspace_id,
             key_id=key.id,
             rate=rate,
@@ -202,7 +237,7 @@ class UnmeteredMeter(Meter):
             max_completion_tokens=bound,
             amount_nano=rate.cost_nano(prompt_tokens, bound),
         )
-        return Ticket(key, rate, hold, LimitTicket(key.id, 0, 0, 0), prompt_tokens, bound, {})
+        return Ticket(key, hold, LimitTicket(key.id, 0, 0, 0), self._NO_LIMITS)
 
     def settle(
         self,
@@ -212,8 +247,10 @@ class UnmeteredMeter(Meter):
         prompt_tokens: int,
         completion_tokens: int,
         cached_prompt_tokens: int = 0,
+        finished: bool = True,
     ) -> Charged | None:
-        if prompt_tokens == 0 and completion_tokens == 0:
+        prompt, completion = billable(ticket, prompt_tokens, completion_tokens, finished=finished)
+        if prompt == 0 and completion == 0:
             return None
         return Charged(
             at_ms=0,
@@ -222,12 +259,9 @@ class UnmeteredMeter(Meter):
             workspace_id=ticket.key.workspace_id,
             key_id=ticket.key.id,
             model=ticket.rate.id,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cached_prompt_tokens=cached_prompt_tokens,
-            cost_nano=ticket.rate.cost_nano(prompt_tokens, completion_tokens),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_prompt_tokens=min(cached_prompt_tokens, prompt),
+            cost_nano=ticket.rate.cost_nano(prompt, completion),
             rate_card_version=ticket.hold.rate_card_version,
         )
-
-    async def durable(self) -> None:
-        return None

@@ -11,7 +11,7 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from corvex import readyfile
 from corvex.money import NANO_PER_USD, cents_from_usd
-from corvex.ratecard import RateCard, RateCardError, load_rate_card
+from corvex.ratecard import ModelRate, RateCard, RateCardError, load_rate_card
 from corvex.v1 import accounts_pb2, accounts_pb2_grpc, inference_pb2, inference_pb2_grpc
 from corvex_core import ops_http
 from corvex_core.catalogue import Catalogue
@@ -33,13 +33,14 @@ from corvex_core.journal import Journal, JournalCorrupt, JournalError
 from corvex_core.ledger import Ledger, LedgerState
 from corvex_core.lifecycle import Lifecycle
 from corvex_core.limits import RateLimiter
-from corvex_core.metering import Meter, UnmeteredMeter
+from corvex_core.metering import Meter, Metering, UnmeteredMeter
 from corvex_core.payments import AutoReloader, PaymentProvider, make_provider
 from corvex_core.records import Record
 from corvex_core.servicers import accounts, inference
 from corvex_core.servicers.accounts import AccountsServicer
 from corvex_core.servicers.inference import InferenceServicer
 from corvex_core.servicers.interceptor import CallInterceptor
+from corvex_core.serving import Service
 from corvex_core.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,11 @@ class StartupError(Exception):
     """The core cannot start; the message tells the operator why."""
 
 
-def build_engines(config: CoreConfig, rate_card: RateCard) -> list[Engine]:
-    unknown = sorted(set(config.engines.models) - set(rate_card.by_id))
-    if unknown:
-        raise StartupError(
-            f"core.engines.models names models that are not on the rate card: {', '.join(unknown)}"
-        )
+def build_engines(config: CoreConfig, models: Iterable[ModelRate]) -> list[Engine]:
+    """Engines, not yet started, for the models of `models` this core serves (the one place
+    engines are made: at start and for models a reloaded rate card adds)."""
     engines = []
-    for model in rate_card.models:
+    for model in models:
         engine_config = config.engines.for_model(model.id)
         if engine_config is None:
             continue  # not served by this core
@@ -74,6 +72,16 @@ def build_engines(config: CoreConfig, rate_card: RateCard) -> list[Engine]:
             )
         except (ValueError, TypeError) as exc:
             raise StartupError(f"core.engines: {model.id}: {exc}") from exc
+    return engines
+
+
+def initial_engines(config: CoreConfig, rate_card: RateCard) -> list[Engine]:
+    unknown = sorted(set(config.engines.models) - set(rate_card.by_id))
+    if unknown:
+        raise StartupError(
+            f"core.engines.models names models that are not on the rate card: {', '.join(unknown)}"
+        )
+    engines = build_engines(config, rate_card.models)
     if not engines:
         raise StartupError("core.engines serves none of the rate card's models")
     return engines
@@ -145,7 +153,7 @@ class Core:
             rate_card = load_rate_card(config.rate_card)
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
-        self.catalogue = Catalogue(rate_card, build_engines(config, rate_card))
+        self.catalogue = Catalogue(rate_card, initial_engines(config, rate_card))
         self.reloader = AutoReloader(
             self.ledger,
             self.journal,
@@ -153,11 +161,12 @@ class Core:
             retry_initial_s=config.accounts.auto_reload_retry_initial_s,
             retry_max_s=config.accounts.auto_reload_retry_max_s,
         )
-        self.meter = (
+        self.meter: Metering = (
             UnmeteredMeter()
             if config.benchmark_unmetered
-            else Meter(self.ledger, self.limiter, journal=self.journal, reloader=self.reloader)
+            else Meter(self.ledger, self.limiter, reloader=self.reloader)
         )
+        self.service = Service(self.catalogue, self.meter, self.lifecycle, self.durable)
         self.port = 0
         self.metrics_port = 0
         self.last_reload_error = ""
@@ -172,12 +181,12 @@ class Core:
         only then reports SERVING and admits requests."""
         accounts = self.config.accounts
         inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.catalogue, self.meter, self.lifecycle), self.server
+            InferenceServicer(self.service, self.catalogue), self.server
         )
         accounts_pb2_grpc.add_AccountsServicer_to_server(
             AccountsServicer(
                 self.ledger,
-                durable=self.meter.durable,
+                durable=self.durable,
                 starter_credits_cents=cents_from_usd(accounts.starter_credits_usd),
                 min_topup_cents=cents_from_usd(accounts.min_topup_usd),
             ),
@@ -210,6 +219,12 @@ class Core:
         self.lifecycle.serving()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("core serving %d models", len(engines))
+
+    async def durable(self) -> None:
+        """Returns once every change made so far is on disk (raises JournalError if it
+        cannot be). Without a journal (benchmarks), at once."""
+        if self.journal is not None:
+            await self.journal.sync_point()
 
     async def _recover(self) -> None:
         if self.config.benchmark_unmetered:
@@ -386,14 +401,11 @@ class Core:
                         f"{self.config.rate_card}: the card changed but its version is still "
                         f"{card.version}; give every change a new version"
                     )
-                added = [
-                    build_engine(m.id, engine_config, context_length=m.context_length)
-                    for m in card.models
-                    if not self.catalogue.has_engine(m.id)
-                    and (engine_config := self.config.engines.for_model(m.id)) is not None
-                ]
+                added = build_engines(
+                    self.config, [m for m in card.models if not self.catalogue.has_engine(m.id)]
+                )
                 await asyncio.gather(*(engine.start() for engine in added))
-            except (ValueError, EngineError) as exc:
+            except (ValueError, EngineError, StartupError) as exc:
                 self.last_reload_error = str(exc)
                 self.telemetry.reload_failures.inc()
                 log.error("rate card reload refused; %s stays in force: %s", current.version, exc)

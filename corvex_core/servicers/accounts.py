@@ -20,6 +20,7 @@ from corvex_core.journal import JournalError
 from corvex_core.ledger import ApiKey, Invoice, Ledger, Workspace
 from corvex_core.lifecycle import CallKind
 from corvex_core.records import KeyLimits
+from corvex_core.serving import Durable
 
 # grpc ships no types; this names what the handlers receive.
 Context: TypeAlias = Any
@@ -53,7 +54,7 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
         self,
         ledger: Ledger,
         *,
-        durable: Any,
+        durable: Durable,
         starter_credits_cents: int,
         min_topup_cents: int,
     ) -> None:

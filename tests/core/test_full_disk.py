@@ -134,7 +134,7 @@ async def test_a_full_disk_turns_the_core_read_only_with_nothing_ahead_of_the_di
             ]
             assert restarted.ledger.workspace(ws.id).balance_nano == balance
             restarted.ledger.add_credits(ws.id, 10**9, "manual", "after")
-            await restarted.meter.durable()
+            await restarted.durable()
         finally:
             await restarted.server.stop(grace=0)
             await restarted.close()
@@ -149,7 +149,7 @@ async def test_the_data_directory_and_its_files_are_private(tmp_path: Path) -> N
     await core.start()
     try:
         core.ledger.create_workspace("w", 0)
-        await core.meter.durable()
+        await core.durable()
         assert data.stat().st_mode & 0o777 == 0o700
         for name in ("journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm",
                      "dev_key.json"):  # fmt: skip

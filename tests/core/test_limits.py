@@ -35,9 +35,9 @@ from corvex_core.limits import (
     LimitTicket,
     RateLimiter,
     Window,
-    format_duration,
 )
 from corvex_core.records import KeyLimits
+from corvex_core.servicers.metadata import format_duration, response_metadata
 
 S = 1_000_000_000  # ns per second
 T0 = 1_000 * WINDOW_NS  # an arbitrary monotonic start, far from zero and on a whole second
@@ -615,6 +615,17 @@ def limiter(clock: NsClock) -> RateLimiter:
     return RateLimiter(clock_ns=clock)
 
 
+def _remaining(limiter: RateLimiter, key: ApiKey, kind: str) -> int:
+    standing = getattr(limiter.state(key), kind)
+    assert standing is not None
+    return int(standing.remaining)
+
+
+def _headers(limiter: RateLimiter, key: ApiKey) -> dict[str, str]:
+    """The key's limits as the core's response metadata writes them (OpenAI's headers)."""
+    return dict(response_metadata("r", limiter.state(key))[1:])
+
+
 def _request(
     limiter: RateLimiter, key: ApiKey, prompt: int, completion: int, *, explicit: bool = True
 ) -> tuple[int, LimitTicket]:
@@ -716,7 +727,7 @@ def test_a_settled_request_is_not_given_back_to_requests_per_minute(
     with pytest.raises(errors.RateLimitExceeded) as refused:
         limiter.completion_bound(key, 10, 10, explicit=True)
     assert refused.value.metadata["limit"] == "requests_per_minute"
-    assert limiter.headers(key)["x-ratelimit-remaining-tokens"] == "1000"
+    assert _remaining(limiter, key, "tokens") == 1000
 
 
 def test_monthly_token_limit(limiter: RateLimiter) -> None:
@@ -742,14 +753,14 @@ def test_monthly_token_limit(limiter: RateLimiter) -> None:
 def test_settle_gives_back_unused_tokens_exactly_once(limiter: RateLimiter) -> None:
     key = _key(KeyLimits(tokens_per_minute=1_000, monthly_tokens=5_000))
     _, ticket = _request(limiter, key, 200, 800)
-    assert limiter.headers(key)["x-ratelimit-remaining-tokens"] == "0"
+    assert _remaining(limiter, key, "tokens") == 0
 
     limiter.settle(ticket, 300)
 
-    assert limiter.headers(key)["x-ratelimit-remaining-tokens"] == "700"
+    assert _remaining(limiter, key, "tokens") == 700
     with pytest.raises(AssertionError):
         limiter.settle(ticket, 0)
-    assert limiter.headers(key)["x-ratelimit-remaining-tokens"] == "700"
+    assert _remaining(limiter, key, "tokens") == 700
     # The monthly hold is gone; what was used is the ledger's to count (key.month_tokens).
     assert limiter.completion_bound(key, 0, 10_000, explicit=False) == 700
 
@@ -767,10 +778,10 @@ def test_tokens_given_back_at_settle_are_available_again_at_once(
 
     # Not after a refill: now, half a minute after the tokens were taken.
     assert _request(limiter, key, 0, 900)[0] == 900
-    assert limiter.headers(key)["x-ratelimit-remaining-tokens"] == "0"
+    assert _remaining(limiter, key, "tokens") == 0
     # The 100 used count in T0's second, so they come back when it leaves, not later.
     clock.advance(30 * S)
-    assert limiter.headers(key)["x-ratelimit-remaining-tokens"] == "100"
+    assert _remaining(limiter, key, "tokens") == 100
 
 
 def test_a_limit_added_after_admission_is_not_credited_on_settle(limiter: RateLimiter) -> None:
@@ -781,7 +792,7 @@ def test_a_limit_added_after_admission_is_not_credited_on_settle(limiter: RateLi
     _, second = _request(limiter, key, 100, 300)
     limiter.settle(ticket, 0)
 
-    assert limiter.headers(key)["x-ratelimit-remaining-tokens"] == "600"
+    assert _remaining(limiter, key, "tokens") == 600
     # The monthly hold of the second request alone counts: 2,000 - 400 = 1,600 room.
     assert limiter.completion_bound(key, 0, 10_000, explicit=False) == 600
     limiter.settle(second, 400)
@@ -810,7 +821,7 @@ def test_a_limit_removed_and_added_again_is_not_credited_by_an_older_request(
 
 def test_headers_report_the_limits_the_key_has(limiter: RateLimiter, clock: NsClock) -> None:
     key = _key(KeyLimits(requests_per_minute=60, tokens_per_minute=1_000))
-    assert limiter.headers(key) == {
+    assert _headers(limiter, key) == {
         "x-ratelimit-limit-requests": "60",
         "x-ratelimit-remaining-requests": "60",
         "x-ratelimit-reset-requests": "0ms",
@@ -822,7 +833,7 @@ def test_headers_report_the_limits_the_key_has(limiter: RateLimiter, clock: NsCl
     _request(limiter, key, 50, 200)
 
     # A request refills in 1 s; the tokens come back when their second leaves the window.
-    assert limiter.headers(key) == {
+    assert _headers(limiter, key) == {
         "x-ratelimit-limit-requests": "60",
         "x-ratelimit-remaining-requests": "59",
         "x-ratelimit-reset-requests": "1s",
@@ -831,28 +842,28 @@ def test_headers_report_the_limits_the_key_has(limiter: RateLimiter, clock: NsCl
         "x-ratelimit-reset-tokens": "1m0s",
     }
     clock.advance(14_500_000_000)
-    assert limiter.headers(key)["x-ratelimit-reset-requests"] == "0ms"
-    assert limiter.headers(key)["x-ratelimit-reset-tokens"] == "45.5s"
+    assert _headers(limiter, key)["x-ratelimit-reset-requests"] == "0ms"
+    assert _headers(limiter, key)["x-ratelimit-reset-tokens"] == "45.5s"
     _request(limiter, key, 100, 100)
-    assert limiter.headers(key)["x-ratelimit-remaining-tokens"] == "550"
+    assert _remaining(limiter, key, "tokens") == 550
     # The window is empty when T0 + 14 s leaves it, at T0 + 74 s.
-    assert limiter.headers(key)["x-ratelimit-reset-tokens"] == "59.5s"
+    assert _headers(limiter, key)["x-ratelimit-reset-tokens"] == "59.5s"
     clock.advance(45_500_000_000)
-    assert limiter.headers(key)["x-ratelimit-remaining-tokens"] == "800"
-    assert limiter.headers(key)["x-ratelimit-reset-tokens"] == "14s"
+    assert _remaining(limiter, key, "tokens") == 800
+    assert _headers(limiter, key)["x-ratelimit-reset-tokens"] == "14s"
 
 
 def test_headers_of_a_fast_limit_and_of_no_limit(limiter: RateLimiter) -> None:
     fast = _key(KeyLimits(requests_per_minute=3_000), "fast")
     _request(limiter, fast, 1, 1)
 
-    assert limiter.headers(fast) == {
+    assert _headers(limiter, fast) == {
         "x-ratelimit-limit-requests": "3000",
         "x-ratelimit-remaining-requests": "2999",
         "x-ratelimit-reset-requests": "20ms",
     }
-    assert limiter.headers(_key(KeyLimits(monthly_tokens=10), "monthly")) == {}
-    assert limiter.headers(_key(KeyLimits(), "none")) == {}
+    assert _headers(limiter, _key(KeyLimits(monthly_tokens=10), "monthly")) == {}
+    assert _headers(limiter, _key(KeyLimits(), "none")) == {}
 
 
 @pytest.mark.parametrize(
@@ -897,8 +908,8 @@ def test_sweep_forgets_idle_keys(limiter: RateLimiter, clock: NsClock) -> None:
     assert limiter.sweep() == 1
     assert len(limiter) == 0
     # A forgotten key starts again with a full bucket and an empty window.
-    assert limiter.headers(keys[0])["x-ratelimit-remaining-requests"] == "10"
-    assert limiter.headers(keys[0])["x-ratelimit-remaining-tokens"] == "1000"
+    assert _headers(limiter, keys[0])["x-ratelimit-remaining-requests"] == "10"
+    assert _headers(limiter, keys[0])["x-ratelimit-remaining-tokens"] == "1000"
     _request(limiter, keys[0], 10, 10)
 
 
@@ -1058,7 +1069,7 @@ def test_unused_tokens_given_back_late_within_the_window_are_exact(
 
     assert _request(limiter, key, 0, 100, explicit=False)[0] == 70
     clock.advance(S // 2)  # A's second leaves: its 30 used come back, nothing more
-    assert limiter.headers(key)["x-ratelimit-remaining-tokens"] == "30"
+    assert _remaining(limiter, key, "tokens") == 30
 
 
 def test_tokens_used_in_59_seconds_are_at_most_the_limit_and_the_bound_is_tight(
@@ -1188,15 +1199,15 @@ def test_limiter_matches_the_references(program: tuple[KeyLimits, list[Op]]) -> 
                 assert admission is not None
             month = 0 if key.limits.monthly_tokens is None else taken
             held += month
-            headers = limiter.headers(key)
+            state = limiter.state(key)
             if requests is not None:
-                assert headers["x-ratelimit-remaining-requests"] == str(requests.available(now))
-                assert headers["x-ratelimit-reset-requests"] == format_duration(
-                    requests.reset_ns(now)
-                )
+                assert state.requests is not None
+                assert state.requests.remaining == requests.available(now)
+                assert state.requests.reset_ns == requests.reset_ns(now)
             if tokens is not None:
-                assert headers["x-ratelimit-remaining-tokens"] == str(tokens.available(now))
-                assert headers["x-ratelimit-reset-tokens"] == format_duration(tokens.reset_ns(now))
+                assert state.tokens is not None
+                assert state.tokens.remaining == tokens.available(now)
+                assert state.tokens.reset_ns == tokens.reset_ns(now)
             pending.append((ticket, admission, taken, month, taken * (z % 5) // 4))
         elif op == "settle" and pending:
             ticket, admission, taken, month, used = pending.pop(x % len(pending))

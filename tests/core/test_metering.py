@@ -77,6 +77,12 @@ class World:
         return self.ledger.workspace(key.workspace_id)
 
 
+def remaining(world: World, key: ApiKey, kind: str) -> int:
+    standing = getattr(world.limiter.state(key), kind)
+    assert standing is not None
+    return int(standing.remaining)
+
+
 @pytest.fixture
 def world() -> World:
     return World()
@@ -90,8 +96,9 @@ def test_admit_and_settle(world: World) -> None:
     assert ticket.max_tokens == 200
     assert ticket.hold.amount_nano == 100 * 350 + 200 * 1_400
     assert world.workspace(key).held_nano == ticket.hold.amount_nano
-    assert ticket.headers["x-ratelimit-remaining-requests"] == "9"
-    assert ticket.headers["x-ratelimit-remaining-tokens"] == "9700"
+    assert ticket.limit_state.requests is not None and ticket.limit_state.tokens is not None
+    assert ticket.limit_state.requests.remaining == 9
+    assert ticket.limit_state.tokens.remaining == 9700
 
     charge = world.meter.settle(ticket, request_id="r1", prompt_tokens=100, completion_tokens=50)
 
@@ -101,9 +108,8 @@ def test_admit_and_settle(world: World) -> None:
     assert world.charges == [charge]
     ws = world.workspace(key)
     assert (ws.balance_nano, ws.held_nano) == (NANO_PER_USD - cost, 0)
-    headers = world.limiter.headers(key)
-    assert headers["x-ratelimit-remaining-tokens"] == "9850"  # the 150 unused came back
-    assert headers["x-ratelimit-remaining-requests"] == "9"  # a request stays counted
+    assert remaining(world, key, "tokens") == 9850  # the 150 unused came back
+    assert remaining(world, key, "requests") == 9  # a request stays counted
     assert world.ledger.key(key.id).month_tokens == 150
     with pytest.raises(AssertionError):
         world.meter.settle(ticket, request_id="r1", prompt_tokens=100, completion_tokens=50)
@@ -119,7 +125,7 @@ def test_settle_returns_the_rest_to_the_hold_and_the_tokens_bucket(world: World)
     world.meter.settle(first, request_id="r1", prompt_tokens=500, completion_tokens=1_000)
 
     assert world.workspace(key).held_nano == 0
-    assert world.limiter.headers(key)["x-ratelimit-remaining-tokens"] == "3500"
+    assert remaining(world, key, "tokens") == 3500
     second = world.meter.admit(key, DEEPSEEK, VERSION, "r2", prompt_tokens=500, max_tokens=None)
     assert second.max_tokens == 3_000
     assert world.workspace(key).held_nano == 500 * 350 + 3_000 * 1_400
@@ -134,7 +140,7 @@ def test_settle_counts_no_more_than_was_admitted(world: World) -> None:
     assert charge is not None
     assert (charge.prompt_tokens, charge.completion_tokens) == (10, 20)
     assert charge.cost_nano == 10 * 350 + 20 * 1_400
-    assert world.limiter.headers(key)["x-ratelimit-remaining-tokens"] == "970"
+    assert remaining(world, key, "tokens") == 970
 
 
 # ---- the bound without max_tokens -------------------------------------------------------------
@@ -189,7 +195,7 @@ def test_implicit_request_at_zero_balance_is_refused(world: World) -> None:
     with pytest.raises(errors.InsufficientCredits):
         world.meter.admit(key, DEEPSEEK, VERSION, "r", prompt_tokens=100, max_tokens=None)
 
-    assert world.ledger.hold_count() == 0
+    assert world.ledger.held_total_nano() == 0
 
 
 def test_explicit_max_tokens_beyond_the_context_is_refused(world: World) -> None:
@@ -201,8 +207,8 @@ def test_explicit_max_tokens_beyond_the_context_is_refused(world: World) -> None
     assert refused.value.reason is errors.Reason.CONTEXT_LENGTH_EXCEEDED
     assert refused.value.metadata["context_length"] == "1000"
     assert "maximum context length is 1000 tokens" in refused.value.message
-    assert world.ledger.hold_count() == 0
-    assert world.limiter.headers(key)["x-ratelimit-remaining-requests"] == "5"
+    assert world.ledger.held_total_nano() == 0
+    assert remaining(world, key, "requests") == 5
     assert world.meter.admit(key, SMALL, VERSION, "r", prompt_tokens=100, max_tokens=900)
 
 
@@ -218,14 +224,14 @@ def test_a_prompt_that_fills_the_context_is_refused(world: World) -> None:
 
 def test_a_money_refusal_takes_nothing_from_the_limits(world: World) -> None:
     key, _ = world.key(1, KeyLimits(requests_per_minute=2, tokens_per_minute=10_000))
-    before = world.limiter.headers(key)
+    before = world.limiter.state(key)
 
     with pytest.raises(errors.InsufficientCredits):
         # 100 x 350 + 9,000 x 1,400 = $0.012635 > $0.01, but within every per-key limit.
         world.meter.admit(key, DEEPSEEK, VERSION, "r0", prompt_tokens=100, max_tokens=9_000)
 
-    assert world.limiter.headers(key) == before
-    assert world.ledger.hold_count() == 0
+    assert world.limiter.state(key) == before
+    assert world.ledger.held_total_nano() == 0
     # The whole request budget is still there: two requests, then the third is limited.
     world.meter.admit(key, DEEPSEEK, VERSION, "r1", prompt_tokens=10, max_tokens=10)
     world.meter.admit(key, DEEPSEEK, VERSION, "r2", prompt_tokens=10, max_tokens=10)
@@ -240,7 +246,7 @@ def test_a_limit_refusal_holds_no_money(world: World) -> None:
         world.meter.admit(key, DEEPSEEK, VERSION, "r", prompt_tokens=500, max_tokens=501)
 
     assert world.workspace(key).held_nano == 0
-    assert world.ledger.hold_count() == 0
+    assert world.ledger.held_total_nano() == 0
 
 
 def test_monthly_tokens_count_what_was_charged(world: World) -> None:

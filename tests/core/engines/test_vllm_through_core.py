@@ -73,18 +73,18 @@ async def test_cancelled_call_aborts_in_vllm(vllm_core: Core, fake_vllm: ModuleT
         stub = inference_pb2_grpc.InferenceStub(channel)
         call = stub.Chat(chat(max_tokens=500, ignore_eos=True), metadata=auth(secret))
         for _ in range(100):
-            if vllm_core.ledger.hold_count():
+            if vllm_core.ledger.held_total_nano():
                 break
             await asyncio.sleep(0.01)
         llm.step()
         await call.read()
         call.cancel()
         for _ in range(200):
-            if llm.aborted and vllm_core.ledger.hold_count() == 0:
+            if llm.aborted and vllm_core.ledger.held_total_nano() == 0:
                 break
             await asyncio.sleep(0.01)
     assert len(llm.aborted) == 1
-    assert vllm_core.ledger.hold_count() == 0
+    assert vllm_core.ledger.held_total_nano() == 0
 
 
 async def test_a_dead_engine_is_unavailable_and_chat_models_do_not_embed(
@@ -107,4 +107,4 @@ async def test_a_dead_engine_is_unavailable_and_chat_models_do_not_embed(
                 pass
         assert dead.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_info(dead.value).reason == "ENGINE_UNAVAILABLE"
-        assert vllm_core.ledger.hold_count() == 0
+        assert vllm_core.ledger.held_total_nano() == 0

@@ -204,11 +204,11 @@ async def test_cancelled_call_aborts_engine_request_and_charges_what_was_produce
             assert engine.stats().running == 1
             call.cancel()
             for _ in range(100):
-                if engine.stats().running == 0 and core.ledger.hold_count() == 0:
+                if engine.stats().running == 0 and core.ledger.held_total_nano() == 0:
                     break
                 await asyncio.sleep(0.01)
             assert engine.stats().running == 0
-            assert core.ledger.hold_count() == 0
+            assert core.ledger.held_total_nano() == 0
             ws = core.ledger.workspaces()[0]
             [row] = core.ledger.usage(ws.id)
             # Charged for what the engine produced before the abort: far less than held.
@@ -274,7 +274,7 @@ async def test_unexpected_failures_are_internal_without_details(
     assert "req-test-1" in (exc.value.details() or "")  # the request id, to find the log line
     logged = [r for r in caplog.records if r.levelname == "ERROR"]
     assert logged and "/srv/secret/path" in (logged[0].exc_text or str(logged[0].exc_info))
-    assert core.ledger.hold_count() == 0
+    assert core.ledger.held_total_nano() == 0
 
 
 async def test_final_only_sends_the_whole_answer_in_one_chunk(channel: grpc.aio.Channel) -> None:

@@ -35,7 +35,7 @@ async def test_nothing_is_read_or_written_before_the_ledger_is_recovered(tmp_pat
     first = Core(core_config(data))
     await first.start()
     created = first.ledger.create_workspace("before", 500 * 10**7)[0]
-    await first.meter.durable()
+    await first.durable()
     await first.server.stop(grace=0)
     await first.close()
 

@@ -1,0 +1,297 @@
+"""Serving: the life of one request, from the caller's key to its durable charge.
+
+It authenticates the key, finds the served model, renders and counts the prompt, admits the
+request (metering), runs it on the engine, settles it exactly once however it ends (finished,
+aborted, failed, client gone), and makes the charge durable before the result is final. It
+records what it learns on the call's telemetry record. Servicers only convert wire ⇄ the types
+here; they decide nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Final
+
+import msgspec
+
+from corvex_core import errors
+from corvex_core.catalogue import Catalogue, Served
+from corvex_core.engines.base import (
+    ChatMessage,
+    Delta,
+    Embeddings,
+    EmbedInput,
+    EngineRequestError,
+    EngineUnavailableError,
+    FinishReason,
+    Prompt,
+    SamplingOptions,
+)
+from corvex_core.journal import JournalError
+from corvex_core.ledger import ApiKey
+from corvex_core.lifecycle import Lifecycle
+from corvex_core.limits import LimitState
+from corvex_core.metering import Metering, Ticket
+from corvex_core.records import Charged
+from corvex_core.telemetry import CallRecord
+
+# OpenAI's bounds for one embeddings request: 2,048 inputs, 300,000 tokens in all.
+MAX_EMBED_INPUTS: Final = 2048
+MAX_EMBED_TOKENS: Final = 300_000
+
+Durable = Callable[[], Awaitable[None]]
+
+
+class ChatParams(msgspec.Struct, frozen=True):
+    """A validated chat request. `max_tokens` None: as many as the request may afford."""
+
+    model: str
+    messages: list[ChatMessage]
+    max_tokens: int | None
+    sampling: SamplingOptions
+    # The caller wants the whole answer at once: no delta before the final one.
+    whole: bool = False
+
+
+class Finished(msgspec.Struct, frozen=True):
+    """The end of a generation: its last delta (with `whole`, all the text) and its charge
+    (None when nothing was billable). Produced only once the charge is durable."""
+
+    delta: Delta
+    charge: Charged | None
+    rate_card_version: str
+
+
+class EmbedResult(msgspec.Struct, frozen=True):
+    embeddings: Embeddings
+    charge: Charged | None
+    rate_card_version: str
+    limit_state: LimitState
+
+
+class Service:
+    """What the Inference servicer calls. One per core."""
+
+    def __init__(
+        self, catalogue: Catalogue, meter: Metering, lifecycle: Lifecycle, durable: Durable
+    ) -> None:
+        self._catalogue = catalogue
+        self._meter = meter
+        self._lifecycle = lifecycle
+        self._durable = durable
+
+    def authenticate(self, secret: str | None, call: CallRecord) -> ApiKey:
+        key = self._meter.authenticate(secret)
+        call.key_id, call.workspace_id = key.id, key.workspace_id
+        return key
+
+    def lookup(self, model: str, call: CallRecord) -> Served:
+        served = self._catalogue.lookup(model)
+        call.model = served.rate.id  # only catalogue ids become metric labels
+        return served
+
+    async def admit_chat(self, key: ApiKey, params: ChatParams, call: CallRecord) -> ChatRun:
+        """Renders, counts and admits a chat request; raises the error that refuses it."""
+        served = self.lookup(params.model, call)
+        with engine_errors():
+            prompt = await served.engine.render_chat(params.messages)
+        hold_id = "hold_" + secrets.token_hex(12)
+        ticket = self._meter.admit(
+            key,
+            served.rate,
+            served.rate_card_version,
+            hold_id,
+            prompt_tokens=prompt.num_tokens,
+            max_tokens=params.max_tokens,
+        )
+        options = msgspec.structs.replace(params.sampling, max_tokens=ticket.max_tokens)
+        return ChatRun(self, served, ticket, hold_id, prompt, options, params.whole, call)
+
+    async def embed(
+        self,
+        key: ApiKey,
+        model: str,
+        inputs: Sequence[EmbedInput],
+        dimensions: int | None,
+        call: CallRecord,
+    ) -> EmbedResult:
+        served = self.lookup(model, call)
+        engine = served.engine
+        if not engine.supports_embeddings:
+            raise errors.InvalidRequest(
+                f"The model {errors.quote(model)} does not produce embeddings.", param="model"
+            )
+        with engine_errors():
+            counts = [
+                len(item.token_ids)
+                if item.token_ids is not None
+                else await engine.count_tokens(item.text or "")
+                for item in inputs
+            ]
+        _check_embed_sizes(counts, served.rate.context_length)
+        ticket = self._meter.admit(
+            key,
+            served.rate,
+            served.rate_card_version,
+            "hold_" + secrets.token_hex(12),
+            prompt_tokens=sum(counts),
+            max_tokens=0,
+            context_checked=False,
+        )
+        used = 0
+        try:
+            with engine_errors():
+                result = await engine.embed(inputs, dimensions)
+            used = result.prompt_tokens
+        finally:
+            charge = self._settle(ticket, call, prompt_tokens=used, completion_tokens=0)
+        await self._make_durable()
+        return EmbedResult(result, charge, served.rate_card_version, ticket.limit_state)
+
+    async def tokenize(
+        self, key: ApiKey, model: str, messages: Sequence[ChatMessage], text: str, call: CallRecord
+    ) -> tuple[int, int]:
+        """Tokens of a conversation (after the chat template) or of a text, and the context
+        length. Not charged, but counted against the key's requests per minute."""
+        served = self.lookup(model, call)
+        self._meter.count_call(key)
+        with engine_errors():
+            if messages:
+                count = (await served.engine.render_chat(messages)).num_tokens
+            else:
+                count = await served.engine.count_tokens(text)
+        return count, served.rate.context_length
+
+    def _settle(
+        self,
+        ticket: Ticket,
+        call: CallRecord,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int = 0,
+        finished: bool = True,
+    ) -> Charged | None:
+        charge = self._meter.settle(
+            ticket,
+            request_id=call.request_id,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_prompt_tokens=cached_prompt_tokens,
+            finished=finished,
+        )
+        if charge is not None:
+            call.prompt_tokens = charge.prompt_tokens
+            call.completion_tokens = charge.completion_tokens
+            call.cost_nano = charge.cost_nano
+        return charge
+
+    async def _make_durable(self) -> None:
+        try:
+            await self._durable()
+        except JournalError as exc:
+            raise errors.ServiceUnavailable(
+                "The charge of this request could not be recorded; it was not billed. Retry later."
+            ) from exc
+
+
+class ChatRun:
+    """An admitted chat request. `events()` runs it: the deltas as the engine produces them
+    (none with `whole`), then one `Finished`, once its charge is durable. Iterate it to the
+    end or close it; either way the request is settled exactly once."""
+
+    def __init__(
+        self,
+        service: Service,
+        served: Served,
+        ticket: Ticket,
+        hold_id: str,
+        prompt: Prompt,
+        options: SamplingOptions,
+        whole: bool,
+        call: CallRecord,
+    ) -> None:
+        self._service = service
+        self._served = served
+        self._ticket = ticket
+        self._hold_id = hold_id
+        self._prompt = prompt
+        self._options = options
+        self._whole = whole
+        self._call = call
+
+    @property
+    def limit_state(self) -> LimitState:
+        """The key's per-minute limits after this request was admitted."""
+        return self._ticket.limit_state
+
+    async def events(self) -> AsyncIterator[Delta | Finished]:
+        service, served = self._service, self._served
+        with service._lifecycle.stream(served.engine, self._hold_id):
+            produced, last, texts = 0, None, []
+            try:
+                with engine_errors():
+                    stream = served.engine.generate(self._hold_id, self._prompt, self._options)
+                    async with contextlib.aclosing(stream):
+                        async for delta in stream:
+                            if not produced and delta.num_tokens:
+                                self._call.first_token_at = time.perf_counter()
+                            produced += delta.num_tokens
+                            if delta.finish_reason is not None:
+                                last = delta
+                                break
+                            if self._whole:
+                                texts.append(delta.text)
+                            else:
+                                yield delta
+            finally:
+                # Reached however the stream ends, cancellation included.
+                charge = self._settle(produced, last)
+            await service._make_durable()
+        assert last is not None
+        if self._whole:
+            last = Delta("".join([*texts, last.text]), produced, last.finish_reason)
+        yield Finished(last, charge, served.rate_card_version)
+
+    def _settle(self, produced: int, last: Delta | None) -> Charged | None:
+        """The engine's own prompt count is billed when it reports one (it tokenized what it
+        ran); otherwise the count admission used."""
+        prompt = self._ticket.prompt_tokens
+        if last is not None and last.prompt_tokens is not None:
+            prompt = last.prompt_tokens
+        return self._service._settle(
+            self._ticket,
+            self._call,
+            prompt_tokens=prompt,
+            completion_tokens=produced,
+            cached_prompt_tokens=last.cached_prompt_tokens if last is not None else 0,
+            finished=last is not None and last.finish_reason is not FinishReason.ABORT,
+        )
+
+
+@contextlib.contextmanager
+def engine_errors() -> Iterator[None]:
+    """Engine errors → the error table: the one place they are mapped."""
+    try:
+        yield
+    except EngineUnavailableError as exc:
+        raise errors.EngineUnavailable(str(exc), retry_after_s=exc.retry_after_s) from exc
+    except EngineRequestError as exc:
+        raise errors.InvalidRequest(str(exc), param=exc.param) from exc
+
+
+def _check_embed_sizes(counts: list[int], context_length: int) -> None:
+    for count in counts:
+        if count > context_length:
+            raise errors.ContextLengthExceeded(
+                prompt_tokens=count, max_tokens=0, context_length=context_length
+            )
+    if sum(counts) > MAX_EMBED_TOKENS:
+        raise errors.InvalidRequest(
+            f"The inputs hold {sum(counts)} tokens; one request may embed at most "
+            f"{MAX_EMBED_TOKENS}. Split them into several requests.",
+            param="input",
+        )
