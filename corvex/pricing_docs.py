@@ -70,14 +70,6 @@ def render_block(card: RateCard) -> list[str]:
     return lines
 
 
-def rows_for(card: RateCard) -> list[PageRow]:
-    """The rows the page should hold for this rate card."""
-    return [
-        PageRow(m.name, m.input_usd_per_million, m.output_usd_per_million, m.card_path)
-        for m in card.models
-    ]
-
-
 def _find_markers(lines: list[str], source: str) -> tuple[int, int]:
     """Indexes of the begin and end marker lines; exactly one of each, in that order."""
     begins = [i for i, line in enumerate(lines) if line.startswith(BEGIN_MARKER)]
@@ -130,11 +122,6 @@ def _parse_rows(numbered_lines: list[tuple[int, str]], source: str) -> list[Page
             first_line[key] = number
         rows.append(row)
     return rows
-
-
-def parse_rate_table(page_text: str, *, source: str = "docs/pricing.md") -> list[PageRow]:
-    """The rows of the page's rate table, in page order; PricingPageError names a bad line."""
-    return parse_table(page_text, source=source).rows
 
 
 def _parse_row(line: str, where: str) -> PageRow:

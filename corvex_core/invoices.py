@@ -12,12 +12,13 @@ import time
 import msgspec
 
 from corvex.money import format_usd
-from corvex_core.ledger import Invoice, Workspace
+from corvex_core.records import TopUpMethod
+from corvex_core.state import Invoice, Workspace
 
 METHOD_LABELS = {
-    "manual": "Prepaid credits",
-    "starter": "Starter credits",
-    "auto_reload": "Prepaid credits (auto-reload)",
+    TopUpMethod.MANUAL: "Prepaid credits",
+    TopUpMethod.STARTER: "Starter credits",
+    TopUpMethod.AUTO_RELOAD: "Prepaid credits (auto-reload)",
 }
 
 

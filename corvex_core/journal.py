@@ -28,8 +28,8 @@ from typing import Final
 import msgspec
 
 from corvex_core import records
-from corvex_core.ledger import LedgerState
 from corvex_core.sqlite_wal import check_wal
+from corvex_core.state import LedgerState
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ import msgspec
 
 from corvex.money import NANO_PER_CENT, format_usd
 from corvex.ratecard import ModelRate
-from corvex_core import errors
+from corvex_core import errors, state
 from corvex_core.records import (
+    KEY_LIMIT_FIELDS,
     AutoReloadFailed,
     AutoReloadSet,
     Charged,
@@ -33,7 +34,19 @@ from corvex_core.records import (
     KeyRevoked,
     Record,
     SpendCapSet,
+    TopUpMethod,
     WorkspaceCreated,
+)
+from corvex_core.state import (
+    ApiKey,
+    AutoReload,
+    Invoice,
+    LedgerState,
+    Workspace,
+    check,
+    idempotency_slot,
+    roll_key_month,
+    roll_month,
 )
 
 KEY_PREFIX: Final = "corvex-"
@@ -42,87 +55,12 @@ MAX_NAME_CHARS: Final = 100
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 200
 # $1B in nano-USD: far beyond any real top-up, far below int64 overflow.
 MAX_AMOUNT_NANO: Final = 10**18
-TOPUP_METHODS: Final = ("manual", "starter", "auto_reload")
 # Key secrets: 43 characters of 62 carry 256 bits of entropy, and copy-paste cleanly.
 _SECRET_ALPHABET: Final = string.ascii_letters + string.digits
 
 
-def month_of(at_ms: int) -> str:
-    """The UTC calendar month of a time, "YYYY-MM"."""
-    tm = time.gmtime(at_ms // 1000)
-    return f"{tm.tm_year:04d}-{tm.tm_mon:02d}"
-
-
-def day_of(at_ms: int) -> str:
-    """The UTC day of a time, "YYYY-MM-DD"."""
-    tm = time.gmtime(at_ms // 1000)
-    return f"{tm.tm_year:04d}-{tm.tm_mon:02d}-{tm.tm_mday:02d}"
-
-
 def hash_secret(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
-
-
-class AutoReload(msgspec.Struct):
-    threshold_nano: int
-    amount_nano: int
-
-
-class Workspace(msgspec.Struct):
-    """A workspace's durable money state plus `held_nano`, the in-memory sum of its holds."""
-
-    id: str
-    name: str
-    created_ms: int
-    balance_nano: int = 0
-    spend_cap_nano: int | None = None
-    # Spend of `month` ("YYYY-MM"); a new month starts at zero (see `_roll_month`).
-    month: str = ""
-    month_spend_nano: int = 0
-    auto_reload: AutoReload | None = None
-    auto_reload_error: str = ""
-    key_ids: list[str] = msgspec.field(default_factory=list)
-    invoice_numbers: list[int] = msgspec.field(default_factory=list)
-    held_nano: int = 0
-
-    @property
-    def available_nano(self) -> int:
-        return self.balance_nano - self.held_nano
-
-
-class ApiKey(msgspec.Struct):
-    id: str
-    workspace_id: str
-    name: str
-    prefix: str
-    secret_sha256: bytes
-    created_ms: int
-    limits: KeyLimits = KeyLimits()
-    revoked: bool = False
-    # Tokens charged in `month` ("YYYY-MM"), for the monthly token limit.
-    month: str = ""
-    month_tokens: int = 0
-
-
-class Invoice(msgspec.Struct, frozen=True):
-    number: int
-    workspace_id: str
-    created_ms: int
-    amount_nano: int
-    method: str
-    balance_after_nano: int
-    idempotency_key: str
-
-    @property
-    def label(self) -> str:
-        return f"INV-{self.number:06d}"
-
-
-class UsageTotals(msgspec.Struct):
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_nano: int = 0
 
 
 class UsageRow(msgspec.Struct, frozen=True):
@@ -150,20 +88,6 @@ class Hold(msgspec.Struct):
     # Set when the ledger fell back to the durable state (a failed journal write): the
     # money this hold held is gone with the state it was placed in, so it settles to nothing.
     voided: bool = False
-
-
-class LedgerState(msgspec.Struct):
-    """Everything durable: what a snapshot holds. Holds are not part of it."""
-
-    workspaces: dict[str, Workspace] = msgspec.field(default_factory=dict)
-    keys: dict[str, ApiKey] = msgspec.field(default_factory=dict)
-    invoices: dict[int, Invoice] = msgspec.field(default_factory=dict)
-    # (workspace id, idempotency key) → invoice number.
-    idempotency: dict[str, int] = msgspec.field(default_factory=dict)
-    # workspace id → "day|key id|model" → totals.
-    usage: dict[str, dict[str, UsageTotals]] = msgspec.field(default_factory=dict)
-    next_invoice: int = 1
-    charges: int = 0
 
 
 RecordSink = Callable[[Record], None]
@@ -209,7 +133,7 @@ class Ledger:
         self._by_hash = {k.secret_sha256: k for k in state.keys.values()}
         for ws in state.workspaces.values():
             ws.held_nano = 0  # Holds of a previous process are released, never charged.
-            self._check(ws)
+            check(ws)
 
     def set_sink(self, sink: RecordSink) -> None:
         """Where new records go (the journal), from now on."""
@@ -228,7 +152,7 @@ class Ledger:
         ws = self._state.workspaces.get(workspace_id)
         if ws is None:
             raise errors.NotFound(f"No workspace {workspace_id}.")
-        self._roll_month(ws, self.now_ms())
+        roll_month(ws, self.now_ms())
         return ws
 
     def workspaces(self) -> list[Workspace]:
@@ -238,7 +162,7 @@ class Ledger:
         key = self._state.keys.get(key_id)
         if key is None:
             raise errors.NotFound(f"No API key {key_id}.")
-        self._roll_key_month(key, self.now_ms())
+        roll_key_month(key, self.now_ms())
         return key
 
     def keys(self, workspace_id: str) -> list[ApiKey]:
@@ -255,7 +179,7 @@ class Ledger:
                 "Incorrect, unknown or revoked API key. Create a key with "
                 "`corvex admin key create` and send it as `Authorization: Bearer <key>`."
             )
-        self._roll_key_month(key, self.now_ms())
+        roll_key_month(key, self.now_ms())
         return key
 
     def invoice(self, number: int) -> Invoice:
@@ -298,11 +222,13 @@ class Ledger:
         self._commit(WorkspaceCreated(at_ms=now, workspace_id=ws_id, name=name))
         invoice = None
         if starter_nano:
-            invoice, _ = self.add_credits(ws_id, starter_nano, "starter", f"starter:{ws_id}")
+            invoice, _ = self.add_credits(
+                ws_id, starter_nano, TopUpMethod.STARTER, f"starter:{ws_id}"
+            )
         return self.workspace(ws_id), invoice
 
     def add_credits(
-        self, workspace_id: str, amount_nano: int, method: str, idempotency_key: str
+        self, workspace_id: str, amount_nano: int, method: TopUpMethod, idempotency_key: str
     ) -> tuple[Invoice, bool]:
         """Credits a top-up and makes its invoice. Returns (invoice, replayed)."""
         self.workspace(workspace_id)
@@ -311,7 +237,7 @@ class Ledger:
                 f"idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters",
                 param="idempotency_key",
             )
-        previous = self._state.idempotency.get(_idem(workspace_id, idempotency_key))
+        previous = self._state.idempotency.get(idempotency_slot(workspace_id, idempotency_key))
         if previous is not None:
             invoice = self._state.invoices[previous]
             if invoice.amount_nano != amount_nano:
@@ -321,7 +247,6 @@ class Ledger:
                     param="idempotency_key",
                 )
             return invoice, True
-        assert method in TOPUP_METHODS, method
         _check_amount(amount_nano)
         if amount_nano % NANO_PER_CENT:
             raise errors.InvalidRequest("top-ups are whole cents", param="amount")
@@ -408,55 +333,30 @@ class Ledger:
         self, ws: Workspace, rate: ModelRate, prompt_tokens: int
     ) -> int:
         """Most completion tokens the workspace can pay for after the prompt (may be < 0)."""
-        room = self._spendable_nano(ws) - rate.cost_nano(prompt_tokens, 0)
+        room = _spendable_nano(ws) - rate.cost_nano(prompt_tokens, 0)
         if room < 0:
             return -1
         if rate.output_nano_per_token == 0:
             return 2**62
         return room // rate.output_nano_per_token
 
-    def check_affordable(
+    def _check_affordable(
         self, ws: Workspace, rate: ModelRate, prompt_tokens: int, completion_tokens: int
     ) -> None:
         """Raises InsufficientCredits, with a sentence saying what is affordable, if the hold
         for this request cannot be covered by the balance and the spend cap."""
         cost = rate.cost_nano(prompt_tokens, completion_tokens)
         available = ws.available_nano
-        cap_room = self._cap_room_nano(ws)
+        cap_room = _cap_room_nano(ws)
         if cost <= available and (cap_room is None or cost <= cap_room):
             return
         affordable = max(self.affordable_completion_tokens(ws, rate, prompt_tokens), 0)
         by_cap = cap_room is not None and cap_room < available
-        if by_cap:
-            assert ws.spend_cap_nano is not None
-            message = (
-                f"Monthly spend cap of ${format_usd(ws.spend_cap_nano)} reached: "
-                f"${format_usd(ws.month_spend_nano)} spent in {ws.month} and "
-                f"${format_usd(ws.held_nano)} held by requests in flight. "
-            )
-        else:
-            message = (
-                f"Balance ${format_usd(ws.balance_nano)}"
-                + (
-                    f" (${format_usd(ws.held_nano)} held by requests in flight)"
-                    if ws.held_nano
-                    else ""
-                )
-                + " "
-            )
-        if affordable > 0:
-            message += (
-                f"covers at most {affordable} output tokens for this prompt "
-                f"({prompt_tokens} tokens); lower max_tokens, "
-            )
-        else:
-            message += f"does not cover this request ({prompt_tokens} prompt tokens); "
-        message += "raise the cap or wait for the next month." if by_cap else "top up."
         raise errors.InsufficientCredits(
-            message,
+            _insufficient_message(ws, prompt_tokens, affordable, by_cap=by_cap),
             metadata={
                 "limit": "spend_cap" if by_cap else "balance",
-                "available_nano_usd": str(max(self._spendable_nano(ws), 0)),
+                "available_nano_usd": str(max(_spendable_nano(ws), 0)),
                 "affordable_completion_tokens": str(affordable),
             },
         )
@@ -474,7 +374,7 @@ class Ledger:
         assert hold_id not in self._holds, hold_id
         assert prompt_tokens >= 0 and max_completion_tokens >= 0
         ws = self.workspace(key.workspace_id)
-        self.check_affordable(ws, rate, prompt_tokens, max_completion_tokens)
+        self._check_affordable(ws, rate, prompt_tokens, max_completion_tokens)
         amount = rate.cost_nano(prompt_tokens, max_completion_tokens)
         hold = Hold(
             id=hold_id,
@@ -488,8 +388,8 @@ class Ledger:
         )
         ws.held_nano += amount
         self._holds[hold_id] = hold
-        self._check(ws)
-        cap_room = self._cap_room_nano(ws)
+        check(ws)
+        cap_room = _cap_room_nano(ws)
         assert cap_room is None or cap_room >= 0, "a hold passed the spend cap"
         return hold
 
@@ -520,7 +420,7 @@ class Ledger:
         cost = hold.rate.cost_nano(prompt_tokens, completion_tokens)
         assert 0 <= cost <= hold.amount_nano
         if prompt_tokens == 0 and completion_tokens == 0:
-            self._check(ws)
+            check(ws)
             return None
         record = Charged(
             at_ms=self.now_ms(),
@@ -548,81 +448,10 @@ class Ledger:
 
     def apply(self, record: Record) -> None:
         """Applies one journal record. Used live (through `_commit`) and by recovery."""
-        state = self._state
-        match record:
-            case Charged():
-                ws = state.workspaces[record.workspace_id]
-                self._roll_month(ws, record.at_ms)
-                assert record.cost_nano <= ws.balance_nano, "a charge would overdraw"
-                ws.balance_nano -= record.cost_nano
-                ws.month_spend_nano += record.cost_nano
-                key = state.keys[record.key_id]
-                self._roll_key_month(key, record.at_ms)
-                key.month_tokens += record.prompt_tokens + record.completion_tokens
-                bucket = f"{day_of(record.at_ms)}|{record.key_id}|{record.model}"
-                totals = state.usage.setdefault(ws.id, {}).setdefault(bucket, UsageTotals())
-                totals.requests += 1
-                totals.prompt_tokens += record.prompt_tokens
-                totals.completion_tokens += record.completion_tokens
-                totals.cost_nano += record.cost_nano
-                state.charges += 1
-            case CreditsAdded():
-                ws = state.workspaces[record.workspace_id]
-                ws.balance_nano += record.amount_nano
-                invoice = Invoice(
-                    number=record.invoice_number,
-                    workspace_id=ws.id,
-                    created_ms=record.at_ms,
-                    amount_nano=record.amount_nano,
-                    method=record.method,
-                    balance_after_nano=ws.balance_nano,
-                    idempotency_key=record.idempotency_key,
-                )
-                assert record.invoice_number == state.next_invoice, "invoice numbers have a gap"
-                state.invoices[invoice.number] = invoice
-                state.next_invoice += 1
-                state.idempotency[_idem(ws.id, record.idempotency_key)] = invoice.number
-                ws.invoice_numbers.append(invoice.number)
-                if record.method == "auto_reload":
-                    ws.auto_reload_error = ""
-            case WorkspaceCreated():
-                assert record.workspace_id not in state.workspaces
-                state.workspaces[record.workspace_id] = Workspace(
-                    id=record.workspace_id, name=record.name, created_ms=record.at_ms
-                )
-            case SpendCapSet():
-                state.workspaces[record.workspace_id].spend_cap_nano = record.cap_nano
-            case AutoReloadSet():
-                ws = state.workspaces[record.workspace_id]
-                ws.auto_reload = (
-                    AutoReload(record.threshold_nano, record.amount_nano)
-                    if record.enabled
-                    else None
-                )
-                ws.auto_reload_error = ""
-            case AutoReloadFailed():
-                state.workspaces[record.workspace_id].auto_reload_error = record.error
-            case KeyCreated():
-                assert record.key_id not in state.keys
-                key = ApiKey(
-                    id=record.key_id,
-                    workspace_id=record.workspace_id,
-                    name=record.name,
-                    prefix=record.prefix,
-                    secret_sha256=record.secret_sha256,
-                    created_ms=record.at_ms,
-                    limits=record.limits,
-                )
-                state.keys[key.id] = key
-                state.workspaces[key.workspace_id].key_ids.append(key.id)
-                self._by_hash[key.secret_sha256] = key
-            case KeyRevoked():
-                state.keys[record.key_id].revoked = True
-            case KeyLimitsSet():
-                state.keys[record.key_id].limits = record.limits
-        workspace_id = getattr(record, "workspace_id", None)
-        if workspace_id is not None:
-            self._check(state.workspaces[workspace_id])
+        state.apply(self._state, record)
+        if isinstance(record, KeyCreated):
+            key = self._state.keys[record.key_id]
+            self._by_hash[key.secret_sha256] = key
 
     def _commit(self, record: Record) -> None:
         """Hands a new record to the journal, then applies it. The journal refuses (raises)
@@ -633,39 +462,40 @@ class Ledger:
 
     # ---- rules ---------------------------------------------------------------------------
 
-    def _cap_room_nano(self, ws: Workspace) -> int | None:
-        if ws.spend_cap_nano is None:
-            return None
-        return ws.spend_cap_nano - ws.month_spend_nano - ws.held_nano
 
-    def _spendable_nano(self, ws: Workspace) -> int:
-        cap_room = self._cap_room_nano(ws)
-        return ws.available_nano if cap_room is None else min(ws.available_nano, cap_room)
-
-    def _roll_month(self, ws: Workspace, at_ms: int) -> None:
-        """Starts a new month's spend at zero when the calendar month (UTC) has changed."""
-        month = month_of(at_ms)
-        if month > ws.month:
-            ws.month = month
-            ws.month_spend_nano = 0
-
-    def _roll_key_month(self, key: ApiKey, at_ms: int) -> None:
-        month = month_of(at_ms)
-        if month > key.month:
-            key.month = month
-            key.month_tokens = 0
-
-    @staticmethod
-    def _check(ws: Workspace) -> None:
-        """The invariants of DESIGN.md principle 4. A failure here is a bug, never user error."""
-        assert ws.balance_nano >= 0, f"{ws.id}: balance below zero"
-        assert ws.held_nano >= 0, f"{ws.id}: negative holds"
-        assert ws.held_nano <= ws.balance_nano, f"{ws.id}: holds exceed the balance"
-        assert ws.month_spend_nano >= 0, f"{ws.id}: negative spend"
+def _cap_room_nano(ws: Workspace) -> int | None:
+    if ws.spend_cap_nano is None:
+        return None
+    return ws.spend_cap_nano - ws.month_spend_nano - ws.held_nano
 
 
-def _idem(workspace_id: str, key: str) -> str:
-    return f"{workspace_id}\x00{key}"
+def _spendable_nano(ws: Workspace) -> int:
+    cap_room = _cap_room_nano(ws)
+    return ws.available_nano if cap_room is None else min(ws.available_nano, cap_room)
+
+
+def _insufficient_message(
+    ws: Workspace, prompt_tokens: int, affordable: int, *, by_cap: bool
+) -> str:
+    """A sentence a person can act on: what stopped the request and what would let it run."""
+    if by_cap:
+        assert ws.spend_cap_nano is not None
+        message = (
+            f"Monthly spend cap of ${format_usd(ws.spend_cap_nano)} reached: "
+            f"${format_usd(ws.month_spend_nano)} spent in {ws.month} and "
+            f"${format_usd(ws.held_nano)} held by requests in flight. "
+        )
+    else:
+        held = f" (${format_usd(ws.held_nano)} held by requests in flight)" if ws.held_nano else ""
+        message = f"Balance ${format_usd(ws.balance_nano)}{held} "
+    if affordable > 0:
+        message += (
+            f"covers at most {affordable} output tokens for this prompt "
+            f"({prompt_tokens} tokens); lower max_tokens, "
+        )
+    else:
+        message += f"does not cover this request ({prompt_tokens} prompt tokens); "
+    return message + ("raise the cap or wait for the next month." if by_cap else "top up.")
 
 
 def _check_name(name: str) -> None:
@@ -684,7 +514,7 @@ def _check_amount(amount_nano: int, *, allow_zero: bool = False) -> None:
 
 
 def _check_limits(limits: KeyLimits) -> None:
-    for name in ("requests_per_minute", "tokens_per_minute", "monthly_tokens"):
+    for name in KEY_LIMIT_FIELDS:
         value = getattr(limits, name)
         if value is not None and not 1 <= value <= 10**12:
             raise errors.InvalidRequest(f"{name} must be from 1 to 10^12", param=name)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Final, NamedTuple
 
 from corvex_core import errors
-from corvex_core.ledger import ApiKey
+from corvex_core.state import ApiKey
 
 SLOTS: Final = 60
 SLOT_NS: Final = 1_000_000_000

@@ -14,10 +14,11 @@ from typing import Protocol
 
 from corvex.ratecard import ModelRate
 from corvex_core import errors
-from corvex_core.ledger import ApiKey, Hold, Ledger
+from corvex_core.ledger import Hold, Ledger
 from corvex_core.limits import LimitState, LimitTicket, RateLimiter
 from corvex_core.payments import AutoReloader
 from corvex_core.records import Charged
+from corvex_core.state import ApiKey
 
 
 class Ticket:

@@ -19,7 +19,9 @@ from typing import Final, Protocol
 from corvex.money import format_usd
 from corvex_core import errors
 from corvex_core.journal import Journal, JournalError
-from corvex_core.ledger import AutoReload, Ledger
+from corvex_core.ledger import Ledger
+from corvex_core.records import TopUpMethod
+from corvex_core.state import AutoReload
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +144,7 @@ class AutoReloader:
                 continue
             try:
                 self._ledger.add_credits(
-                    workspace_id, settings.amount_nano, "auto_reload", idempotency_key
+                    workspace_id, settings.amount_nano, TopUpMethod.AUTO_RELOAD, idempotency_key
                 )
             except errors.CorvexError as exc:
                 log.error("auto-reload credit of %s refused: %s", workspace_id, exc.message)

@@ -9,7 +9,19 @@ them without charging.
 
 from __future__ import annotations
 
+import enum
+from typing import Final
+
 import msgspec
+
+
+class TopUpMethod(enum.StrEnum):
+    """How credits arrived. The journal stores the value; the wire's TopUpMethod enum names
+    the same members (TOP_UP_METHOD_<NAME>)."""
+
+    MANUAL = "manual"
+    STARTER = "starter"
+    AUTO_RELOAD = "auto_reload"
 
 
 class KeyLimits(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -18,6 +30,10 @@ class KeyLimits(msgspec.Struct, frozen=True, omit_defaults=True):
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     monthly_tokens: int | None = None
+
+
+# The names of the per-key limits, in one place (the wire's KeyLimits has the same fields).
+KEY_LIMIT_FIELDS: Final = tuple(f.name for f in msgspec.structs.fields(KeyLimits))
 
 
 class _Record(msgspec.Struct, frozen=True, array_like=True, tag_field="t"):
@@ -30,12 +46,12 @@ class WorkspaceCreated(_Record, tag="ws", frozen=True):
 
 
 class CreditsAdded(_Record, tag="credit", frozen=True):
-    """A top-up and its invoice. `method` is "manual", "starter" or "auto_reload"."""
+    """A top-up and its invoice."""
 
     workspace_id: str
     invoice_number: int
     amount_nano: int
-    method: str
+    method: TopUpMethod
     idempotency_key: str
 
 

@@ -30,7 +30,7 @@ from corvex_core.config import CoreConfig
 from corvex_core.engines.base import Engine, EngineError
 from corvex_core.engines.registry import build_engine
 from corvex_core.journal import Journal, JournalCorrupt, JournalError
-from corvex_core.ledger import Ledger, LedgerState
+from corvex_core.ledger import Ledger
 from corvex_core.lifecycle import Lifecycle
 from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter, Metering, UnmeteredMeter
@@ -41,6 +41,7 @@ from corvex_core.servicers.accounts import AccountsServicer
 from corvex_core.servicers.inference import InferenceServicer
 from corvex_core.servicers.interceptor import CallInterceptor
 from corvex_core.serving import Service
+from corvex_core.state import LedgerState
 from corvex_core.telemetry import Telemetry
 
 log = logging.getLogger(__name__)

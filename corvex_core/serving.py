@@ -31,11 +31,11 @@ from corvex_core.engines.base import (
     SamplingOptions,
 )
 from corvex_core.journal import JournalError
-from corvex_core.ledger import ApiKey
 from corvex_core.lifecycle import Lifecycle
 from corvex_core.limits import LimitState
 from corvex_core.metering import Metering, Ticket
 from corvex_core.records import Charged
+from corvex_core.state import ApiKey
 from corvex_core.telemetry import CallRecord
 
 # OpenAI's bounds for one embeddings request: 2,048 inputs, 300,000 tokens in all.

@@ -26,7 +26,6 @@ class WalReport(msgspec.Struct, frozen=True):
     """What the walk found. `damaged_frame` is set only for damage followed by valid frames."""
 
     frames: int
-    valid_frames: int
     damaged_frame: int | None = None
 
 
@@ -43,22 +42,21 @@ def check_wal(path: Path) -> WalReport:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return WalReport(0, 0)
+        return WalReport(0)
     if len(data) < _HEADER_BYTES:
-        return WalReport(0, 0)  # a header torn mid-write: SQLite ignores the whole file
+        return WalReport(0)  # a header torn mid-write: SQLite ignores the whole file
     magic, _version, page_size, _ckpt, salt1, salt2, c0, c1 = struct.unpack(">8I", data[:32])
     if magic not in (_MAGIC_LITTLE, _MAGIC_BIG):
-        return WalReport(0, 0)
+        return WalReport(0)
     big = magic == _MAGIC_BIG
     if _checksum(data[:24], 0, 0, big) != (c0, c1):
-        return WalReport(0, 0)
+        return WalReport(0)
     frame_bytes = _FRAME_HEADER_BYTES + page_size
     frames = (len(data) - _HEADER_BYTES) // frame_bytes
     # Checksums chain from frame to frame. After a damaged frame the chain may continue from
     # its stored checksum (its page was hit) or from its recomputed one (its checksum was hit),
     # so both are tried: damage then stays local to one frame.
     seeds = {(c0, c1)}
-    valid = 0
     damaged: int | None = None
     for index in range(frames):
         start = _HEADER_BYTES + index * frame_bytes
@@ -69,15 +67,13 @@ def check_wal(path: Path) -> WalReport:
             break  # a frame of an earlier WAL generation: the current log ends here
         computed = {_checksum(content, s0, s1, big) for s0, s1 in seeds}
         good = (f0, f1) in computed
-        if good and damaged is None:
-            valid += 1
-        elif good:
+        if good and damaged is not None:
             # A frame that checks out after one that did not: the log was written past the
             # bad frame, so that frame is damage to acknowledged data, not a torn tail.
-            return WalReport(frames, valid, damaged)
-        elif damaged is None:
+            return WalReport(frames, damaged)
+        if not good and damaged is None:
             damaged = index
         seeds = {(f0, f1)} if good else {(f0, f1), *computed}
         if len(seeds) > 4:  # a run of bad frames: a torn tail, not worth following further
             seeds = {(f0, f1)}
-    return WalReport(frames, valid)
+    return WalReport(frames)

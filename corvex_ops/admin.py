@@ -31,11 +31,13 @@ _LIMIT_FLAGS = {
     "tpm": "tokens_per_minute",
     "monthly_tokens": "monthly_tokens",
 }
+# The wire's names: TOP_UP_METHOD_AUTO_RELOAD → "auto_reload", and KeyLimits' fields.
 _METHOD_NAMES = {
-    accounts_pb2.TOP_UP_METHOD_MANUAL: "manual",
-    accounts_pb2.TOP_UP_METHOD_STARTER: "starter",
-    accounts_pb2.TOP_UP_METHOD_AUTO_RELOAD: "auto_reload",
+    number: name.removeprefix("TOP_UP_METHOD_").lower()
+    for name, number in accounts_pb2.TopUpMethod.items()
+    if number
 }
+_LIMIT_FIELDS = tuple(f.name for f in accounts_pb2.KeyLimits.DESCRIPTOR.fields)
 
 
 class AdminError(Exception):
@@ -224,7 +226,7 @@ def workspace_json(ws: accounts_pb2.Workspace) -> dict[str, Any]:
 
 
 def key_json(key: accounts_pb2.ApiKey) -> dict[str, Any]:
-    limits = key.limits
+    limits: Any = key.limits  # its fields are named by _LIMIT_FIELDS, not by literals
     return {
         "id": key.id,
         "workspace_id": key.workspace_id,
@@ -232,15 +234,7 @@ def key_json(key: accounts_pb2.ApiKey) -> dict[str, Any]:
         "prefix": key.prefix,
         "created": key.created.ToJsonString(),
         "revoked": key.revoked,
-        "limits": {
-            "requests_per_minute": (
-                limits.requests_per_minute if limits.HasField("requests_per_minute") else None
-            ),
-            "tokens_per_minute": (
-                limits.tokens_per_minute if limits.HasField("tokens_per_minute") else None
-            ),
-            "monthly_tokens": limits.monthly_tokens if limits.HasField("monthly_tokens") else None,
-        },
+        "limits": {f: getattr(limits, f) if limits.HasField(f) else None for f in _LIMIT_FIELDS},
         "month_tokens": key.month_tokens,
     }
 

@@ -17,10 +17,11 @@ from corvex.v1 import accounts_pb2, accounts_pb2_grpc
 from corvex_core import errors
 from corvex_core.invoices import invoice_html, invoice_json
 from corvex_core.journal import JournalError
-from corvex_core.ledger import ApiKey, Invoice, Ledger, Workspace
+from corvex_core.ledger import Ledger
 from corvex_core.lifecycle import CallKind
-from corvex_core.records import KeyLimits
+from corvex_core.records import KEY_LIMIT_FIELDS, KeyLimits, TopUpMethod
 from corvex_core.serving import Durable
+from corvex_core.state import ApiKey, Invoice, Workspace
 
 # grpc ships no types; this names what the handlers receive.
 Context: TypeAlias = Any
@@ -40,13 +41,9 @@ CALL_KINDS = {
     "ListInvoices": CallKind.READ,
     "GetInvoice": CallKind.READ,
 }
-_METHODS = {
-    "manual": accounts_pb2.TOP_UP_METHOD_MANUAL,
-    "starter": accounts_pb2.TOP_UP_METHOD_STARTER,
-    "auto_reload": accounts_pb2.TOP_UP_METHOD_AUTO_RELOAD,
-}
+# The wire's enum names each domain method TOP_UP_METHOD_<NAME>.
+_METHODS = {m: accounts_pb2.TopUpMethod.Value(f"TOP_UP_METHOD_{m.name}") for m in TopUpMethod}
 _MAX_INVOICE_DIGITS = 12
-_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "monthly_tokens")
 
 
 class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
@@ -98,7 +95,7 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
         invoice, replayed = self._ledger.add_credits(
             request.workspace_id,
             request.amount_cents * NANO_PER_CENT,
-            "manual",
+            TopUpMethod.MANUAL,
             request.idempotency_key,
         )
         # A replay waits too: its first attempt may still be on its way to disk.
@@ -166,14 +163,14 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
     ) -> accounts_pb2.ApiKey:
         current = self._ledger.key(request.key_id).limits
         given = limits_from_pb(request.limits)
-        paths = list(request.update_mask.paths) or list(_LIMIT_FIELDS)
-        unknown = [p for p in paths if p not in _LIMIT_FIELDS]
+        paths = list(request.update_mask.paths) or list(KEY_LIMIT_FIELDS)
+        unknown = [p for p in paths if p not in KEY_LIMIT_FIELDS]
         if unknown:
             raise errors.InvalidRequest(
                 f"update_mask names unknown fields: {', '.join(unknown)}", param="update_mask"
             )
         merged = KeyLimits(
-            **{f: getattr(given if f in paths else current, f) for f in _LIMIT_FIELDS}
+            **{f: getattr(given if f in paths else current, f) for f in KEY_LIMIT_FIELDS}
         )
         key = self._ledger.set_key_limits(request.key_id, merged)
         await self._sync()
@@ -290,14 +287,9 @@ def workspace_pb(ws: Workspace) -> accounts_pb2.Workspace:
 
 
 def limits_from_pb(limits: accounts_pb2.KeyLimits) -> KeyLimits:
+    wire: Any = limits  # its fields are named by KEY_LIMIT_FIELDS, not by literals
     return KeyLimits(
-        requests_per_minute=(
-            limits.requests_per_minute if limits.HasField("requests_per_minute") else None
-        ),
-        tokens_per_minute=limits.tokens_per_minute
-        if limits.HasField("tokens_per_minute")
-        else None,
-        monthly_tokens=limits.monthly_tokens if limits.HasField("monthly_tokens") else None,
+        **{f: getattr(wire, f) if wire.HasField(f) else None for f in KEY_LIMIT_FIELDS}
     )
 
 
@@ -310,7 +302,7 @@ def key_pb(key: ApiKey) -> accounts_pb2.ApiKey:
         created=_timestamp(key.created_ms),
         revoked=key.revoked,
         limits=accounts_pb2.KeyLimits(
-            **{f: v for f in _LIMIT_FIELDS if (v := getattr(key.limits, f)) is not None}
+            **{f: v for f in KEY_LIMIT_FIELDS if (v := getattr(key.limits, f)) is not None}
         ),
         month_tokens=key.month_tokens,
     )

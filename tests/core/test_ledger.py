@@ -17,8 +17,9 @@ import pytest
 from corvex.money import NANO_PER_CENT, NANO_PER_USD
 from corvex.ratecard import ModelRate
 from corvex_core import errors
-from corvex_core.ledger import ApiKey, Ledger, LedgerState, UsageRow
+from corvex_core.ledger import Ledger, UsageRow
 from corvex_core.records import Charged, CreditsAdded, KeyCreated, KeyLimits, Record
+from corvex_core.state import ApiKey, LedgerState
 
 VERSION = "2026-11-01"
 

@@ -27,7 +27,6 @@ import pytest
 from hypothesis import given, settings
 
 from corvex_core import errors
-from corvex_core.ledger import ApiKey
 from corvex_core.limits import (
     SLOTS,
     WINDOW_NS,
@@ -38,6 +37,7 @@ from corvex_core.limits import (
 )
 from corvex_core.records import KeyLimits
 from corvex_core.servicers.metadata import format_duration, response_metadata
+from corvex_core.state import ApiKey
 
 S = 1_000_000_000  # ns per second
 T0 = 1_000 * WINDOW_NS  # an arbitrary monotonic start, far from zero and on a whole second

@@ -15,11 +15,12 @@ from hypothesis import given, settings
 from corvex.money import NANO_PER_CENT, NANO_PER_USD
 from corvex.ratecard import ModelRate
 from corvex_core import errors
-from corvex_core.ledger import ApiKey, Ledger, Workspace
+from corvex_core.ledger import Ledger
 from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter
 from corvex_core.records import Charged, KeyLimits
 from corvex_core.servicers.credentials import bearer_secret
+from corvex_core.state import ApiKey, Workspace
 
 VERSION = "2026-11-01"
 S = 1_000_000_000

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from corvex import drift_gate, pricing_docs
-from corvex.pricing_docs import PageRow, PricingPageError, parse_rate_table, parse_table
+from corvex.pricing_docs import PageRow, PricingPageError, parse_table
 from corvex.ratecard import load_rate_card
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +49,10 @@ def test_committed_table_lists_the_rate_card_in_order() -> None:
     card = load_rate_card(RATE_CARD)
     table = parse_table(PAGE.read_text(encoding="utf-8"))
     assert table.version == card.version
-    assert table.rows == pricing_docs.rows_for(card)
+    assert table.rows == [
+        PageRow(m.name, m.input_usd_per_million, m.output_usd_per_million, m.card_path)
+        for m in card.models
+    ]
     assert [row.name for row in table.rows] == [m.name for m in card.models]
     assert DEEPSEEK_ROW in PAGE.read_text(encoding="utf-8")
 
@@ -195,7 +198,7 @@ def test_parser_names_the_line_of_a_malformed_table(
     lines: tuple[str, ...], line: int, words: str
 ) -> None:
     with pytest.raises(PricingPageError) as raised:
-        parse_rate_table(_block(*lines), source="page.md")
+        parse_table(_block(*lines), source="page.md")
     assert f"page.md:{line}:" in str(raised.value)
     assert words in str(raised.value)
 
@@ -210,4 +213,4 @@ def test_parser_names_the_line_of_a_malformed_table(
 )
 def test_parser_needs_one_pair_of_markers_in_order(text: str) -> None:
     with pytest.raises(PricingPageError, match=r"^page\.md:"):
-        parse_rate_table(text, source="page.md")
+        parse_table(text, source="page.md")
