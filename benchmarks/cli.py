@@ -13,15 +13,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 
-from benchmarks import micro, report, scenarios
+from benchmarks import memory, micro, report, scenarios
 from benchmarks.loadgen import LoadResult, LoadSpec
 from benchmarks.systems import CorvexVariant, System
 from benchmarks.targets import Endpoint
+from benchmarks.vocabulary import Slo
 from benchmarks.workload import Lengths, Workload, parse_model_mix
 
 COMMANDS = ("suite", "run", "micro", "profile", "report")
@@ -59,6 +61,13 @@ def _load_args(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--requests", "-n", type=int, default=2000, help="stop after this many")
     load.add_argument("--duration", type=float, default=60.0, help="stop after this many s")
     load.add_argument("--warmup", type=int, default=0, help="unmeasured requests first")
+    load.add_argument(
+        "--ramp",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="closed loop: start the clients spread over S seconds (desynchronizes streams)",
+    )
     work = parser.add_argument_group("workload")
     work.add_argument("--stream", action="store_true")
     work.add_argument(
@@ -113,7 +122,24 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     stack.add_argument("--unmetered", action="store_true", help="benchmark_unmetered on")
     stack.add_argument("--journal", choices=["fsync", "nofsync", "off"], default="fsync")
     stack.add_argument("--tpot-ms", type=float, default=0.0, help="simulated ms per token")
+    stack.add_argument(
+        "--batch-slowdown",
+        type=float,
+        default=0.0,
+        help="step growth per running request (0: the step stays --tpot-ms; engine default 0.01)",
+    )
     stack.add_argument("--keys", type=int, default=4, help="API keys to create and use")
+    stack.add_argument(
+        "--ceiling",
+        choices=["grpc", "skeleton"],
+        help="start a ceiling instead of Corvex, paced at --tpot-ms per message: the bare "
+        "grpc.aio echo (with --target grpc) or the aiohttp→grpc SSE skeleton (--target edge)",
+    )
+    slo = parser.add_argument_group("goodput: requests that meet every objective given")
+    slo.add_argument("--slo-ttft-ms", type=float, help="time to first token")
+    slo.add_argument("--slo-itl-ms", type=float, help="a request's mean inter-token latency")
+    slo.add_argument("--slo-tpot-ms", type=float, help="(E2E − TTFT) / (tokens − 1)")
+    slo.add_argument("--slo-e2e-ms", type=float, help="end-to-end latency")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     _load_args(parser)  # fmt: skip
 
@@ -172,7 +198,13 @@ def _spec(args: argparse.Namespace) -> LoadSpec:
         duration_s=args.duration,
         warmup_requests=args.warmup,
         seed=args.seed,
+        ramp_s=args.ramp,
     )
+
+
+def _slo(args: argparse.Namespace) -> Slo:
+    return Slo(ttft_ms=args.slo_ttft_ms, itl_ms=args.slo_itl_ms, tpot_ms=args.slo_tpot_ms,
+               e2e_ms=args.slo_e2e_ms)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -185,20 +217,37 @@ def _system(args: argparse.Namespace) -> Iterator[System]:
         return
     from benchmarks import systems
 
+    if args.ceiling:
+        with tempfile.TemporaryDirectory(prefix="corvex-ceiling-") as tmp:
+            step_ms = args.tpot_ms if args.stream else 0.0
+            start = systems.grpc_echo if args.ceiling == "grpc" else systems.skeleton
+            with start(Path(tmp), step_ms=step_ms) as system:
+                yield system
+        return
     variant = CorvexVariant(metered=not args.unmetered, journal=args.journal,
-                            tpot_ms=args.tpot_ms, keys=args.keys)  # fmt: skip
+                            tpot_ms=args.tpot_ms, batch_slowdown=args.batch_slowdown,
+                            max_batch=max(256, args.concurrency), keys=args.keys)  # fmt: skip
     with systems.corvex("corvex", variant) as system:
         yield system
+
+
+def _endpoint(args: argparse.Namespace, system: System) -> Endpoint:
+    if args.ceiling == "grpc":
+        return system.endpoint("grpc-stream" if args.stream else "grpc-unary")
+    return system.endpoint("rest" if args.target == "edge" else "grpc")
 
 
 def command_run(args: argparse.Namespace) -> int:
     from benchmarks import loadgen
 
+    if args.ceiling == "grpc" and args.target != "grpc":
+        raise SystemExit("--ceiling grpc is a gRPC server: add --target grpc")
+    if args.ceiling == "skeleton" and args.target != "edge":
+        raise SystemExit("--ceiling skeleton is an HTTP server: use --target edge")
     with _system(args) as system:
-        endpoint: Endpoint = system.endpoint("rest" if args.target == "edge" else "grpc")
-        result = loadgen.run(endpoint, _workload(args, system.api_keys), _spec(args),
-                             watch=system.processes, label=f"{args.target}",
-                             progress=_progress(args))  # fmt: skip
+        result = loadgen.run(_endpoint(args, system), _workload(args, system.api_keys),
+                             _spec(args), watch=system.processes, label=f"{args.target}",
+                             progress=_progress(args), slo=_slo(args))  # fmt: skip
     print(format_result(result))
     if args.json:
         args.json.write_bytes(msgspec.json.format(msgspec.json.encode(result), indent=1))
@@ -217,15 +266,38 @@ def format_result(result: LoadResult) -> str:
         f"  throughput {result.requests_per_s:,.1f} req/s, {result.output_tokens_per_s:,.0f} "
         f"output tok/s ({result.completion_tokens} tokens in {result.chunks} chunks)",
     ]  # fmt: skip
-    for name, dist in (("e2e", result.e2e), ("ttft", result.ttft), ("itl", result.itl)):
-        lines.append(f"  {name:10} p50 {dist.p50_ms:.3f}  p90 {dist.p90_ms:.3f}  "
-                     f"p99 {dist.p99_ms:.3f}  max {dist.max_ms:.3f} ms")  # fmt: skip
+    dists = (("e2e", result.e2e), ("ttft", result.ttft), ("itl", result.itl),
+             ("tpot", result.tpot))  # fmt: skip
+    for name, dist in dists:
+        if dist.count:
+            lines.append(f"  {name:10} p50 {dist.p50_ms:.3f}  p90 {dist.p90_ms:.3f}  "
+                         f"p99 {dist.p99_ms:.3f}  max {dist.max_ms:.3f} ms")  # fmt: skip
+    if result.goodput is not None:
+        g = result.goodput
+        lines.append(f"  goodput    {g.requests_per_s:,.1f} req/s, {g.output_tokens_per_s:,.0f} "
+                     f"output tok/s: {g.good_requests} requests ({g.share:.1%}) met "
+                     f"{g.slo.describe()}")  # fmt: skip
     for name, cpu in result.cpu.items():
         lines.append(f"  cpu {name:6} {cpu.cpu_s:.2f} s ({cpu.system_s:.2f} s system) = "
                      f"{cpu.per_request_us:,.0f} µs/request, "
                      f"{cpu.per_token_us:,.1f} µs/output token")  # fmt: skip
+    lines += _memory_lines(result)
     lines.append(f"  load generator CPU {result.loadgen_cpu_s:.2f} s")
     return "\n".join(lines)
+
+
+def _memory_lines(result: LoadResult) -> list[str]:
+    trace = result.memory
+    if trace is None:
+        return []
+    lines = []
+    for name, before in trace.before_bytes.items():
+        peak = trace.peak_bytes(name)
+        per_k = memory.per_thousand_streams_mib(before, peak, result.concurrency)
+        per = f", {per_k:,.1f} MiB per 1,000 concurrent requests" if result.mode == "closed" else ""
+        lines.append(f"  rss {name:6} {before / memory.MIB:,.1f} MiB before → "
+                     f"{peak / memory.MIB:,.1f} MiB peak during{per}")  # fmt: skip
+    return lines
 
 
 def command_micro(args: argparse.Namespace) -> int:

@@ -20,14 +20,18 @@ import msgspec
 import uvloop
 
 from benchmarks import cpu
+from benchmarks.memory import RssSampler, RssTrace
 from benchmarks.progress import Progress
 from benchmarks.stats import Distribution, distribution
 from benchmarks.targets import OK, Endpoint, Sample, Target, open_target
+from benchmarks.vocabulary import Goodput, RequestTable, Slo, goodput
 from benchmarks.workload import RequestSpec, Workload, requests
 
 # Open loop: arrivals beyond this many requests in flight are dropped (and counted), so an
 # overloaded server cannot make the generator grow without bound.
 DEFAULT_OPEN_LOOP_IN_FLIGHT = 2048
+# How often the servers' RSS is read while a run goes on.
+DEFAULT_RSS_INTERVAL_S = 0.5
 
 
 class LoadSpec(msgspec.Struct, frozen=True):
@@ -41,6 +45,9 @@ class LoadSpec(msgspec.Struct, frozen=True):
     # Sent before the measured part (same concurrency, closed loop), then forgotten.
     warmup_requests: int = 0
     seed: int = 0
+    # Closed loop: client i starts i/concurrency of this later, so paced streams of one
+    # length do not all begin and end in the same engine step.
+    ramp_s: float = 0.0
 
     @property
     def mode(self) -> str:
@@ -83,6 +90,12 @@ class LoadResult(msgspec.Struct):
     server_cpu_per_request_us: float
     server_cpu_per_token_us: float
     loadgen_cpu_s: float
+    # Per request (E2E − TTFT) / (tokens − 1), over streamed requests of two tokens or more.
+    tpot: Distribution = msgspec.field(default_factory=Distribution)
+    # Under the SLO the run was given; None without one.
+    goodput: Goodput | None = None
+    # RSS of the watched processes before any load and during the measured part.
+    memory: RssTrace | None = None
 
 
 class _Collector:
@@ -96,6 +109,7 @@ class _Collector:
         self.e2e = array("d")
         self.ttft = array("d")
         self.gaps = array("d")
+        self.per_request = RequestTable()
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.chunks = 0
@@ -111,6 +125,7 @@ class _Collector:
         if sample.ttft_s is not None:
             self.ttft.append(sample.ttft_s)
         self.gaps.extend(sample.gaps_s)
+        self.per_request.add(sample.ttft_s, sample.e2e_s, sample.gaps_s, sample.completion_tokens)
         self.prompt_tokens += sample.prompt_tokens
         self.completion_tokens += sample.completion_tokens
         self.chunks += sample.chunks
@@ -128,13 +143,15 @@ async def _closed_loop(
 ) -> None:
     deadline = time.monotonic() + spec.duration_s
 
-    async def client() -> None:
+    async def client(index: int) -> None:
+        if spec.ramp_s > 0:
+            await asyncio.sleep(spec.ramp_s * index / spec.concurrency)
         while out.sent < spec.requests and time.monotonic() < deadline:
             out.sent += 1
             out.add(await send(next(plan)))
             tick()
 
-    await asyncio.gather(*(client() for _ in range(spec.concurrency)))
+    await asyncio.gather(*(client(i) for i in range(spec.concurrency)))
 
 
 async def _open_loop(
@@ -191,18 +208,31 @@ async def run_load(
     watch: Mapping[str, int] | None = None,
     label: str = "",
     progress: bool | None = None,
+    slo: Slo | None = None,
+    rss_interval_s: float = DEFAULT_RSS_INTERVAL_S,
 ) -> LoadResult:
-    """Runs one load (after its warm-up) and measures it. See the module docstring."""
+    """Runs one load (after its warm-up) and measures it. See the module docstring. With
+    `slo`, the result holds the goodput under it; the watched processes' RSS is read before
+    the warm-up and every `rss_interval_s` of the measured part."""
     plan = requests(workload)
+    rss = RssSampler(watch or {}, rss_interval_s)
     async with open_target(endpoint) as target:
         if spec.warmup_requests:
             warmup = LoadSpec(
                 concurrency=spec.concurrency,
                 requests=spec.warmup_requests,
                 duration_s=spec.duration_s,
+                ramp_s=spec.ramp_s,
             )
             await _closed_loop(target.send, plan, warmup, _Collector(), lambda: None)
-        return await _measure(target, plan, workload, spec, watch or {}, label, progress)
+        rss.start()
+        try:
+            result = await _measure(target, plan, workload, spec, watch or {}, label, progress, slo)
+        finally:
+            trace = await rss.stop()
+    if watch:
+        result.memory = trace
+    return result
 
 
 async def _measure(
@@ -213,6 +243,7 @@ async def _measure(
     watch: Mapping[str, int],
     label: str,
     progress: bool | None,
+    slo: Slo | None,
 ) -> LoadResult:
     out = _Collector()
     bar = Progress(label or target.name, enabled=progress)
@@ -234,7 +265,7 @@ async def _measure(
         for name in watch
     }
     return summarize(
-        label, target.name, workload, spec, out, duration, used, self_after - self_before
+        label, target.name, workload, spec, out, duration, used, self_after - self_before, slo
     )
 
 
@@ -247,6 +278,7 @@ def summarize(
     duration_s: float,
     cpu_used: Mapping[str, tuple[float, float]],
     loadgen_cpu_s: float,
+    slo: Slo | None = None,
 ) -> LoadResult:
     """The result of a run from what was collected and measured; `cpu_used` holds each
     watched process's (user, system) CPU seconds."""
@@ -277,6 +309,10 @@ def summarize(
         server_cpu_per_request_us=_per(total_cpu, ok),
         server_cpu_per_token_us=_per(total_cpu, tokens),
         loadgen_cpu_s=loadgen_cpu_s,
+        tpot=distribution(out.per_request.finite_tpot_s()) if workload.stream else Distribution(),
+        goodput=goodput(out.per_request, slo, sum(out.errors.values()), duration_s)
+        if slo is not None and slo.is_set()
+        else None,
     )
 
 
@@ -288,9 +324,12 @@ def run(
     watch: Mapping[str, int] | None = None,
     label: str = "",
     progress: bool | None = None,
+    slo: Slo | None = None,
+    rss_interval_s: float = DEFAULT_RSS_INTERVAL_S,
 ) -> LoadResult:
     """`run_load` on a fresh uvloop event loop, for synchronous callers."""
     result: LoadResult = uvloop.run(
-        run_load(endpoint, workload, spec, watch=watch, label=label, progress=progress)
-    )
+        run_load(endpoint, workload, spec, watch=watch, label=label, progress=progress,
+                 slo=slo, rss_interval_s=rss_interval_s)
+    )  # fmt: skip
     return result
