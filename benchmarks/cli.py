@@ -26,7 +26,7 @@ from benchmarks.targets import Endpoint
 from benchmarks.vocabulary import Slo
 from benchmarks.workload import Lengths, Workload, parse_model_mix
 
-COMMANDS = ("suite", "run", "micro", "profile", "report")
+COMMANDS = ("suite", "run", "micro", "profile", "report", "harnesses")
 DEFAULT_OUT = Path("benchmarks/results")
 DEFAULT_README = Path("benchmarks/README.md")
 
@@ -168,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", type=Path, default=DEFAULT_OUT / "profiles")
     prof.add_argument("--keep-raw", action="store_true", help="also keep py-spy's raw stacks")
     _load_args(prof)
+    har = sub.add_parser(
+        "harnesses", help="guidellm and aiperf beside our load generator, same load"
+    )
+    har.add_argument("--harness", action="append", choices=["guidellm", "aiperf"],
+                     help="which (repeatable; default both)")  # fmt: skip
+    har.add_argument("--concurrency", "-c", type=int, default=16)
+    har.add_argument("--requests", "-n", type=int, default=64)
+    har.add_argument("--max-tokens", type=int, default=256)
+    har.add_argument("--prompt-tokens", type=int, default=64, help="prompt words")
+    har.add_argument("--tpot-ms", type=float, default=20.0, help="simulated ms per step")
+    har.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     rep = sub.add_parser("report", help="re-render latest.md, charts and README from JSON")
     rep.add_argument("--from", dest="source", type=Path, default=DEFAULT_OUT / "latest.json")
     _suite_args(rep)
@@ -343,11 +354,33 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_harnesses(args: argparse.Namespace) -> int:
+    from benchmarks import harnesses
+
+    load = harnesses.HarnessLoad(
+        concurrency=args.concurrency,
+        requests=args.requests,
+        prompt_words=args.prompt_tokens,
+        max_tokens=args.max_tokens,
+    )
+    names = args.harness or ["guidellm", "aiperf"]
+    with tempfile.TemporaryDirectory(prefix="corvex-harnesses-") as tmp:
+        comparison = harnesses.compare(load, args.tpot_ms, names, Path(tmp))
+    args.out.mkdir(parents=True, exist_ok=True)
+    encoded = msgspec.json.format(msgspec.json.encode(comparison), indent=1)
+    (args.out / "harnesses.json").write_bytes(encoded + b"\n")
+    table = harnesses.markdown(comparison)
+    (args.out / "harnesses.md").write_text(table)
+    print(table)
+    return 0 if all(r.ok for r in comparison.reports) else 1
+
+
 def main(argv: list[str]) -> int:
     """Entry point of `python -m benchmarks` and `corvex bench`. The suite is the default."""
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["suite", *argv]
     args = build_parser().parse_args(argv)
     handlers = {"suite": command_suite, "run": command_run, "micro": command_micro,
-                "profile": command_profile, "report": command_report}  # fmt: skip
+                "profile": command_profile, "report": command_report,
+                "harnesses": command_harnesses}  # fmt: skip
     return handlers[args.command](args)
