@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import random
 import time
 from array import array
@@ -48,6 +49,9 @@ class LoadSpec(msgspec.Struct, frozen=True):
     # Closed loop: client i starts i/concurrency of this later, so paced streams of one
     # length do not all begin and end in the same engine step.
     ramp_s: float = 0.0
+    # Closed loop: the measured part begins once the warm-up requests have ended, while every
+    # client keeps going (no drain and restart between the two), so it sees the steady state.
+    continuous: bool = False
 
     @property
     def mode(self) -> str:
@@ -154,6 +158,46 @@ async def _closed_loop(
     await asyncio.gather(*(client(i) for i in range(spec.concurrency)))
 
 
+async def _steady_closed_loop(
+    send: Send,
+    plan: Iterator[RequestSpec],
+    spec: LoadSpec,
+    out: _Collector,
+    tick: Callable[[], None],
+    begin: Callable[[], None],
+) -> None:
+    """A closed loop whose first `warmup_requests` requests (or `duration_s`, if sooner) warm
+    up; then `begin` marks the start of the measured part, and the requests begun after it
+    go to `out` until `requests` or `duration_s` more. In a steady loop the tokens of the
+    requests still running at the start, measured but not counted, match those of the
+    requests still running at the end, counted but sent before it."""
+    warm = _Collector()
+    started = time.monotonic()
+    deadline = math.inf
+
+    def measuring() -> bool:
+        return deadline < math.inf
+
+    async def client(index: int) -> None:
+        nonlocal deadline
+        if spec.ramp_s > 0:
+            await asyncio.sleep(spec.ramp_s * index / spec.concurrency)
+        while not measuring():
+            warm.sent += 1
+            warm.add(await send(next(plan)))
+            now = time.monotonic()
+            ready = warm.done >= spec.warmup_requests or now - started >= spec.duration_s
+            if ready and not measuring():
+                deadline = now + spec.duration_s
+                begin()
+        while out.sent < spec.requests and time.monotonic() < deadline:
+            out.sent += 1
+            out.add(await send(next(plan)))
+            tick()
+
+    await asyncio.gather(*(client(i) for i in range(spec.concurrency)))
+
+
 async def _open_loop(
     send: Send,
     plan: Iterator[RequestSpec],
@@ -217,7 +261,7 @@ async def run_load(
     plan = requests(workload)
     rss = RssSampler(watch or {}, rss_interval_s)
     async with open_target(endpoint) as target:
-        if spec.warmup_requests:
+        if spec.warmup_requests and not spec.continuous:
             warmup = LoadSpec(
                 concurrency=spec.concurrency,
                 requests=spec.warmup_requests,
@@ -225,9 +269,9 @@ async def run_load(
                 ramp_s=spec.ramp_s,
             )
             await _closed_loop(target.send, plan, warmup, _Collector(), lambda: None)
-        rss.start()
         try:
-            result = await _measure(target, plan, workload, spec, watch or {}, label, progress, slo)
+            result = await _measure(target, plan, workload, spec, watch or {}, label, progress,
+                                    slo, rss)  # fmt: skip
         finally:
             trace = await rss.stop()
     if watch:
@@ -244,28 +288,41 @@ async def _measure(
     label: str,
     progress: bool | None,
     slo: Slo | None,
+    rss: RssSampler,
 ) -> LoadResult:
     out = _Collector()
     bar = Progress(label or target.name, enabled=progress)
+    before: dict[str, tuple[float, float]] = {}
+    marks = {"start": 0.0, "self": 0.0}
 
     def tick() -> None:
         bar.update(out.done, spec.requests, sum(out.errors.values()), spec.duration_s)
 
-    cpu_before, self_before = cpu.snapshot(watch), cpu.self_cpu_s()
-    start = out.last_done = time.perf_counter()
-    loop = _open_loop if spec.mode == "open" else _closed_loop
+    def begin() -> None:
+        """The measured part starts: CPU so far, the clock, the RSS samples."""
+        before.update(cpu.snapshot(watch))
+        marks["self"] = cpu.self_cpu_s()
+        marks["start"] = out.last_done = time.perf_counter()
+        rss.start()
+
     try:
-        await loop(target.send, plan, spec, out, tick)
+        if spec.mode == "open":
+            begin()
+            await _open_loop(target.send, plan, spec, out, tick)
+        elif spec.continuous and spec.warmup_requests:
+            await _steady_closed_loop(target.send, plan, spec, out, tick, begin)
+        else:
+            begin()
+            await _closed_loop(target.send, plan, spec, out, tick)
     finally:
         bar.close()
-    duration = out.last_done - start
-    cpu_after, self_after = cpu.snapshot(watch), cpu.self_cpu_s()
+    duration = out.last_done - marks["start"]
+    after, self_after = cpu.snapshot(watch), cpu.self_cpu_s()
     used = {
-        name: (cpu_after[name][0] - cpu_before[name][0], cpu_after[name][1] - cpu_before[name][1])
-        for name in watch
+        name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in watch
     }
     return summarize(
-        label, target.name, workload, spec, out, duration, used, self_after - self_before, slo
+        label, target.name, workload, spec, out, duration, used, self_after - marks["self"], slo
     )
 
 
