@@ -19,14 +19,15 @@ from pathlib import Path
 
 import msgspec
 
-from benchmarks import memory, micro, report, scenarios
+from benchmarks import capacity, memory, micro, report, scenarios
 from benchmarks.loadgen import LoadResult, LoadSpec
 from benchmarks.systems import CorvexVariant, System
 from benchmarks.targets import Endpoint
 from benchmarks.vocabulary import Slo
 from benchmarks.workload import Lengths, Workload, parse_model_mix
 
-COMMANDS = ("suite", "run", "micro", "profile", "report", "harnesses")
+COMMANDS = ("suite", "run", "micro", "profile", "report", "harnesses", "paced", "capacity",
+            "soak")  # fmt: skip
 DEFAULT_OUT = Path("benchmarks/results")
 DEFAULT_README = Path("benchmarks/README.md")
 
@@ -43,6 +44,7 @@ def _suite_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="1 repeat, shorter runs (~2 min)")
     parser.add_argument("--repeats", type=int, help="repeats per case (default 3; quick 1)")
     parser.add_argument("--no-peer", action="store_true", help="skip the LiteLLM peer")
+    parser.add_argument("--no-capacity", action="store_true", help="skip the capacity search")
     parser.add_argument("--readme", type=Path, default=DEFAULT_README,
                         help="README whose results block to rewrite")  # fmt: skip
     parser.add_argument("--no-readme", action="store_true", help="leave the README alone")
@@ -144,6 +146,14 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     _load_args(parser)  # fmt: skip
 
 
+def _capacity_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tpot-ms", type=float, default=scenarios.PACED_STEP_MS,
+                        help="engine step, ms")  # fmt: skip
+    parser.add_argument("--max-tokens", type=int, default=scenarios.PACED_TOKENS)
+    parser.add_argument("--duration", type=float, default=10.0, help="measured s per probe")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -179,6 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     har.add_argument("--prompt-tokens", type=int, default=64, help="prompt words")
     har.add_argument("--tpot-ms", type=float, default=20.0, help="simulated ms per step")
     har.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    paced = sub.add_parser(
+        "paced", help="node load: paced streams against Corvex and the paced ceilings",
+        parents=[common],
+    )  # fmt: skip
+    paced.add_argument("--concurrency", "-c", type=int, default=scenarios.PACED_STREAMS)
+    paced.add_argument("--duration", type=float, default=10.0, help="measured s per case")
+    paced.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    paced.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    cap = sub.add_parser("capacity", help="node capacity: highest tok/s with ITL p50 ≤ step + 10%",
+                         parents=[common])  # fmt: skip
+    _capacity_args(cap)
+    cap.add_argument("--grid", type=lambda t: tuple(int(x) for x in t.split(",")),
+                     default=capacity.GRID, metavar="C1,C2,...",
+                     help="concurrencies always measured (default 64,256,1024)")  # fmt: skip
+    cap.add_argument("--max-search", type=int, default=capacity.MAX_SEARCH,
+                     help="bisection probes after the grid")  # fmt: skip
+    soak = sub.add_parser("soak", help="RSS over a long run at a fraction of capacity",
+                          parents=[common])  # fmt: skip
+    _capacity_args(soak)
+    soak.add_argument("--minutes", type=float, default=10.0)
+    soak.add_argument("--fraction", type=float, default=0.75, help="of the capacity's streams")
+    soak.add_argument("--streams", type=int, help="this many streams (skips the capacity)")
     rep = sub.add_parser("report", help="re-render latest.md, charts and README from JSON")
     rep.add_argument("--from", dest="source", type=Path, default=DEFAULT_OUT / "latest.json")
     _suite_args(rep)
@@ -343,8 +375,9 @@ def _publish(args: argparse.Namespace, result: scenarios.SuiteResult) -> None:
 
 def command_suite(args: argparse.Namespace) -> int:
     options = scenarios.SuiteOptions.make(
-        quick=args.quick, repeats=args.repeats, peer=not args.no_peer, progress=_progress(args)
-    )
+        quick=args.quick, repeats=args.repeats, peer=not args.no_peer, progress=_progress(args),
+        capacity=not args.no_capacity,
+    )  # fmt: skip
     _publish(args, scenarios.run_suite(options))  # fmt: skip
     return 0
 
@@ -375,6 +408,74 @@ def command_harnesses(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in comparison.reports) else 1
 
 
+def _write_json(path: Path, value: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(value), indent=1) + b"\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def command_paced(args: argparse.Namespace) -> int:
+    from benchmarks.analysis import node_load
+
+    options = msgspec.structs.replace(scenarios.SuiteOptions(), repeats=args.repeats,
+                                      paced_s=args.duration, progress=_progress(args))  # fmt: skip
+    results: dict[str, scenarios.CaseResult] = {}
+    with tempfile.TemporaryDirectory(prefix="corvex-paced-") as tmp:
+        scenarios.run_paced(options, Path(tmp), results, args.concurrency)
+    runs = {name: r.runs for name, r in results.items()}
+    derived = node_load(runs)
+    _write_json(args.out / "paced.json", {"cases": results, "derived": derived})
+    print(report.paced_markdown(results, derived))
+    for index, (corvex, ceiling) in enumerate(zip(runs["paced.corvex"], runs["paced.skeleton"],
+                                                  strict=False), 1):  # fmt: skip
+        ratio = corvex.server_cpu_per_token_us / ceiling.server_cpu_per_token_us
+        print(f"round {index}: Corvex {corvex.server_cpu_per_token_us:.1f} µs/token ÷ skeleton "
+              f"{ceiling.server_cpu_per_token_us:.1f} = {ratio:.2f}×")  # fmt: skip
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> capacity.Settings:
+    return capacity.Settings(step_ms=args.tpot_ms, tokens=args.max_tokens,
+                             duration_s=args.duration, progress=_progress(args))  # fmt: skip
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def command_capacity(args: argparse.Namespace) -> int:
+    settings = msgspec.structs.replace(_settings(args), grid=args.grid,
+                                       max_search=args.max_search)  # fmt: skip
+    found = [capacity.measure_stack(shape, edge, settings, _say)
+             for shape, edge in capacity.SHAPES]  # fmt: skip
+    _write_json(args.out / "capacity.json", found)
+    try:
+        from benchmarks import charts
+    except ImportError as exc:
+        print(f"chart skipped ({exc}); install the bench extra", file=sys.stderr)
+    else:
+        print(f"wrote {charts.capacity_chart(found, args.out / 'capacity.png')}", file=sys.stderr)
+    print(report.capacity_markdown(found))
+    return 0
+
+
+def command_soak(args: argparse.Namespace) -> int:
+    from benchmarks import soak
+
+    result = soak.run(minutes=args.minutes, fraction=args.fraction, settings=_settings(args),
+                      streams=args.streams, capacity_json=args.out / "capacity.json",
+                      say=_say)  # fmt: skip
+    _write_json(args.out / "soak.json", result)
+    try:
+        from benchmarks import charts
+    except ImportError as exc:
+        print(f"chart skipped ({exc}); install the bench extra", file=sys.stderr)
+    else:
+        print(f"wrote {charts.soak_chart(result, args.out / 'soak_rss.png')}", file=sys.stderr)
+    print(soak.describe(result))
+    return 0 if all(f.flat for f in result.flatness.values()) else 1
+
+
 def main(argv: list[str]) -> int:
     """Entry point of `python -m benchmarks` and `corvex bench`. The suite is the default."""
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
@@ -382,5 +483,6 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"suite": command_suite, "run": command_run, "micro": command_micro,
                 "profile": command_profile, "report": command_report,
-                "harnesses": command_harnesses}  # fmt: skip
+                "harnesses": command_harnesses, "paced": command_paced,
+                "capacity": command_capacity, "soak": command_soak}  # fmt: skip
     return handlers[args.command](args)

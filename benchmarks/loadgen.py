@@ -100,6 +100,10 @@ class LoadResult(msgspec.Struct):
     goodput: Goodput | None = None
     # RSS of the watched processes before any load and during the measured part.
     memory: RssTrace | None = None
+    # Continuous runs: the output tokens that arrived within the measured window (requests
+    # running across its edges count for their part inside), which the rates, CPU per token
+    # and `duration_s` are of; 0 for other runs, whose rates count whole requests.
+    window_tokens: float = 0.0
 
 
 class _Collector:
@@ -135,6 +139,35 @@ class _Collector:
         self.chunks += sample.chunks
 
 
+class Window:
+    """A fixed stretch of time [start, end) on the perf_counter clock and what arrived in it:
+    output tokens (a request's tokens spread evenly over its content events) and requests
+    that ended. A continuous run counts these, so that the CPU measured over exactly this
+    stretch is divided by exactly the work done in it."""
+
+    def __init__(self) -> None:
+        self.start = math.inf
+        self.end = math.inf
+        self.tokens = 0.0
+        self.requests = 0
+
+    def add(self, sample: Sample, sent_at: float) -> None:
+        """Counts the part of a finished request inside the window; `sent_at` is when it
+        was sent."""
+        if sample.status != OK:
+            return
+        if self.start <= sent_at + sample.e2e_s < self.end:
+            self.requests += 1
+        if sample.ttft_s is None or not sample.chunks or not sample.completion_tokens:
+            return
+        at = sent_at + sample.ttft_s
+        inside = int(self.start <= at < self.end)
+        for gap in sample.gaps_s:
+            at += gap
+            inside += self.start <= at < self.end
+        self.tokens += inside * sample.completion_tokens / sample.chunks
+
+
 Send = Callable[[RequestSpec], Awaitable[Sample]]
 
 
@@ -164,19 +197,27 @@ async def _steady_closed_loop(
     spec: LoadSpec,
     out: _Collector,
     tick: Callable[[], None],
+    window: Window,
     begin: Callable[[], None],
+    end: Callable[[], None],
 ) -> None:
     """A closed loop whose first `warmup_requests` requests (or `duration_s`, if sooner) warm
-    up; then `begin` marks the start of the measured part, and the requests begun after it
-    go to `out` until `requests` or `duration_s` more. In a steady loop the tokens of the
-    requests still running at the start, measured but not counted, match those of the
-    requests still running at the end, counted but sent before it."""
+    up; then `begin` opens the window and `end` closes it `duration_s` later, while every
+    client keeps going. Requests begun inside the window go to `out` (latencies); what every
+    request delivered inside the window goes to `window` (rates, CPU per token)."""
     warm = _Collector()
     started = time.monotonic()
     deadline = math.inf
+    loop = asyncio.get_running_loop()
 
     def measuring() -> bool:
         return deadline < math.inf
+
+    async def counted(request: RequestSpec) -> Sample:
+        sent_at = time.perf_counter()
+        sample = await send(request)
+        window.add(sample, sent_at)
+        return sample
 
     async def client(index: int) -> None:
         nonlocal deadline
@@ -184,18 +225,21 @@ async def _steady_closed_loop(
             await asyncio.sleep(spec.ramp_s * index / spec.concurrency)
         while not measuring():
             warm.sent += 1
-            warm.add(await send(next(plan)))
+            warm.add(await counted(next(plan)))
             now = time.monotonic()
             ready = warm.done >= spec.warmup_requests or now - started >= spec.duration_s
             if ready and not measuring():
                 deadline = now + spec.duration_s
                 begin()
+                loop.call_at(loop.time() + spec.duration_s, end)
         while out.sent < spec.requests and time.monotonic() < deadline:
             out.sent += 1
-            out.add(await send(next(plan)))
+            out.add(await counted(next(plan)))
             tick()
 
     await asyncio.gather(*(client(i) for i in range(spec.concurrency)))
+    if window.end == math.inf:  # every client stopped before the timer (request count)
+        end()
 
 
 async def _open_loop(
@@ -232,12 +276,12 @@ async def _open_loop(
     await asyncio.gather(*in_flight)
 
 
-def _per(total: float, count: int) -> float:
+def _per(total: float, count: float) -> float:
     """Microseconds of `total` seconds per item; 0 when there were none (JSON has no NaN)."""
     return total / count * 1e6 if count else 0.0
 
 
-def _process_cpu(times: tuple[float, float], requests: int, tokens: int) -> ProcessCpu:
+def _process_cpu(times: tuple[float, float], requests: int, tokens: float) -> ProcessCpu:
     user, system = times
     return ProcessCpu(
         user + system, system, _per(user + system, requests), _per(user + system, tokens)
@@ -293,7 +337,9 @@ async def _measure(
     out = _Collector()
     bar = Progress(label or target.name, enabled=progress)
     before: dict[str, tuple[float, float]] = {}
-    marks = {"start": 0.0, "self": 0.0}
+    after: dict[str, tuple[float, float]] = {}
+    marks = {"start": 0.0, "self": 0.0, "self_end": 0.0}
+    window = Window()
 
     def tick() -> None:
         bar.update(out.done, spec.requests, sum(out.errors.values()), spec.duration_s)
@@ -302,28 +348,38 @@ async def _measure(
         """The measured part starts: CPU so far, the clock, the RSS samples."""
         before.update(cpu.snapshot(watch))
         marks["self"] = cpu.self_cpu_s()
-        marks["start"] = out.last_done = time.perf_counter()
+        marks["start"] = out.last_done = window.start = time.perf_counter()
         rss.start()
 
+    def end() -> None:
+        """The measured part ends (a continuous run's window closes): CPU so far."""
+        if window.end == math.inf:
+            window.end = time.perf_counter()
+            after.update(cpu.snapshot(watch))
+            marks["self_end"] = cpu.self_cpu_s()
+
+    steady = spec.mode == "closed" and spec.continuous and spec.warmup_requests > 0
     try:
         if spec.mode == "open":
             begin()
             await _open_loop(target.send, plan, spec, out, tick)
-        elif spec.continuous and spec.warmup_requests:
-            await _steady_closed_loop(target.send, plan, spec, out, tick, begin)
+        elif steady:
+            await _steady_closed_loop(target.send, plan, spec, out, tick, window, begin, end)
         else:
             begin()
             await _closed_loop(target.send, plan, spec, out, tick)
     finally:
         bar.close()
-    duration = out.last_done - marks["start"]
-    after, self_after = cpu.snapshot(watch), cpu.self_cpu_s()
+    end()
     used = {
         name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in watch
     }
-    return summarize(
-        label, target.name, workload, spec, out, duration, used, self_after - marks["self"], slo
-    )
+    loadgen_cpu_s = marks["self_end"] - marks["self"]
+    if steady:
+        return summarize(label, target.name, workload, spec, out, window.end - window.start,
+                         used, loadgen_cpu_s, slo, window)  # fmt: skip
+    duration = out.last_done - marks["start"]
+    return summarize(label, target.name, workload, spec, out, duration, used, loadgen_cpu_s, slo)
 
 
 def summarize(
@@ -336,11 +392,15 @@ def summarize(
     cpu_used: Mapping[str, tuple[float, float]],
     loadgen_cpu_s: float,
     slo: Slo | None = None,
+    window: Window | None = None,
 ) -> LoadResult:
     """The result of a run from what was collected and measured; `cpu_used` holds each
-    watched process's (user, system) CPU seconds."""
+    watched process's (user, system) CPU seconds. With a `window`, rates and CPU per request
+    and token are of what arrived within it (`duration_s` long); latencies are always of the
+    requests in `out`."""
     ok = len(out.e2e)
     tokens = out.completion_tokens
+    done, counted = (window.requests, window.tokens) if window else (ok, float(tokens))
     total_cpu = sum(user + system for user, system in cpu_used.values())
     return LoadResult(
         label=label,
@@ -354,22 +414,23 @@ def summarize(
         errors=dict(out.errors),
         dropped=out.dropped,
         duration_s=duration_s,
-        requests_per_s=ok / duration_s if duration_s > 0 else 0.0,
-        output_tokens_per_s=tokens / duration_s if duration_s > 0 else 0.0,
+        requests_per_s=done / duration_s if duration_s > 0 else 0.0,
+        output_tokens_per_s=counted / duration_s if duration_s > 0 else 0.0,
         prompt_tokens=out.prompt_tokens,
         completion_tokens=tokens,
         chunks=out.chunks,
         e2e=distribution(out.e2e),
         ttft=distribution(out.ttft),
         itl=distribution(out.gaps),
-        cpu={name: _process_cpu(times, ok, tokens) for name, times in cpu_used.items()},
-        server_cpu_per_request_us=_per(total_cpu, ok),
-        server_cpu_per_token_us=_per(total_cpu, tokens),
+        cpu={name: _process_cpu(times, done, counted) for name, times in cpu_used.items()},
+        server_cpu_per_request_us=_per(total_cpu, done),
+        server_cpu_per_token_us=_per(total_cpu, counted),
         loadgen_cpu_s=loadgen_cpu_s,
         tpot=distribution(out.per_request.finite_tpot_s()) if workload.stream else Distribution(),
         goodput=goodput(out.per_request, slo, sum(out.errors.values()), duration_s)
         if slo is not None and slo.is_set()
         else None,
+        window_tokens=window.tokens if window else 0.0,
     )
 
 
