@@ -66,9 +66,16 @@ def _load_args(parser: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--ramp",
         type=float,
-        default=0.0,
         metavar="S",
         help="closed loop: start the clients spread over S seconds (desynchronizes streams)",
+    )
+    load.add_argument(
+        "--steady",
+        action="store_true",
+        help="closed loop, measured at its steady state: clients ramp in (default over one "
+        "answer at --tpot-ms), the window opens once --warmup requests (default half the "
+        "clients) ended and lasts --duration s while the clients keep going; rates and CPU "
+        "count what arrived inside it",
     )
     work = parser.add_argument_group("workload")
     work.add_argument("--stream", action="store_true")
@@ -234,14 +241,19 @@ def _workload(args: argparse.Namespace, keys: tuple[str, ...]) -> Workload:
 
 
 def _spec(args: argparse.Namespace) -> LoadSpec:
+    steady = args.steady and not args.rate
+    answer_s = args.max_tokens.high * getattr(args, "tpot_ms", 0.0) / 1000
+    ramp = args.ramp if args.ramp is not None else (answer_s if steady else 0.0)
+    warmup = args.warmup or (max(1, args.concurrency // 2) if steady else 0)
     return LoadSpec(
         concurrency=args.concurrency,
         rate_rps=args.rate,
         requests=args.requests,
         duration_s=args.duration,
-        warmup_requests=args.warmup,
+        warmup_requests=warmup,
         seed=args.seed,
-        ramp_s=args.ramp,
+        ramp_s=ramp,
+        continuous=steady,
     )
 
 
@@ -309,6 +321,9 @@ def format_result(result: LoadResult) -> str:
         f"  throughput {result.requests_per_s:,.1f} req/s, {result.output_tokens_per_s:,.0f} "
         f"output tok/s ({result.completion_tokens} tokens in {result.chunks} chunks)",
     ]  # fmt: skip
+    if result.window_tokens:
+        lines.append(f"  steady     rates and CPU of the {result.duration_s:.2f} s window: "
+                     f"{result.window_tokens:,.0f} tokens arrived inside it")  # fmt: skip
     dists = (("e2e", result.e2e), ("ttft", result.ttft), ("itl", result.itl),
              ("tpot", result.tpot))  # fmt: skip
     for name, dist in dists:
