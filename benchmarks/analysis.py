@@ -10,7 +10,7 @@ from typing import Literal
 
 import msgspec
 
-from benchmarks.capacity import GRID, Capacity
+from benchmarks.capacity import Capacity
 from benchmarks.loadgen import LoadResult
 from benchmarks.micro import MicroResult
 from benchmarks.stats import Spread, spread
@@ -228,7 +228,7 @@ def node_load(runs: Runs) -> dict[str, Spread]:
 
 
 def capacity_figures(found: Sequence[Capacity]) -> dict[str, Spread]:
-    """The first shape's capacity, CPU per token on the grid, RSS per 1,000 streams at the
+    """The first shape's capacity, CPU per token on its grid, RSS per 1,000 streams at the
     grid's largest concurrency."""
     if not found:
         return {}
@@ -241,8 +241,8 @@ def capacity_figures(found: Sequence[Capacity]) -> dict[str, Spread]:
         result[f"capacity_cpu_per_token_us_c{probe.concurrency}"] = spread(
             [probe.cpu_total_per_token_us()]
         )
-    largest = [p for p in first.grid_probes() if p.concurrency == max(GRID)]
-    for probe in largest:
+    # The largest concurrency of the grid: the most streams, the least extrapolated noise.
+    for probe in first.grid_probes()[-1:]:
         for process in probe.rss_peak_bytes:
             result[f"rss_{process}_per_1000_streams_mib"] = spread(
                 [probe.rss_per_thousand_streams_mib(process)]

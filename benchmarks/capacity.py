@@ -71,9 +71,11 @@ class Capacity(msgspec.Struct):
     above_grid: bool
     # Output tokens of every answer (set by measure_stack; 0 when unknown).
     tokens: int = 0
+    # The concurrencies always measured (the chart's points).
+    grid: tuple[int, ...] = GRID
 
-    def grid_probes(self, grid: Sequence[int] = GRID) -> list[Probe]:
-        return sorted((p for p in self.probes if p.concurrency in grid),
+    def grid_probes(self) -> list[Probe]:
+        return sorted((p for p in self.probes if p.concurrency in self.grid),
                       key=lambda p: p.concurrency)  # fmt: skip
 
 
@@ -112,7 +114,8 @@ def search(
             hi = mid
     passing = [p for p in probes if p.sustains(step_ms, tolerance)]
     best = max(passing, key=lambda p: p.output_tokens_per_s, default=None)
-    return Capacity(shape, step_ms, tolerance, probes, best, (lo, hi), first_fail is None)
+    return Capacity(shape, step_ms, tolerance, probes, best, (lo, hi), first_fail is None,
+                    grid=tuple(grid))  # fmt: skip
 
 
 def probe_of(result: LoadResult) -> Probe:
