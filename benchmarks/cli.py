@@ -5,6 +5,11 @@ python -m benchmarks run --target edge|grpc ...      one custom load, against a 
                                                      server or a stack it starts
 python -m benchmarks micro                           the in-process microbenchmarks
 python -m benchmarks profile [--target ...]          py-spy profiles of core and edge
+python -m benchmarks paced [-c 256]                  node load: paced streams, Corvex and
+                                                     the paced ceilings, per round
+python -m benchmarks capacity [--grid 64,256,1024]   node capacity (ITL p50 ≤ step + 10%%)
+python -m benchmarks soak [--minutes 10]             RSS over a soak (make bench-soak)
+python -m benchmarks harnesses [-c 16]               guidellm and aiperf beside ours
 python -m benchmarks report [--from JSON]            re-render the report from results
 """
 
@@ -205,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     paced.add_argument("--duration", type=float, default=10.0, help="measured s per case")
     paced.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     paced.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
-    cap = sub.add_parser("capacity", help="node capacity: highest tok/s with ITL p50 ≤ step + 10%",
+    cap = sub.add_parser("capacity", help="node capacity: highest tok/s with ITL p50 ≤ step + 10%%",
                          parents=[common])  # fmt: skip
     _capacity_args(cap)
     cap.add_argument("--grid", type=lambda t: tuple(int(x) for x in t.split(",")),
