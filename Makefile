@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 CONFIG ?= corvex.yaml
 PROTOS := $(wildcard proto/corvex/v1/*.proto)
 
-.PHONY: run test lint fmt proto proto-check drift-gate bench vllm-check lock clean
+.PHONY: run test lint fmt proto proto-check drift-gate bench bench-soak vllm-check lock clean
 
 $(INSTALLED): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ drift-gate: $(INSTALLED)
 ## Benchmarks (a few minutes): results in benchmarks/results and benchmarks/README.md.
 bench: $(INSTALLED)
 	$(BIN)/python -m benchmarks --out benchmarks/results
+
+## Soak, not part of bench (~11 min): paced streams at 75% of the node capacity for 10 minutes,
+## RSS of core and edge over time (benchmarks/results/soak.json, soak_rss.png).
+bench-soak: $(INSTALLED)
+	$(BIN)/python -m benchmarks soak --minutes 10 --fraction 0.75 --out benchmarks/results
 
 ## Check the vLLM adapter's calls against the real vllm classes (separate venv, several GB).
 vllm-check:

@@ -10,6 +10,7 @@ from typing import Literal
 
 import msgspec
 
+from benchmarks.capacity import Capacity
 from benchmarks.loadgen import LoadResult
 from benchmarks.micro import MicroResult
 from benchmarks.stats import Spread, spread
@@ -168,7 +169,88 @@ def _streaming(runs: Runs) -> dict[str, Spread]:
     }
 
 
-def derive(runs: Runs, micro: MicroResult) -> dict[str, Spread]:
+P_CORVEX, P_CORVEX_GRPC = "paced.corvex", "paced.corvex-grpc"
+P_SKELETON, P_ECHO = "paced.skeleton", "paced.grpc-echo"
+
+
+def cpu_per_token(process: str) -> Metric:
+    def metric(run: LoadResult) -> float:
+        return run.cpu[process].per_token_us if process in run.cpu else math.nan
+
+    return metric
+
+
+def server_cpu_per_token(run: LoadResult) -> float:
+    return run.server_cpu_per_token_us
+
+
+def tokens_per_s(run: LoadResult) -> float:
+    return run.output_tokens_per_s
+
+
+def itl_p50(run: LoadResult) -> float:
+    return run.itl.p50_ms
+
+
+def node_load(runs: Runs) -> dict[str, Spread]:
+    """Paced streams at node load: CPU per token of each process, against the paced
+    ceilings round by round."""
+    core, edge, server = cpu_per_token("core"), cpu_per_token("edge"), cpu_per_token("server")
+    return {
+        "paced_core_cpu_per_token_us": _of(runs, P_CORVEX, core),
+        "paced_edge_cpu_per_token_us": _of(runs, P_CORVEX, edge),
+        "paced_cpu_per_token_us": _of(runs, P_CORVEX, server_cpu_per_token),
+        "paced_skeleton_core_cpu_per_token_us": _of(runs, P_SKELETON, core),
+        "paced_skeleton_edge_cpu_per_token_us": _of(runs, P_SKELETON, edge),
+        "paced_skeleton_cpu_per_token_us": _of(runs, P_SKELETON, server_cpu_per_token),
+        "paced_vs_ceiling_cpu_per_token": paired(
+            runs, P_CORVEX, P_SKELETON, server_cpu_per_token, _ratio
+        ),
+        "paced_core_vs_ceiling_cpu_per_token": paired(runs, P_CORVEX, P_SKELETON, core, _ratio),
+        "paced_edge_vs_ceiling_cpu_per_token": paired(runs, P_CORVEX, P_SKELETON, edge, _ratio),
+        "paced_grpc_core_cpu_per_token_us": _of(runs, P_CORVEX_GRPC, core),
+        "paced_echo_cpu_per_token_us": _of(runs, P_ECHO, server),
+        "paced_grpc_vs_echo_cpu_per_token": paired(
+            runs,
+            P_CORVEX_GRPC,
+            P_ECHO,
+            lambda r: core(r) if "core" in r.cpu else server(r),
+            _ratio,
+        ),
+        "paced_vs_ceiling_throughput": paired(runs, P_CORVEX, P_SKELETON, tokens_per_s, _ratio),
+        "paced_tokens_per_s": _of(runs, P_CORVEX, tokens_per_s),
+        "paced_itl_p50_ms": _of(runs, P_CORVEX, itl_p50),
+        "paced_skeleton_itl_p50_ms": _of(runs, P_SKELETON, itl_p50),
+        "paced_events_per_token": _of(
+            runs, P_CORVEX, lambda r: r.chunks / r.completion_tokens if r.completion_tokens else 0
+        ),
+    }
+
+
+def capacity_figures(found: Sequence[Capacity]) -> dict[str, Spread]:
+    """The first shape's capacity, CPU per token on its grid, RSS per 1,000 streams at the
+    grid's largest concurrency."""
+    if not found:
+        return {}
+    first = found[0]
+    result: dict[str, Spread] = {}
+    if first.capacity is not None:
+        result["capacity_tokens_per_s"] = spread([first.capacity.output_tokens_per_s])
+        result["capacity_streams"] = spread([float(first.capacity.concurrency)])
+    for probe in first.grid_probes():
+        result[f"capacity_cpu_per_token_us_c{probe.concurrency}"] = spread(
+            [probe.cpu_total_per_token_us()]
+        )
+    # The largest concurrency of the grid: the most streams, the least extrapolated noise.
+    for probe in first.grid_probes()[-1:]:
+        for process in probe.rss_peak_bytes:
+            result[f"rss_{process}_per_1000_streams_mib"] = spread(
+                [probe.rss_per_thousand_streams_mib(process)]
+            )
+    return result
+
+
+def derive(runs: Runs, micro: MicroResult, capacity: Sequence[Capacity] = ()) -> dict[str, Spread]:
     """Every derived figure, keyed by a name the report and the README use."""
     return {
         **_throughput(runs),
@@ -176,6 +258,8 @@ def derive(runs: Runs, micro: MicroResult) -> dict[str, Spread]:
         **_metering(runs, micro),
         **_durability(runs),
         **_streaming(runs),
+        **node_load(runs),
+        **capacity_figures(capacity),
     }
 
 
@@ -223,7 +307,29 @@ def goals(derived: Mapping[str, Spread]) -> list[Goal]:
              "measured", ""),
         _goal("Streaming: edge + core CPU per output token, one SSE event per token", "≤ 25 µs",
               derived["stream_cpu_per_token_us"], " µs", 25, at_least=False, digits=1),
+        # Issue 18: 256 paced streams, 20 ms step, one token per SSE event.
+        _goal("Node load (256 paced streams, 20 ms): core CPU per streamed token", "≤ 30 µs",
+              derived.get("paced_core_cpu_per_token_us", spread([])), " µs", 30,
+              at_least=False, digits=1),
+        _goal("Node load (256 paced streams, 20 ms): edge CPU per streamed token", "≤ 30 µs",
+              derived.get("paced_edge_cpu_per_token_us", spread([])), " µs", 30,
+              at_least=False, digits=1),
+        _goal("Node load: Corvex ÷ paced SSE skeleton, server CPU per token", "≤ 1.5×",
+              derived.get("paced_vs_ceiling_cpu_per_token", spread([])), "×", 1.5,
+              at_least=False),
+        _measured("Node capacity, 1 core + 1 edge: output tok/s with ITL p50 ≤ step + 10%",
+                  derived.get("capacity_tokens_per_s"), " tok/s", 0),
+        _measured("Memory: core RSS per 1,000 concurrent streams",
+                  derived.get("rss_core_per_1000_streams_mib"), " MiB", 1),
+        _measured("Memory: edge RSS per 1,000 concurrent streams",
+                  derived.get("rss_edge_per_1000_streams_mib"), " MiB", 1),
     ]  # fmt: skip
+
+
+def _measured(name: str, value: Spread | None, unit: str, digits: int) -> Goal:
+    if value is None or not value.n:
+        return Goal(name, "report", "—", "not measured", "")
+    return Goal(name, "report", _fmt(value, unit, digits), "measured", "")
 
 
 def _percent(value: Spread) -> Spread:

@@ -5,10 +5,14 @@ KIND --port 0 --ready-file F`) so its CPU is measured alone:
   aiohttp   a bare aiohttp handler returning a canned OpenAI chat completion (JSON or SSE,
             one event per token); also the backend behind the LiteLLM peer
   grpc      a bare grpc.aio echo: `bench.Echo/Unary` (one ChatChunk) and `bench.Echo/Stream`
-            (one ChatChunk per token, then a final one), Corvex's own message types
+            (one ChatChunk per token, the last one with usage), Corvex's own message types;
+            with --step-ms the stream is paced like an engine at node load: one message per
+            stream per decode step, every stream woken by one shared step clock
   skeleton  an aiohttp handler that calls the `grpc` echo: the edge → core hop with no
             business logic, for non-streaming over a unary call (or, with
-            --nonstream-rpc stream, over the server-streaming call the real edge uses)
+            --nonstream-rpc stream, over the server-streaming call the real edge uses);
+            streamed answers are one SSE event (OpenAI chunk shape) per gRPC message, so in
+            front of a paced echo it is the paced SSE skeleton
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import functools
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
 
 import grpc
@@ -175,18 +179,69 @@ async def echo_unary(request: inference_pb2.ChatRequest, context: Any) -> Any:
     return _final_chunk(request, canned_text(tokens), tokens)
 
 
-async def echo_stream(request: inference_pb2.ChatRequest, context: Any) -> AsyncIterator[Any]:
+class StepClock:
+    """The decode step of a paced echo: one timer for every stream, as one engine step
+    advances every running request. Like the simulated engine's step loop, it sleeps a step,
+    wakes every waiting stream at once, and sleeps again (so a step stretches when the
+    process is too busy to keep time); it runs only while some stream waits."""
+
+    def __init__(self, step_s: float) -> None:
+        assert step_s > 0, "a paced echo needs a positive step"
+        self._step_s = step_s
+        # An Event, not one shared Future: a cancelled stream must not cancel the others' wait.
+        self._event = asyncio.Event()
+        self._waiting = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def next_step(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._waiting += 1
+        try:
+            await self._event.wait()
+        finally:
+            self._waiting -= 1
+
+    async def _run(self) -> None:
+        # Woken streams are still counted when the loop checks (they have not run yet), so
+        # it stops one idle step after the last stream ends.
+        while self._waiting:
+            await asyncio.sleep(self._step_s)
+            self._event.set()
+            self._event.clear()
+        self._task = None
+
+
+def _stream_messages(request: inference_pb2.ChatRequest) -> Iterator[Any]:
+    """One ChatChunk per token; the last carries the finish reason and usage."""
     tokens = request.max_tokens or 16
     for index in range(tokens - 1):
         yield inference_pb2.ChatChunk(
             text=_WORD if index == 0 else " " + _WORD, completion_tokens=1
         )
-    final = await echo_unary(request, context)
-    final.text, final.completion_tokens = " " + _WORD, 1
+    final = _final_chunk(request, _WORD if tokens == 1 else " " + _WORD, tokens)
+    final.completion_tokens = 1
     yield final
 
 
-def echo_handler() -> Any:
+async def echo_stream(request: inference_pb2.ChatRequest, context: Any) -> AsyncIterator[Any]:
+    for message in _stream_messages(request):
+        yield message
+
+
+def paced_stream(clock: StepClock) -> Any:
+    """`bench.Echo/Stream` paced by `clock`: each message waits for the next step."""
+
+    async def stream(request: inference_pb2.ChatRequest, context: Any) -> AsyncIterator[Any]:
+        for message in _stream_messages(request):
+            await clock.next_step()
+            yield message
+
+    return stream
+
+
+def echo_handler(step_ms: float = 0.0) -> Any:
+    stream = paced_stream(StepClock(step_ms / 1000)) if step_ms > 0 else echo_stream
     codec = {
         "request_deserializer": inference_pb2.ChatRequest.FromString,
         "response_serializer": inference_pb2.ChatChunk.SerializeToString,
@@ -195,7 +250,7 @@ def echo_handler() -> Any:
         ECHO_SERVICE,
         {
             "Unary": grpc.unary_unary_rpc_method_handler(echo_unary, **codec),
-            "Stream": grpc.unary_stream_rpc_method_handler(echo_stream, **codec),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream, **codec),
         },
     )
 
@@ -305,9 +360,9 @@ async def serve_http(app: web.Application, host: str, port: int, ready_file: str
     await runner.cleanup()
 
 
-async def serve_grpc(host: str, port: int, ready_file: str | None) -> None:
+async def serve_grpc(host: str, port: int, ready_file: str | None, step_ms: float = 0.0) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers((echo_handler(),))
+    server.add_generic_rpc_handlers((echo_handler(step_ms),))
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     if ready_file:
@@ -323,10 +378,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--backend", help="skeleton: host:port of the grpc echo")
     parser.add_argument("--nonstream-rpc", choices=["unary", "stream"], default="unary")
+    parser.add_argument(
+        "--step-ms",
+        type=float,
+        default=0.0,
+        help="grpc: pace Stream at one message per stream per step (0: as fast as it can)",
+    )
     parser.add_argument("--ready-file")
     args = parser.parse_args(argv)
     if args.kind == "grpc":
-        uvloop.run(serve_grpc(args.host, args.port, args.ready_file))
+        uvloop.run(serve_grpc(args.host, args.port, args.ready_file, args.step_ms))
     elif args.kind == "aiohttp":
         uvloop.run(serve_http(canned_app(), args.host, args.port, args.ready_file))
     else:

@@ -1,18 +1,26 @@
 """The PNG charts of a suite: latency percentiles against load (open loop, and closed loop
-by concurrency) and throughput against concurrency, Corvex beside the skeleton ceiling."""
+by concurrency) and throughput against concurrency, Corvex beside the skeleton ceiling; CPU
+per streamed token and inter-token latency against concurrency at node load (the capacity
+search); RSS over a soak."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display: render straight to PNG files
 import matplotlib.pyplot as plt
 
+from benchmarks.capacity import Capacity
 from benchmarks.loadgen import LoadResult
+from benchmarks.memory import MIB
 from benchmarks.scenarios import SWEEP_CONCURRENCY, THROUGHPUT_CONCURRENCY, CaseResult
+
+if TYPE_CHECKING:
+    from benchmarks.soak import SoakResult
 
 Points = list[tuple[int, list[LoadResult]]]
 
@@ -90,3 +98,66 @@ def write(cases: Mapping[str, CaseResult], out: Path) -> list[Path]:
     throughput_vs_concurrency(cases, paths[0])
     latency_vs_load(cases, paths[1])
     return paths
+
+
+def capacity_chart(results: Sequence[Capacity], path: Path) -> Path:
+    """Left: CPU per output token of core, edge and both against concurrent paced streams.
+    Right: ITL p50 against the same, with the step and the 10% bound, and output tok/s."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    tok_axis = right.twinx()
+    for result in results:
+        probes = sorted(result.probes, key=lambda p: p.concurrency)
+        xs = [p.concurrency for p in probes]
+        prefix = f"{result.shape}: " if len(results) > 1 else ""
+        for process in sorted({k for p in probes for k in p.cpu_per_token_us}):
+            values = [p.cpu_per_token_us.get(process, float("nan")) for p in probes]
+            left.plot(xs, values, "o--", label=f"{prefix}{process}")
+        left.plot(xs, [p.cpu_total_per_token_us() for p in probes], "s-",
+                  label=f"{prefix}core + edge")  # fmt: skip
+        right.plot(xs, [p.itl_p50_ms for p in probes], "o-", label=f"{prefix}ITL p50")
+        tok_axis.plot(xs, [p.output_tokens_per_s for p in probes], "^:", color="grey",
+                      label=f"{prefix}output tok/s")  # fmt: skip
+        right.axhline(result.step_ms, color="green", linewidth=0.8, label="engine step")
+        bound = result.step_ms * (1 + result.tolerance)
+        right.axhline(bound, color="red", linewidth=0.8, linestyle="--",
+                      label=f"step + {result.tolerance:.0%}")  # fmt: skip
+    ticks = sorted({p.concurrency for result in results for p in result.probes})
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("concurrent paced streams (closed loop)")
+        ax.grid(True, alpha=0.3)
+    left.set_ylabel("server CPU per output token, µs")
+    left.set_title("CPU per streamed token (one SSE event per token)")
+    right.set_ylabel("inter-token latency p50, ms")
+    tok_axis.set_ylabel("output tok/s")
+    right.set_title("Node capacity: ITL p50 against the step")
+    left.legend()
+    handles = right.get_legend_handles_labels()
+    more = tok_axis.get_legend_handles_labels()
+    right.legend(handles[0] + more[0], handles[1] + more[1], fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def soak_chart(result: SoakResult, path: Path) -> Path:
+    """RSS of each process over the soak, with its least-squares line."""
+    trace = result.run.memory
+    assert trace is not None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    minutes = [t / 60 for t in trace.times_s]
+    for name, samples in trace.samples_bytes.items():
+        flat = result.flatness.get(name)
+        label = name if flat is None else f"{name} ({flat.slope_mib_per_min:+.3f} MiB/min)"
+        ax.plot(minutes, [v / MIB for v in samples], label=label)
+    ax.set_xlabel("minutes into the soak")
+    ax.set_ylabel("RSS, MiB")
+    ax.set_title(f"RSS over a soak: {result.streams} paced streams")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

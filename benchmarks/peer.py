@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import secrets
 import socket
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,13 +16,14 @@ from typing import Any
 
 import msgspec
 
+from benchmarks import venvs
 from benchmarks.processes import launch_command
 from benchmarks.systems import System
 from benchmarks.workload import DEFAULT_MODEL
 
-VENV = Path(__file__).resolve().parent.parent / ".venv-bench-litellm"
+VENV = venvs.ROOT / ".venv-bench-litellm"
 REQUIREMENT = "litellm[proxy]"
-INSTALL_TIMEOUT_S = 900.0
+INSTALL_TIMEOUT_S = venvs.INSTALL_TIMEOUT_S
 START_TIMEOUT_S = 180.0
 
 
@@ -39,27 +38,10 @@ def _litellm_bin() -> Path:
 
 def ensure_installed(*, timeout_s: float = INSTALL_TIMEOUT_S) -> str:
     """Creates the LiteLLM virtualenv if needed; returns the installed LiteLLM version."""
-    if not _litellm_bin().exists():
-        _run([sys.executable, "-m", "venv", "--clear", str(VENV)], timeout_s=120)
-        pip = [str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-        _run([*pip, "--disable-pip-version-check", REQUIREMENT], timeout_s=timeout_s)
-    out = _run([str(VENV / "bin" / "python"), "-m", "pip", "show", "litellm"], timeout_s=60)
-    for line in out.splitlines():
-        if line.startswith("Version:"):
-            return line.split(":", 1)[1].strip()
-    raise PeerUnavailable("litellm is not installed in " + str(VENV))
-
-
-def _run(argv: list[str], *, timeout_s: float) -> str:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise PeerUnavailable(f"`{' '.join(argv[:4])} ...` took over {timeout_s:.0f}s") from None
-    if done.returncode != 0:
-        errors = [line for line in done.stderr.splitlines() if "WARNING" not in line]
-        tail = "\n".join(errors[-10:])
-        raise PeerUnavailable(f"`{' '.join(argv[:4])} ...` failed:\n{tail}")
-    return done.stdout
+        return venvs.ensure(VENV, REQUIREMENT, "litellm", timeout_s=timeout_s)
+    except venvs.VenvError as exc:
+        raise PeerUnavailable(str(exc)) from None
 
 
 def _free_port() -> int:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import msgspec
 
+from benchmarks.capacity import Capacity
 from benchmarks.scenarios import CaseResult, SuiteResult
 from benchmarks.stats import Spread
 
@@ -133,14 +134,77 @@ DERIVED_LABELS: dict[str, dict[str, tuple[str, int, float]]] = {
         "skeleton_stream_cpu_per_token_us": ("skeleton streaming, µs/token", 1, 1.0),
         "grpc_stream_cpu_per_message_us": ("bare grpc.aio streaming server, µs/message", 1, 1.0),
     },
+    "node-load": {
+        "paced_core_cpu_per_token_us": ("Corvex core CPU per streamed token, µs", 1, 1.0),
+        "paced_edge_cpu_per_token_us": ("Corvex edge CPU per streamed token, µs", 1, 1.0),
+        "paced_cpu_per_token_us": ("Corvex core + edge, µs/token", 1, 1.0),
+        "paced_skeleton_core_cpu_per_token_us": ("skeleton's echo (core side), µs/token", 1, 1.0),
+        "paced_skeleton_edge_cpu_per_token_us": ("skeleton's aiohttp (edge), µs/token", 1, 1.0),
+        "paced_skeleton_cpu_per_token_us": ("paced skeleton, both, µs/token", 1, 1.0),
+        "paced_vs_ceiling_cpu_per_token": ("Corvex ÷ skeleton, CPU per token, per round", 2, 1.0),
+        "paced_core_vs_ceiling_cpu_per_token": ("… core ÷ skeleton's echo", 2, 1.0),
+        "paced_edge_vs_ceiling_cpu_per_token": ("… edge ÷ skeleton's aiohttp", 2, 1.0),
+        "paced_grpc_core_cpu_per_token_us": ("Corvex gRPC direct: core µs/token", 1, 1.0),
+        "paced_echo_cpu_per_token_us": ("bare grpc.aio paced echo, µs/token", 1, 1.0),
+        "paced_grpc_vs_echo_cpu_per_token": ("Corvex gRPC ÷ bare echo, CPU per token", 2, 1.0),
+        "paced_vs_ceiling_throughput": ("Corvex ÷ skeleton, output tok/s", 2, 1.0),
+        "paced_tokens_per_s": ("Corvex REST output tok/s", 0, 1.0),
+        "paced_itl_p50_ms": ("Corvex REST ITL p50, ms (step 20)", 2, 1.0),
+        "paced_skeleton_itl_p50_ms": ("skeleton ITL p50, ms", 2, 1.0),
+        "paced_events_per_token": ("Corvex SSE content events per token", 2, 1.0),
+    },
 }  # fmt: skip
 
 
 def _derived(result: SuiteResult, section: str) -> list[str]:
+    return _derived_of(result.derived, section)
+
+
+def _derived_of(derived: Mapping[str, Spread], section: str) -> list[str]:
     rows = []
     for name, (label, digits, scale) in DERIVED_LABELS[section].items():
-        rows.append([label, cell(result.derived.get(name), digits, scale)])
+        rows.append([label, cell(derived.get(name), digits, scale)])
     return _table(["figure", "median (min–max)"], rows)
+
+
+def _capacity(found_all: Sequence[Capacity]) -> list[str]:
+    """Each shape's probes, in the order measured, and its capacity."""
+    if not found_all:
+        return ["(not run)", ""]
+    lines: list[str] = []
+    for found in found_all:
+        rows = []
+        for p in found.probes:
+            cpu = p.cpu_per_token_us
+            rss = " / ".join(
+                f"{p.rss_per_thousand_streams_mib(n):,.0f}" for n in sorted(p.rss_peak_bytes)
+            )
+            rows.append(
+                [
+                    str(p.concurrency),
+                    _num(p.output_tokens_per_s),
+                    _num(p.itl_p50_ms, 2),
+                    "yes" if p.sustains(found.step_ms, found.tolerance) else "no",
+                    _num(cpu.get("core", math.nan), 1),
+                    _num(cpu.get("edge", math.nan), 1),
+                    _num(p.cpu_total_per_token_us(), 1),
+                    rss or "—",
+                    str(p.errors),
+                ]
+            )
+        header = [
+            "streams",
+            "output tok/s",
+            "ITL p50 ms",
+            "holds",
+            "core µs/token",
+            "edge µs/token",
+            "both µs/token",
+            "RSS MiB per 1,000 streams (core / edge)",
+            "errors",
+        ]
+        lines += [f"**{found.shape}** (probes in the order measured):", "", *_table(header, rows)]
+    return [*lines, "![CPU per token and ITL vs concurrency](results/capacity.png)", ""]
 
 
 def _micro(result: SuiteResult) -> list[str]:
@@ -205,6 +269,13 @@ def markdown(result: SuiteResult) -> str:
         "",
         *_cases(result.cases, "streaming"),
         *_derived(result, "streaming"),
+        "### Streaming at node load (paced: one token per stream per 20 ms step)",
+        "",
+        *_cases(result.cases, "node-load"),
+        *_derived(result, "node-load"),
+        "### Node capacity",
+        "",
+        *_capacity(result.capacity),
         "### Throughput against concurrency",
         "",
         *_cases(result.cases, "sweep"),
@@ -214,6 +285,19 @@ def markdown(result: SuiteResult) -> str:
         "",
     ]
     lines += [f"Note: {note}" for note in result.notes]
+    return "\n".join(lines) + "\n"
+
+
+def paced_markdown(cases: Mapping[str, CaseResult], derived: Mapping[str, Spread]) -> str:
+    """The node-load cases and their figures (for `python -m benchmarks paced`)."""
+    return "\n".join([*_cases(cases, "node-load"), *_derived_of(derived, "node-load")])
+
+
+def capacity_markdown(found: Sequence[Capacity]) -> str:
+    """The capacity probes and the capacity of each shape."""
+    from benchmarks import capacity
+
+    lines = _capacity(found)[:-2] + [f"- {capacity.describe(c)}" for c in found]
     return "\n".join(lines) + "\n"
 
 
@@ -229,7 +313,10 @@ def write(result: SuiteResult, out: Path) -> list[Path]:
     except ImportError as exc:  # matplotlib is in the `bench` extra
         print(f"charts skipped ({exc}); install the bench extra", file=sys.stderr)
         return written
-    return written + charts.write(result.cases, out)
+    written += charts.write(result.cases, out)
+    if result.capacity:
+        written.append(charts.capacity_chart(result.capacity, out / "capacity.png"))
+    return written
 
 
 def update_readme(readme: Path, result: SuiteResult) -> bool:

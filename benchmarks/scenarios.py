@@ -15,8 +15,9 @@ from typing import Literal
 
 import msgspec
 
-from benchmarks import loadgen, machine, micro, peer, systems
+from benchmarks import capacity, loadgen, machine, micro, peer, systems
 from benchmarks.analysis import Goal, derive, goals
+from benchmarks.capacity import Capacity
 from benchmarks.loadgen import LoadResult, LoadSpec
 from benchmarks.stats import Spread, spread
 from benchmarks.systems import CorvexVariant, System
@@ -32,6 +33,12 @@ OPEN_LOOP_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
 PEER_WORKERS = (1, 2)
 # Below this much CPU in a run, a process was idle (the edge, when the load went to gRPC).
 MIN_CPU_S = 0.05
+# Streaming at node load: a GPU node's decode step, one token per stream per step, as many
+# streams as a node runs at once, and answers long enough for the step to dominate.
+PACED_STEP_MS = 20.0
+PACED_STREAMS = 256
+PACED_TOKENS = 256
+PACED_STREAM = Workload(stream=True, max_tokens=Lengths.fixed(PACED_TOKENS))
 
 
 class SuiteOptions(msgspec.Struct, frozen=True):
@@ -41,14 +48,24 @@ class SuiteOptions(msgspec.Struct, frozen=True):
     open_loop_s: float = 5.0
     peer: bool = True
     progress: bool | None = None
+    # Measured part of each paced case and capacity probe (after a warm-up of about 1.5
+    # answers' length, 256 × 20 ms each).
+    paced_s: float = 10.0
+    capacity: bool = True
 
     @classmethod
     def make(
-        cls, *, quick: bool, repeats: int | None, peer: bool, progress: bool | None
+        cls,
+        *,
+        quick: bool,
+        repeats: int | None,
+        peer: bool,
+        progress: bool | None,
+        capacity: bool = True,
     ) -> SuiteOptions:
         if quick:
-            return cls(True, repeats or 1, 1.5, 2.5, peer, progress)
-        return cls(False, repeats or 3, 3.0, 5.0, peer, progress)
+            return cls(True, repeats or 1, 1.5, 2.5, peer, progress, 4.0, capacity)
+        return cls(False, repeats or 3, 3.0, 5.0, peer, progress, 10.0, capacity)
 
 
 class Case(msgspec.Struct, frozen=True):
@@ -79,6 +96,7 @@ class SuiteResult(msgspec.Struct):
     derived: dict[str, Spread]
     goals: list[Goal]
     notes: list[str]
+    capacity: list[Capacity] = []
 
 
 # ---- the cases ---------------------------------------------------------------------------
@@ -192,6 +210,58 @@ def sweep_cases(options: SuiteOptions) -> list[Case]:
         for system, title in (("corvex", "Corvex REST"), ("skeleton-unary", "skeleton"))
         for c in SWEEP_CONCURRENCY
     ]  # fmt: skip
+
+
+def paced_settings(options: SuiteOptions) -> capacity.Settings:
+    return capacity.Settings(step_ms=PACED_STEP_MS, tokens=PACED_TOKENS,
+                             duration_s=options.paced_s, progress=options.progress)  # fmt: skip
+
+
+def paced_cases(options: SuiteOptions, streams: int = PACED_STREAMS) -> list[Case]:
+    """Streaming at node load: `streams` paced streams (one token per stream per 20 ms step,
+    one SSE event per token) against Corvex and against the ceilings paced the same way."""
+    load = paced_settings(options).load(streams)
+    tail = f"{streams} streams × {PACED_TOKENS} tokens, {PACED_STEP_MS:g} ms step"
+    return [
+        Case("paced.grpc-echo", f"bare grpc.aio echo, paced, {tail}", "node-load",
+             "grpc-echo-paced", "grpc-stream", PACED_STREAM, load),
+        Case("paced.skeleton", f"aiohttp→grpc SSE skeleton, paced, {tail}", "node-load",
+             "skeleton-paced", "rest", PACED_STREAM, load),
+        Case("paced.corvex", f"Corvex REST streaming, {tail}", "node-load",
+             "corvex-paced", "rest", PACED_STREAM, load),
+        Case("paced.corvex-grpc", f"Corvex gRPC streaming, {tail}", "node-load",
+             "corvex-paced", "grpc", PACED_STREAM, load),
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def paced_systems(workdir: Path, streams: int = PACED_STREAMS) -> Iterator[dict[str, System]]:
+    """The paced ceilings and a Corvex whose engine steps every 20 ms whatever the batch."""
+    variant = capacity.variant(PACED_STEP_MS, (streams,), {})
+    with contextlib.ExitStack() as stack:
+        yield {
+            "grpc-echo-paced": stack.enter_context(systems.grpc_echo(workdir, PACED_STEP_MS)),
+            "skeleton-paced": stack.enter_context(
+                systems.skeleton(workdir, "unary", PACED_STEP_MS)
+            ),
+            "corvex-paced": stack.enter_context(systems.corvex("corvex-paced", variant)),
+        }
+
+
+def run_paced(
+    options: SuiteOptions, workdir: Path, results: dict[str, CaseResult], streams: int
+) -> None:
+    """The node-load cases, `options.repeats` interleaved rounds, on their own systems."""
+    with paced_systems(workdir, streams) as running:
+        run_cases(paced_cases(options, streams), running, options.repeats, options, results)
+
+
+def run_capacity(options: SuiteOptions) -> list[Capacity]:
+    """Node capacity of each stack shape, each on a fresh stack."""
+    settings = paced_settings(options)
+    if options.quick:
+        settings = msgspec.structs.replace(settings, max_search=2)
+    return [capacity.measure_stack(shape, edge, settings, _say) for shape, edge in capacity.SHAPES]
 
 
 def peer_cases(options: SuiteOptions, workers: int) -> list[Case]:
@@ -346,14 +416,17 @@ def run_suite(options: SuiteOptions) -> SuiteResult:
         workdir = Path(tmp)
         with main_systems(workdir) as running:
             run_cases(main_cases(options), running, options.repeats, options, results)
-            capacity = results["corvex.rest"].summary["requests_per_s"].median
-            equal = equal_load_cases(options, capacity)
+            capacity_rps = results["corvex.rest"].summary["requests_per_s"].median
+            equal = equal_load_cases(options, capacity_rps)
             run_cases(equal, running, options.repeats, options, results)
-            run_cases(open_loop_cases(options, capacity), running, 1, options, results)
+            run_cases(open_loop_cases(options, capacity_rps), running, 1, options, results)
             run_cases(sweep_cases(options), running, 1, options, results)
             if options.peer:
                 notes.append(_run_peer(options, running["corvex"], workdir, results))
-    derived = derive({name: r.runs for name, r in results.items()}, micro_result)
+        run_paced(options, workdir, results, PACED_STREAMS)
+    found = run_capacity(options) if options.capacity else []
+    notes += [capacity.describe(c) for c in found]
+    derived = derive({name: r.runs for name, r in results.items()}, micro_result, found)
     return SuiteResult(
         started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         elapsed_s=time.time() - started,
@@ -364,4 +437,5 @@ def run_suite(options: SuiteOptions) -> SuiteResult:
         derived=derived,
         goals=goals(derived),
         notes=notes,
+        capacity=found,
     )

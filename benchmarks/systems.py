@@ -51,21 +51,28 @@ class System:
 
 class CorvexVariant(msgspec.Struct, frozen=True):
     """How a Corvex stack is configured for a scenario. The engine is the simulated one with
-    zero prefill and `tpot_ms` per decode step (0: instant)."""
+    zero prefill and `tpot_ms` per decode step (0: instant), a step that does not grow with the
+    batch unless `batch_slowdown` says so (the engine's own default is 0.01 per running
+    request), and room for `max_batch` requests decoded at once. `edge` is merged into the
+    edge's section of the configuration file (any `corvex edge` setting)."""
 
     metered: bool = True
     journal: Literal["fsync", "nofsync", "off"] = "fsync"
     tpot_ms: float = 0.0
+    batch_slowdown: float = 0.0
+    max_batch: int = 256
     keys: int = 4
+    edge: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def config(self) -> dict[str, Any]:
         engine = {
             "backend": "simulated",
             "ttft_ms": 0,
             "tpot_ms": self.tpot_ms,
+            "batch_slowdown": self.batch_slowdown,
             "prefill_ms_per_1k_tokens": 0,
-            "max_batch": 256,
-            "max_queue": 4096,
+            "max_batch": self.max_batch,
+            "max_queue": max(4096, 4 * self.max_batch),
         }
         core = {
             "metrics_port": -1,
@@ -74,7 +81,7 @@ class CorvexVariant(msgspec.Struct, frozen=True):
             "journal": {"enabled": self.journal != "off", "fsync": self.journal == "fsync"},
             "engines": {"default": engine},
         }
-        return {"core": core}
+        return {"core": core, "edge": dict(self.edge)} if self.edge else {"core": core}
 
 
 def _provision(address: str, admin_token: str, keys: int) -> tuple[str, ...]:
@@ -137,28 +144,34 @@ def aiohttp_canned(workdir: Path) -> Iterator[System]:
         server.stop()
 
 
+def _paced(step_ms: float) -> str:
+    return f"-paced{step_ms:g}ms" if step_ms > 0 else ""
+
+
 @contextlib.contextmanager
-def grpc_echo(workdir: Path) -> Iterator[System]:
-    """The bare grpc.aio unary and server-streaming echo."""
-    server = _ceiling("grpc", workdir)
+def grpc_echo(workdir: Path, step_ms: float = 0.0) -> Iterator[System]:
+    """The bare grpc.aio unary and server-streaming echo; with `step_ms`, the stream sends one
+    message per stream per step."""
+    server = _ceiling("grpc", workdir, "--step-ms", str(step_ms))
     try:
         address = f"127.0.0.1:{server.ready['grpc_port']}"
-        yield System("grpc-echo", {"server": server.pid}, grpc_address=address)
+        yield System(f"grpc-echo{_paced(step_ms)}", {"server": server.pid}, grpc_address=address)
     finally:
         server.stop()
 
 
 @contextlib.contextmanager
-def skeleton(workdir: Path, nonstream_rpc: str = "unary") -> Iterator[System]:
-    """aiohttp handler → bare grpc.aio echo, as two processes like edge → core."""
-    with grpc_echo(workdir) as backend:
+def skeleton(workdir: Path, nonstream_rpc: str = "unary", step_ms: float = 0.0) -> Iterator[System]:
+    """aiohttp handler → bare grpc.aio echo, as two processes like edge → core; with
+    `step_ms`, in front of the paced echo (one SSE event per message, one message per step)."""
+    with grpc_echo(workdir, step_ms) as backend:
         assert backend.grpc_address
         edge = _ceiling(
             "skeleton", workdir, "--backend", backend.grpc_address, "--nonstream-rpc", nonstream_rpc
         )
         try:
             yield System(
-                f"skeleton-{nonstream_rpc}",
+                f"skeleton-{nonstream_rpc}{_paced(step_ms)}",
                 {"edge": edge.pid, "core": backend.processes["server"]},
                 http_url=f"http://127.0.0.1:{edge.ready['http_port']}",
                 grpc_address=backend.grpc_address,

@@ -87,3 +87,20 @@ def test_open_loop_and_keys_in_turn(stack: Stack, admin: Client) -> None:
     for account in accounts:
         usage = admin.GetUsage(accounts_pb2.GetUsageRequest(workspace_id=account.workspace_id))
         assert [(row.model, row.requests) for row in usage.rows] == [(MODEL, 5)]
+
+
+def test_steady_closed_loop_measures_only_after_the_warmup(stack: Stack, admin: Client) -> None:
+    account = new_account(admin)
+    workload = Workload(stream=True, max_tokens=Lengths.fixed(6), api_keys=(account.secret,))
+    spec = LoadSpec(concurrency=4, requests=12, warmup_requests=8, continuous=True, ramp_s=0.05)
+    result = loadgen.run(
+        Endpoint("rest", stack.http_url), workload, spec, watch=_watch(stack), progress=False
+    )
+    assert (result.sent, result.ok, result.errors) == (12, 12, {})
+    assert result.completion_tokens == 12 * 6
+    assert result.tpot.count == 12
+    assert result.memory is not None and set(result.memory.before_bytes) == {"edge", "core"}
+    usage = admin.GetUsage(accounts_pb2.GetUsageRequest(workspace_id=account.workspace_id))
+    # The warm-up's 8 were sent too, and clients still warming up when the measured part
+    # began finished their request.
+    assert 8 + 12 <= sum(row.requests for row in usage.rows) <= 8 + 3 + 12
