@@ -17,7 +17,7 @@ import uvloop
 from benchmarks.stats import Distribution, Spread, distribution, spread
 from benchmarks.workload import DEFAULT_MODEL, prompt_text
 from corvex.logs import JsonFormatter
-from corvex.ratecard import load_rate_card
+from corvex.ratecard import ModelRate, load_rate_card
 from corvex_core.config import SimulatedEngineConfig
 from corvex_core.engines.base import ChatMessage, SamplingOptions
 from corvex_core.engines.simulated import SimulatedEngine
@@ -27,6 +27,7 @@ from corvex_core.metering import Meter
 from corvex_core.records import KeyLimits
 from corvex_core.servicers.credentials import bearer_secret
 from corvex_core.servicers.metadata import response_metadata
+from corvex_core.state import ApiKey
 from corvex_core.telemetry import Telemetry
 
 RATE_CARD = "infrastructure/metronome/config.yaml"
@@ -86,22 +87,6 @@ def _operations(iterations: int, repeat: int) -> dict[str, Callable[[int], objec
     def limiter_admit_settle(i: int) -> None:
         limiter.settle(limiter.admit(key, PROMPT_TOKENS + MAX_TOKENS), PROMPT_TOKENS + MAX_TOKENS)
 
-    telemetry = Telemetry()
-    charge = meter.settle(
-        meter.admit(key, rate, card.version, "t", prompt_tokens=PROMPT_TOKENS, max_tokens=4),
-        request_id="t",
-        prompt_tokens=PROMPT_TOKENS,
-        completion_tokens=4,
-    )
-    assert charge is not None
-
-    def call_metrics(i: int) -> None:
-        record = telemetry.begin("Chat", ids[i])
-        record.model, record.key_id, record.workspace_id = rate.id, key.id, ws.id
-        record.first_token_at = record.started
-        record.completion_tokens = MAX_TOKENS
-        telemetry.end(record, "OK")
-
     return {
         "loop (subtracted from the rest)": lambda i: None,
         "authenticate (Bearer → key)": lambda i: meter.authenticate(bearer_secret(header)),
@@ -112,6 +97,30 @@ def _operations(iterations: int, repeat: int) -> dict[str, Callable[[int], objec
         ),
         "limiter admit + settle": limiter_admit_settle,
         "x-ratelimit headers": lambda i: response_metadata("r", limiter.state(key)),
+        **_telemetry_operations(meter, key, rate, card.version, ids),
+    }
+
+
+def _telemetry_operations(
+    meter: Meter, key: ApiKey, rate: ModelRate, version: str, ids: list[str]
+) -> dict[str, Callable[[int], object]]:
+    telemetry = Telemetry()
+    charge = meter.settle(
+        meter.admit(key, rate, version, "t", prompt_tokens=PROMPT_TOKENS, max_tokens=4),
+        request_id="t",
+        prompt_tokens=PROMPT_TOKENS,
+        completion_tokens=4,
+    )
+    assert charge is not None
+
+    def call_metrics(i: int) -> None:
+        record = telemetry.begin("Chat", ids[i])
+        record.model, record.key_id, record.workspace_id = rate.id, key.id, key.workspace_id
+        record.first_token_at = record.started
+        record.completion_tokens = MAX_TOKENS
+        telemetry.end(record, "OK")
+
+    return {
         "telemetry: a call's metrics (begin + end)": call_metrics,
         "telemetry: a call's metrics and JSON log line": _logged(call_metrics),
         "telemetry: a charge's money counters": lambda i: telemetry.on_record(charge),

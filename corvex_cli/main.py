@@ -76,7 +76,16 @@ def _ready_flag(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corvex", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_serve_parser, _core_parser, _edge_parser, _admin_parser, _docs_parser,
+                _gate_parser, _bench_parser):  # fmt: skip
+        add(sub)
+    return parser
 
+
+Subparsers = Any  # argparse's _SubParsersAction, which typeshed names privately
+
+
+def _serve_parser(sub: Subparsers) -> None:
     serve = sub.add_parser(
         "serve",
         help="run core and edge together and print a dev key",
@@ -90,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--core-port", type=int, help="core gRPC port")
     serve.add_argument("--data-dir", metavar="DIR", help="core data directory")
 
+
+def _core_parser(sub: Subparsers) -> None:
     core = sub.add_parser(
         "core",
         help="run the gRPC core",
@@ -101,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     _log_flags(core)
     _ready_flag(core)
 
+
+def _edge_parser(sub: Subparsers) -> None:
     edge = sub.add_parser(
         "edge",
         help="run the OpenAI REST edge",
@@ -117,11 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     _log_flags(edge)
     _ready_flag(edge)
 
-    admin = sub.add_parser("admin", help="manage workspaces, credits, caps, keys, usage")
+
+def _admin_parser(sub: Subparsers) -> None:
     from corvex_ops import admin as admin_cli
 
-    admin_cli.add_arguments(admin)
+    admin_cli.add_arguments(
+        sub.add_parser("admin", help="manage workspaces, credits, caps, keys, usage")
+    )
 
+
+def _docs_parser(sub: Subparsers) -> None:
     docs = sub.add_parser("docs", help="generated documentation")
     docs_sub = docs.add_subparsers(dest="docs_command", required=True, metavar="DOC")
     pricing = docs_sub.add_parser(
@@ -131,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     pricing.add_argument("--rate-card", default="infrastructure/metronome/config.yaml")
     pricing.add_argument("--page", default="docs/pricing.md")
 
+
+def _gate_parser(sub: Subparsers) -> None:
     gate = sub.add_parser(
         "drift-gate",
         help="fail if the pricing page, the rate card and a live /v1/models disagree",
@@ -147,13 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start a core and edge on free ports with the rate card and compare them",
     )
+
+
+def _bench_parser(sub: Subparsers) -> None:
     bench = sub.add_parser(
         "bench",
         help="load generator and benchmark scenarios (see benchmarks/README.md)",
         add_help=False,
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    return parser
 
 
 def _flags(

@@ -40,6 +40,9 @@ _METHOD_NAMES = {
 _LIMIT_FIELDS = tuple(f.name for f in accounts_pb2.KeyLimits.DESCRIPTOR.fields)
 
 
+Handler = Callable[["Client", argparse.Namespace], Any]
+
+
 class AdminError(Exception):
     """A command failed; the message is for the operator."""
 
@@ -69,21 +72,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--core", metavar="HOST:PORT", help="core address ($CORVEX_ADMIN_CORE)")
     parser.add_argument("--admin-token", help="admin credential ($CORVEX_ADMIN_TOKEN)")
     sub = parser.add_subparsers(dest="admin_command", required=True, metavar="OBJECT")
+    for add in (_workspace_args, _credits_args, _cap_args, _reload_args, _key_args,
+                _usage_args, _invoice_args):  # fmt: skip
+        add(sub)
 
-    ws = sub.add_parser("workspace", help="create, list and show workspaces")
-    ws_sub = ws.add_subparsers(dest="action", required=True)
-    create = ws_sub.add_parser("create", help="create a workspace (with starter credits)")
+
+Subparsers = Any  # argparse's _SubParsersAction, which typeshed names privately
+
+
+def _actions(sub: Subparsers, name: str, help_text: str, handler: Handler) -> Subparsers:
+    """A command group (`corvex admin NAME ACTION ...`) run by `handler`."""
+    group = sub.add_parser(name, help=help_text)
+    group.set_defaults(handler=handler)
+    return group.add_subparsers(dest="action", required=True)
+
+
+def _workspace_args(sub: Subparsers) -> None:
+    actions = _actions(sub, "workspace", "create, list and show workspaces", _workspace)
+    create = actions.add_parser("create", help="create a workspace (with starter credits)")
     create.add_argument("--name", required=True)
     create.add_argument(
         "--starter-credits", type=_usd, metavar="USD", help="override the configured amount"
     )
-    ws_sub.add_parser("list", help="list workspaces")
-    show = ws_sub.add_parser("show", help="balance, month spend, cap, auto-reload")
+    actions.add_parser("list", help="list workspaces")
+    show = actions.add_parser("show", help="balance, month spend, cap, auto-reload")
     show.add_argument("workspace")
 
-    credits = sub.add_parser("credits", help="add prepaid credits")
-    credits_sub = credits.add_subparsers(dest="action", required=True)
-    add = credits_sub.add_parser("add", help="add credits; prints the invoice")
+
+def _credits_args(sub: Subparsers) -> None:
+    actions = _actions(sub, "credits", "add prepaid credits", _credits)
+    add = actions.add_parser("add", help="add credits; prints the invoice")
     add.add_argument("workspace")
     add.add_argument("amount", type=_usd, metavar="USD")
     add.add_argument(
@@ -91,56 +109,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="repeat the same key to retry safely (default: a new random key)",
     )
 
-    cap = sub.add_parser("cap", help="set or remove the monthly spend cap")
-    cap_sub = cap.add_subparsers(dest="action", required=True)
-    cap_set = cap_sub.add_parser("set", help="set the cap (takes effect at once)")
+
+def _cap_args(sub: Subparsers) -> None:
+    actions = _actions(sub, "cap", "set or remove the monthly spend cap", _cap)
+    cap_set = actions.add_parser("set", help="set the cap (takes effect at once)")
     cap_set.add_argument("workspace")
     cap_set.add_argument("amount", type=_usd, metavar="USD")
-    cap_remove = cap_sub.add_parser("remove", help="remove the cap")
-    cap_remove.add_argument("workspace")
+    actions.add_parser("remove", help="remove the cap").add_argument("workspace")
 
-    reload = sub.add_parser("auto-reload", help="configure auto-reload")
-    reload_sub = reload.add_subparsers(dest="action", required=True)
-    reload_set = reload_sub.add_parser("set", help="reload AMOUNT when balance < THRESHOLD")
+
+def _reload_args(sub: Subparsers) -> None:
+    actions = _actions(sub, "auto-reload", "configure auto-reload", _auto_reload)
+    reload_set = actions.add_parser("set", help="reload AMOUNT when balance < THRESHOLD")
     reload_set.add_argument("workspace")
     reload_set.add_argument("--threshold", type=_usd, required=True, metavar="USD")
     reload_set.add_argument("--amount", type=_usd, required=True, metavar="USD")
-    reload_off = reload_sub.add_parser("off", help="turn auto-reload off")
-    reload_off.add_argument("workspace")
+    actions.add_parser("off", help="turn auto-reload off").add_argument("workspace")
 
-    key = sub.add_parser("key", help="create, list, revoke keys and set their limits")
-    key_sub = key.add_subparsers(dest="action", required=True)
-    key_create = key_sub.add_parser("create", help="create a key; prints its secret once")
-    key_create.add_argument("workspace")
-    key_create.add_argument("--name", required=True)
-    key_list = key_sub.add_parser("list", help="list a workspace's keys")
-    key_list.add_argument("workspace")
-    key_revoke = key_sub.add_parser("revoke", help="revoke a key (takes effect at once)")
-    key_revoke.add_argument("key")
-    key_limits = key_sub.add_parser("limits", help="change limits; `none` removes one")
-    key_limits.add_argument("key")
-    for target in (key_create, key_limits):
+
+def _key_args(sub: Subparsers) -> None:
+    actions = _actions(sub, "key", "create, list, revoke keys and set their limits", _key)
+    create = actions.add_parser("create", help="create a key; prints its secret once")
+    create.add_argument("workspace")
+    create.add_argument("--name", required=True)
+    actions.add_parser("list", help="list a workspace's keys").add_argument("workspace")
+    actions.add_parser("revoke", help="revoke a key (takes effect at once)").add_argument("key")
+    limits = actions.add_parser("limits", help="change limits; `none` removes one")
+    limits.add_argument("key")
+    for target in (create, limits):
         target.add_argument("--rpm", type=_limit, default=argparse.SUPPRESS, help="requests/min")
         target.add_argument("--tpm", type=_limit, default=argparse.SUPPRESS, help="tokens/min")
         target.add_argument(
             "--monthly-tokens", type=_limit, default=argparse.SUPPRESS, help="tokens/month"
         )
 
+
+def _usage_args(sub: Subparsers) -> None:
     usage = sub.add_parser("usage", help="usage per key, model and UTC day")
+    usage.set_defaults(handler=_usage)
     usage.add_argument("workspace")
     usage.add_argument("--key", default="", help="only this key id")
     usage.add_argument("--since", default="", metavar="YYYY-MM-DD")
     usage.add_argument("--until", default="", metavar="YYYY-MM-DD")
     usage.add_argument("--format", choices=["json", "csv"], default="json")
 
-    invoice = sub.add_parser("invoice", help="list and download invoices")
-    invoice_sub = invoice.add_subparsers(dest="action", required=True)
-    invoice_list = invoice_sub.add_parser("list", help="a workspace's invoices")
-    invoice_list.add_argument("workspace")
-    invoice_get = invoice_sub.add_parser("get", help="one invoice as JSON or printable HTML")
-    invoice_get.add_argument("number", help="e.g. INV-000001")
-    invoice_get.add_argument("--format", choices=["json", "html"], default="json")
-    invoice_get.add_argument("--output", "-o", metavar="FILE", help="write to FILE")
+
+def _invoice_args(sub: Subparsers) -> None:
+    actions = _actions(sub, "invoice", "list and download invoices", _invoice)
+    actions.add_parser("list", help="a workspace's invoices").add_argument("workspace")
+    get = actions.add_parser("get", help="one invoice as JSON or printable HTML")
+    get.add_argument("number", help="e.g. INV-000001")
+    get.add_argument("--format", choices=["json", "html"], default="json")
+    get.add_argument("--output", "-o", metavar="FILE", help="write to FILE")
 
 
 # ---- connection ------------------------------------------------------------------------------
@@ -295,103 +315,104 @@ def _key_limits(args: argparse.Namespace) -> tuple[accounts_pb2.KeyLimits, list[
 
 def execute(client: Client, args: argparse.Namespace) -> Any:
     """Runs one admin command and returns what to print (JSON-able, or text for CSV/HTML)."""
-    command, action = args.admin_command, getattr(args, "action", "")
-    pb = accounts_pb2
-    if command == "workspace":
-        if action == "create":
-            request = pb.CreateWorkspaceRequest(name=args.name)
-            if args.starter_credits is not None:
-                request.starter_credits_cents = args.starter_credits
-            return workspace_json(client.CreateWorkspace(request))
-        if action == "list":
-            listed = client.ListWorkspaces(pb.ListWorkspacesRequest())
-            return [workspace_json(ws) for ws in listed.workspaces]
-        return workspace_json(
-            client.GetWorkspace(pb.GetWorkspaceRequest(workspace_id=args.workspace))
+    handler: Handler = args.handler
+    return handler(client, args)
+
+
+def _workspace(client: Client, args: argparse.Namespace) -> Any:
+    if args.action == "create":
+        request = accounts_pb2.CreateWorkspaceRequest(name=args.name)
+        if args.starter_credits is not None:
+            request.starter_credits_cents = args.starter_credits
+        return workspace_json(client.CreateWorkspace(request))
+    if args.action == "list":
+        listed = client.ListWorkspaces(accounts_pb2.ListWorkspacesRequest())
+        return [workspace_json(ws) for ws in listed.workspaces]
+    request_one = accounts_pb2.GetWorkspaceRequest(workspace_id=args.workspace)
+    return workspace_json(client.GetWorkspace(request_one))
+
+
+def _credits(client: Client, args: argparse.Namespace) -> Any:
+    key = args.idempotency_key or "cli-" + secrets.token_hex(12)
+    result = client.AddCredits(
+        accounts_pb2.AddCreditsRequest(
+            workspace_id=args.workspace, amount_cents=args.amount, idempotency_key=key
         )
-    if command == "credits":
-        key = args.idempotency_key or "cli-" + secrets.token_hex(12)
-        result = client.AddCredits(
-            pb.AddCreditsRequest(
-                workspace_id=args.workspace, amount_cents=args.amount, idempotency_key=key
-            )
+    )
+    return {
+        "invoice": invoice_json(result.invoice),
+        "workspace": workspace_json(result.workspace),
+        "replayed": result.replayed,
+    }
+
+
+def _cap(client: Client, args: argparse.Namespace) -> Any:
+    request = accounts_pb2.SetSpendCapRequest(workspace_id=args.workspace)
+    if args.action == "set":
+        request.cap_cents = args.amount
+    return workspace_json(client.SetSpendCap(request))
+
+
+def _auto_reload(client: Client, args: argparse.Namespace) -> Any:
+    enabled = args.action == "set"
+    request = accounts_pb2.SetAutoReloadRequest(
+        workspace_id=args.workspace,
+        enabled=enabled,
+        threshold_cents=args.threshold if enabled else 0,
+        amount_cents=args.amount if enabled else 0,
+    )
+    return workspace_json(client.SetAutoReload(request))
+
+
+def _usage(client: Client, args: argparse.Namespace) -> Any:
+    response = client.GetUsage(
+        accounts_pb2.GetUsageRequest(
+            workspace_id=args.workspace, key_id=args.key, since=args.since, until=args.until
         )
-        return {
-            "invoice": invoice_json(result.invoice),
-            "workspace": workspace_json(result.workspace),
-            "replayed": result.replayed,
-        }
-    if command == "cap":
-        cap_request = pb.SetSpendCapRequest(workspace_id=args.workspace)
-        if action == "set":
-            cap_request.cap_cents = args.amount
-        return workspace_json(client.SetSpendCap(cap_request))
-    if command == "auto-reload":
-        enabled = action == "set"
-        return workspace_json(
-            client.SetAutoReload(
-                pb.SetAutoReloadRequest(
-                    workspace_id=args.workspace,
-                    enabled=enabled,
-                    threshold_cents=args.threshold if enabled else 0,
-                    amount_cents=args.amount if enabled else 0,
-                )
-            )
-        )
-    if command == "key":
-        return _key_command(client, args, action)
-    if command == "usage":
-        response = client.GetUsage(
-            pb.GetUsageRequest(
-                workspace_id=args.workspace, key_id=args.key, since=args.since, until=args.until
-            )
-        )
-        rows = usage_rows(response)
-        if args.format == "csv":
-            out = io.StringIO()
-            writer = csv.DictWriter(out, fieldnames=_USAGE_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-            return out.getvalue()
+    )
+    rows = usage_rows(response)
+    if args.format != "csv":
         return rows
-    if command == "invoice":
-        if action == "list":
-            listed = client.ListInvoices(pb.ListInvoicesRequest(workspace_id=args.workspace))
-            return [invoice_json(i) for i in listed.invoices]
-        fmt = pb.INVOICE_FORMAT_HTML if args.format == "html" else pb.INVOICE_FORMAT_JSON
-        document = client.GetInvoice(pb.GetInvoiceRequest(number=args.number, format=fmt))
-        if args.output:
-            Path(args.output).write_bytes(document.document)
-            return {"written": args.output, "content_type": document.content_type}
-        return document.document.decode()
-    raise AssertionError(command)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=_USAGE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
-def _key_command(client: Client, args: argparse.Namespace, action: str) -> Any:
+def _invoice(client: Client, args: argparse.Namespace) -> Any:
     pb = accounts_pb2
-    if action == "create":
+    if args.action == "list":
+        listed = client.ListInvoices(pb.ListInvoicesRequest(workspace_id=args.workspace))
+        return [invoice_json(i) for i in listed.invoices]
+    fmt = pb.INVOICE_FORMAT_HTML if args.format == "html" else pb.INVOICE_FORMAT_JSON
+    document = client.GetInvoice(pb.GetInvoiceRequest(number=args.number, format=fmt))
+    if args.output:
+        Path(args.output).write_bytes(document.document)
+        return {"written": args.output, "content_type": document.content_type}
+    return document.document.decode()
+
+
+def _key(client: Client, args: argparse.Namespace) -> Any:
+    pb = accounts_pb2
+    if args.action == "create":
         limits, _ = _key_limits(args)
         created = client.CreateKey(
             pb.CreateKeyRequest(workspace_id=args.workspace, name=args.name, limits=limits)
         )
         return {"key": key_json(created.key), "secret": created.secret}
-    if action == "list":
-        return [
-            key_json(k)
-            for k in client.ListKeys(pb.ListKeysRequest(workspace_id=args.workspace)).keys
-        ]
-    if action == "revoke":
+    if args.action == "list":
+        listed = client.ListKeys(pb.ListKeysRequest(workspace_id=args.workspace))
+        return [key_json(k) for k in listed.keys]
+    if args.action == "revoke":
         return key_json(client.RevokeKey(pb.RevokeKeyRequest(key_id=args.key)))
     limits, fields = _key_limits(args)
     if not fields:
         raise AdminError("give at least one of --rpm, --tpm, --monthly-tokens")
+    mask = field_mask_pb2.FieldMask(paths=fields)
     return key_json(
         client.SetKeyLimits(
-            pb.SetKeyLimitsRequest(
-                key_id=args.key,
-                limits=limits,
-                update_mask=field_mask_pb2.FieldMask(paths=fields),
-            )
+            pb.SetKeyLimitsRequest(key_id=args.key, limits=limits, update_mask=mask)
         )
     )
 

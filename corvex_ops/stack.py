@@ -144,6 +144,15 @@ def launch(
     return Process(name, popen, _wait_ready(name, popen, ready, log_path), log_path)
 
 
+def command_line(command: str, **flags: object) -> list[str]:
+    """`command --flag value ...` for the flags that are set (None: left to the config)."""
+    args = [command]
+    for name, value in flags.items():
+        if value is not None and value != "":
+            args += ["--" + name.replace("_", "-"), str(value)]
+    return args
+
+
 @contextlib.contextmanager
 def running_stack(
     *,
@@ -172,39 +181,21 @@ def running_stack(
             config_path = str(workdir / "corvex.yaml")
             Path(config_path).write_bytes(msgspec.yaml.encode(dict(config)))
         data = data_dir or workdir / "data"
-        common = ["--config", config_path] if config_path else []
-        core_args = [
-            "core",
-            *common,
-            "--host",
-            host,
-            "--port",
-            str(core_port),
-            "--data-dir",
-            str(data),
-        ]
-        if admin_token is not None:
-            core_args += ["--admin-token", admin_token]
-        if metrics_port is not None:
-            core_args += ["--metrics-port", str(metrics_port)]
-        if rate_card:
-            core_args += ["--rate-card", rate_card]
+        common = {"config": config_path}
+        core_args = command_line(
+            "core", **common, host=host, port=core_port, data_dir=data,
+            admin_token=admin_token, metrics_port=metrics_port, rate_card=rate_card,
+        )  # fmt: skip
         stack_processes: list[Process] = []
         try:
             core = launch("core", core_args, workdir=workdir, env=env, log_to_file=log_to_file)
             stack_processes.append(core)
             edge = None
             if edge_port is not None:
-                edge_args = [
-                    "edge",
-                    *common,
-                    "--host",
-                    edge_host,
-                    "--port",
-                    str(edge_port),
-                    "--core",
-                    f"{_client_host(host)}:{core.ready['grpc_port']}",
-                ]
+                edge_args = command_line(
+                    "edge", **common, host=edge_host, port=edge_port,
+                    core=f"{_client_host(host)}:{core.ready['grpc_port']}",
+                )  # fmt: skip
                 edge = launch("edge", edge_args, workdir=workdir, env=env, log_to_file=log_to_file)
                 stack_processes.append(edge)
             stack = Stack(core, edge, admin_token, data, workdir, stack_processes)

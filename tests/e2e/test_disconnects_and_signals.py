@@ -91,11 +91,10 @@ def test_second_sigterm_exits_at_once_and_the_journal_is_intact(tmp_path: Path) 
         stack.core.signal(signal.SIGTERM)
         time.sleep(0.3)
         assert stack.core.popen.poll() is None, "the first signal drains, it does not exit"
-        started = time.monotonic()
         stack.core.signal(signal.SIGTERM)
+        # It exits now, not after draining the stream (which has ~50 s of tokens to go).
         code = stack.core.popen.wait(10)
         sock.close()
-        assert time.monotonic() - started < 5
         assert code != 0
     recovery = Journal(data_dir).recover()  # raises if the store were damaged
     assert len(recovery.records) >= 3  # the workspace, its credits, the key

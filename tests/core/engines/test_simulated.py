@@ -94,20 +94,21 @@ async def test_stop_string_is_cut_and_never_streamed() -> None:
     assert all(stop not in d.text for d in deltas)
 
 
-async def test_timing_model_ttft_and_tpot() -> None:
+async def test_no_token_comes_before_the_timing_model_allows() -> None:
+    # Ordering only (a token is never early); how fast it is on time is for the benchmarks.
     config = SimulatedEngineConfig(ttft_ms=100, tpot_ms=10, prefill_ms_per_1k_tokens=0)
     async with running(config) as engine:
         prompt = await engine.render_chat([ChatMessage(role="user", content="t")])
         started = time.monotonic()
         stream = engine.generate("r", prompt, SamplingOptions(max_tokens=10, ignore_eos=True))
         first = await anext(stream)
-        ttft = time.monotonic() - started
+        first_at = time.monotonic()
         async for _ in stream:
             pass
-        total = time.monotonic() - started
+        last_at = time.monotonic()
     assert first.num_tokens >= 1
-    assert ttft >= 0.1
-    assert total >= 0.1 + 9 * 0.01
+    assert first_at - started >= 0.1
+    assert last_at - started >= 0.1 + 9 * 0.01
 
 
 async def test_full_queue_refuses_with_engine_unavailable() -> None:
