@@ -33,7 +33,7 @@ from benchmarks.vocabulary import Slo
 from benchmarks.workload import Lengths, Workload, parse_model_mix
 
 COMMANDS = ("suite", "run", "micro", "profile", "report", "harnesses", "paced", "capacity",
-            "soak")  # fmt: skip
+            "soak", "stalls")  # fmt: skip
 DEFAULT_OUT = Path("benchmarks/results")
 DEFAULT_README = Path("benchmarks/README.md")
 
@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="concurrencies always measured (default 64,256,1024)")  # fmt: skip
     cap.add_argument("--max-search", type=int, default=capacity.MAX_SEARCH,
                      help="bisection probes after the grid")  # fmt: skip
+    sub.add_parser(
+        "stalls",
+        help="another call's latency while one maximal request runs (issue 12's bound)",
+    )
     soak = sub.add_parser("soak", help="RSS over a long run at a fraction of capacity",
                           parents=[common])  # fmt: skip
     _capacity_args(soak)
@@ -497,6 +501,13 @@ def command_soak(args: argparse.Namespace) -> int:
     return 0 if all(f.flat for f in result.flatness.values()) else 1
 
 
+def command_stalls(args: argparse.Namespace) -> int:
+    from benchmarks import stalls
+
+    print(stalls.report(stalls.run()))
+    return 0
+
+
 def _raise_open_files_limit() -> None:
     """Lifts the soft limit on open files to the hard one: 1,024 streams are 1,024 sockets in
     the load generator and as many in the edge it starts (which inherits the limit), past the
@@ -516,5 +527,6 @@ def main(argv: list[str]) -> int:
     handlers = {"suite": command_suite, "run": command_run, "micro": command_micro,
                 "profile": command_profile, "report": command_report,
                 "harnesses": command_harnesses, "paced": command_paced,
-                "capacity": command_capacity, "soak": command_soak}  # fmt: skip
+                "capacity": command_capacity, "soak": command_soak,
+                "stalls": command_stalls}  # fmt: skip
     return handlers[args.command](args)

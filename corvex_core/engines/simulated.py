@@ -43,7 +43,7 @@ _SPACE_RE = re.compile(r"\s")
 # Work done between two turns of the event loop, so a long prompt or a large embeddings
 # request does not stall every other stream while it is counted or computed (a few ms each).
 _TOKENIZE_CHUNK_CHARS = 65_536
-_EMBED_CHUNK_INPUTS = 16
+_EMBED_CHUNK_INPUTS = 4
 
 # The vocabulary answers are drawn from. Plain words, so every generated token is one token
 # when the answer is counted again.
@@ -435,7 +435,7 @@ class SimulatedEngine:
         milliseconds, not seconds."""
         digest = hashlib.shake_256(self._config.seed.to_bytes(8, "big") + material).digest(4 * size)
         raw = struct.unpack(f"<{size}i", digest)
-        scale = 1.0 / (math.sqrt(sum(x * x for x in raw)) or 1.0)
+        scale = 1.0 / (math.hypot(*raw) or 1.0)
         return [x * scale for x in raw]
 
     def _finish_aborted(self, request: _Request) -> None:
