@@ -10,8 +10,8 @@ core decides what that costs.
 Written against vLLM 0.33.0, read from its wheel: v1/engine/async_llm.py, outputs.py,
 sampling_params.py, pooling_params.py, inputs/, engine/arg_utils.py, v1/engine/exceptions.py,
 exceptions.py, renderers/ and entrypoints/launchers/grpc_server.py (how vLLM's own gRPC server
-builds its AsyncLLM). `make vllm-check` checks every name in the tables below against an
-installed vLLM.
+builds its AsyncLLM). Every vLLM name it uses is listed in vllm_contract.py, which `make
+vllm-check` checks against an installed vLLM.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import importlib
-import inspect
 import logging
 import os
 import threading
@@ -45,190 +43,19 @@ from corvex_core.engines.base import (
     Prompt,
     SamplingOptions,
 )
+from corvex_core.engines.vllm_contract import (
+    OPENAI_SAMPLING_DEFAULTS,
+    VLLM_OBJECTS,
+    resolve,
+    version_warning,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-VLLM_VERSION_READ: Final = "0.33.0"
-
-# ---------------------------------------------------------------------------------------------
-# The contract with vLLM. Each table names what this module touches, so that one check
-# (`vllm_contract_problems`, run by tests/core/engines/test_vllm_signatures.py against the real
-# vLLM and by the adapter tests against the fake) catches an upgrade that renames any of it.
-
-# The vLLM objects this module uses, by "module:attribute.path".
-VLLM_OBJECTS: Final[Mapping[str, str]] = {
-    "AsyncEngineArgs": "vllm.engine.arg_utils:AsyncEngineArgs",
-    "AsyncLLM": "vllm.v1.engine.async_llm:AsyncLLM",
-    "UsageContext": "vllm.usage.usage_lib:UsageContext",
-    "SamplingParams": "vllm.sampling_params:SamplingParams",
-    "RequestOutputKind": "vllm.sampling_params:RequestOutputKind",
-    "PoolingParams": "vllm.pooling_params:PoolingParams",
-    "TokensPrompt": "vllm.inputs:TokensPrompt",
-    "TextPrompt": "vllm.inputs:TextPrompt",
-    "EngineDeadError": "vllm.v1.engine.exceptions:EngineDeadError",
-    "EngineGenerateError": "vllm.v1.engine.exceptions:EngineGenerateError",
-    "VLLMValidationError": "vllm.exceptions:VLLMValidationError",
-    "VLLMClientError": "vllm.exceptions:VLLMClientError",
-    "GenerationError": "vllm.exceptions:GenerationError",
-    "RetryableRequestError": "vllm.exceptions:RetryableRequestError",
-    "GracefulHTTPError": "vllm.exceptions:GracefulHTTPError",
-}
-
-# The AsyncEngineArgs fields that VllmEngineConfig's own fields map to (see engine_args_kwargs).
-ENGINE_ARG_NAMES: Final = (
-    "model",
-    "served_model_name",
-    "tokenizer",
-    "dtype",
-    "quantization",
-    "max_model_len",
-    "gpu_memory_utilization",
-    "tensor_parallel_size",
-    "pipeline_parallel_size",
-    "distributed_executor_backend",
-    "enable_prefix_caching",
-    "max_num_seqs",
-    "runner",
-    "enable_log_requests",
-    "disable_log_stats",
-)
-
-# vLLM's OpenAI chat server fills a sampling parameter the request left unset from the model's
-# generation_config.json (ModelConfig.get_diff_sampling_param) and then from these values
-# (ChatCompletionRequest._DEFAULT_SAMPLING_PARAMS). Doing the same makes a request sample here
-# exactly as it would through `vllm serve`.
-_OPENAI_SAMPLING_DEFAULTS: Final[Mapping[str, float | int]] = {
-    "repetition_penalty": 1.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 0,
-    "min_p": 0.0,
-}
-
-SAMPLING_PARAM_NAMES: Final = (
-    *_OPENAI_SAMPLING_DEFAULTS,
-    "seed",
-    "stop",
-    "ignore_eos",
-    "max_tokens",
-    "skip_special_tokens",
-    "output_kind",
-)
-
-POOLING_PARAM_NAMES: Final = ("task", "dimensions", "use_activation")
-
-# Callables and the keyword parameters this module passes to them. A class stands for its
-# constructor.
-VLLM_CALLS: Final[Mapping[str, tuple[str, ...]]] = {
-    "vllm.engine.arg_utils:AsyncEngineArgs": ENGINE_ARG_NAMES,
-    "vllm.engine.arg_utils:AsyncEngineArgs.create_engine_config": ("usage_context",),
-    "vllm.v1.engine.async_llm:AsyncLLM.from_vllm_config": (
-        "vllm_config",
-        "usage_context",
-        "enable_log_requests",
-        "disable_log_stats",
-    ),
-    "vllm.v1.engine.async_llm:AsyncLLM.generate": ("prompt", "sampling_params", "request_id"),
-    "vllm.v1.engine.async_llm:AsyncLLM.encode": ("prompt", "pooling_params", "request_id"),
-    "vllm.v1.engine.async_llm:AsyncLLM.abort": ("request_id",),
-    "vllm.v1.engine.async_llm:AsyncLLM.check_health": (),
-    "vllm.v1.engine.async_llm:AsyncLLM.get_tokenizer": (),
-    "vllm.v1.engine.async_llm:AsyncLLM.shutdown": (),
-    "vllm.config:ModelConfig.get_diff_sampling_param": (),
-    "vllm.sampling_params:SamplingParams": SAMPLING_PARAM_NAMES,
-    "vllm.pooling_params:PoolingParams": POOLING_PARAM_NAMES,
-    "vllm.tokenizers:TokenizerLike.apply_chat_template": (
-        "messages",
-        "tokenize",
-        "add_generation_prompt",
-    ),
-    "vllm.tokenizers:TokenizerLike.encode": ("text", "add_special_tokens"),
-    "vllm.outputs:RequestError.to_exception": (),
-}
-
-# Fields and attributes this module reads or fills in (TypedDict keys for the prompts).
-VLLM_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
-    "vllm.inputs:TokensPrompt": ("prompt_token_ids",),
-    "vllm.inputs:TextPrompt": ("prompt",),
-    "vllm.v1.engine.async_llm:AsyncLLM": ("model_config",),
-    "vllm.config:ModelConfig": ("max_model_len",),
-    "vllm.outputs:RequestOutput": ("prompt_token_ids", "outputs", "finished", "num_cached_tokens"),
-    "vllm.outputs:CompletionOutput": ("text", "token_ids", "finish_reason"),
-    "vllm.outputs:PoolingRequestOutput": ("prompt_token_ids", "outputs", "error"),
-    "vllm.outputs:PoolingOutput": ("data",),
-    "vllm.exceptions:VLLMValidationError": ("parameter",),
-    "vllm.exceptions:GracefulHTTPError": ("http_status",),
-}
-
-# Enum members this module uses.
-VLLM_MEMBERS: Final = (
-    "vllm.sampling_params:RequestOutputKind.DELTA",
-    "vllm.usage.usage_lib:UsageContext.OPENAI_API_SERVER",
-)
-
-
-def _resolve(target: str) -> Any:
-    module_name, _, path = target.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
-
-
-def _lookup(target: str, problems: list[str]) -> Any:
-    """The object at `target`, or None after noting in `problems` that it is missing."""
-    try:
-        return _resolve(target)
-    except (ImportError, AttributeError) as exc:
-        problems.append(f"{target} cannot be found: {exc}")
-        return None
-
-
-def _missing_parameters(target: str, names: Sequence[str], problems: list[str]) -> None:
-    obj = _lookup(target, problems)
-    if obj is None:
-        return
-    parameters = inspect.signature(obj).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return
-    accepted = {p.name for p in parameters}
-    problems.extend(f"{target} takes no parameter {n!r}" for n in names if n not in accepted)
-
-
-def _has_field(cls: Any, name: str) -> bool:
-    if hasattr(cls, "__required_keys__"):  # a TypedDict
-        return name in cls.__required_keys__ | cls.__optional_keys__
-    if dataclasses.is_dataclass(cls):
-        return name in {field.name for field in dataclasses.fields(cls)}
-    if name in getattr(cls, "__struct_fields__", ()) or hasattr(cls, name):
-        return True
-    # A plain class sets its attributes in __init__.
-    try:
-        return f"self.{name} =" in inspect.getsource(cls.__init__)
-    except (OSError, TypeError):
-        return False
-
-
-def _missing_fields(target: str, names: Sequence[str], problems: list[str]) -> None:
-    cls = _lookup(target, problems)
-    if cls is not None:
-        problems.extend(f"{target} has no field {n!r}" for n in names if not _has_field(cls, n))
-
-
-def vllm_contract_problems() -> list[str]:
-    """What the importable vllm lacks of what this module uses; empty when all of it is there."""
-    problems: list[str] = []
-    for target in (*VLLM_OBJECTS.values(), *VLLM_MEMBERS):
-        _lookup(target, problems)
-    for target, names in VLLM_CALLS.items():
-        _missing_parameters(target, names, problems)
-    for target, names in VLLM_FIELDS.items():
-        _missing_fields(target, names, problems)
-    return problems
+# The names this module uses, and the check of them against an installed vLLM, are in
+# vllm_contract.py; start-up compares only the version.
 
 
 @dataclass(frozen=True)
@@ -256,10 +83,13 @@ def _import_vllm() -> _VllmApi:
     # Imported here rather than at the top so that this module loads where vllm is absent;
     # importing vllm also imports torch, which takes seconds, so it runs off the event loop.
     try:
-        importlib.import_module("vllm")
+        vllm = importlib.import_module("vllm")
     except ImportError as exc:
         raise ImportError(f"vllm is not installed ({exc}): pip install 'corvex[vllm]'") from exc
-    return _VllmApi(**{name: _resolve(target) for name, target in VLLM_OBJECTS.items()})
+    warning = version_warning(str(getattr(vllm, "__version__", "unknown")))
+    if warning is not None:
+        log.warning("%s", warning)
+    return _VllmApi(**{name: resolve(target) for name, target in VLLM_OBJECTS.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +152,7 @@ def sampling_kwargs(options: SamplingOptions, model_defaults: Mapping[str, Any])
         "frequency_penalty": options.frequency_penalty,
     }
     kwargs: dict[str, Any] = {}
-    for name, fallback in _OPENAI_SAMPLING_DEFAULTS.items():
+    for name, fallback in OPENAI_SAMPLING_DEFAULTS.items():
         value = requested.get(name)
         kwargs[name] = value if value is not None else model_defaults.get(name, fallback)
     kwargs.update(
@@ -535,11 +365,6 @@ class VllmEngine:
 
     def _build(self) -> _Built:
         api = _import_vllm()
-        problems = vllm_contract_problems()
-        if problems:
-            log.warning(
-                "vLLM differs from the %s it was written for: %s", VLLM_VERSION_READ, problems
-            )
         with _engine_environment(self._config.devices):
             llm = self._llm_factory() if self._llm_factory is not None else self._new_llm(api)
         try:
