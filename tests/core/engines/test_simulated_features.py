@@ -340,7 +340,7 @@ async def test_a_slow_consumer_gets_each_calls_pieces_merged() -> None:
         prompt = await chat_prompt(engine, "merge", tools_context(ToolChoiceMode.NAMED, "add"))
         stream = engine.generate("r", prompt, SamplingOptions(max_tokens=200))
         first = await anext(stream)
-        while engine.stats().running:  # the consumer falls behind until the answer is done
+        while engine.stats().running:  # noqa: ASYNC110 (behind until the answer is done)
             await asyncio.sleep(0)
         rest = [d async for d in stream]
     assert first.tool_calls[0].name == "add"
