@@ -128,6 +128,9 @@ class Prompt(msgspec.Struct, frozen=True):
     # The chat request this prompt was rendered from; None for a completions prompt (no
     # template, no tools, no reasoning parser).
     chat: ChatContext | None = None
+    # What the engine that rendered the prompt keeps for generating it (the vLLM adapter: the
+    # conversation as vLLM's request object takes it). Opaque to everything else.
+    engine_data: object = None
 
 
 class ResponseFormatType(enum.Enum):

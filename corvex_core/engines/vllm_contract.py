@@ -26,11 +26,15 @@ VLLM_OBJECTS: Final[Mapping[str, str]] = {
     "AsyncEngineArgs": "vllm.engine.arg_utils:AsyncEngineArgs",
     "AsyncLLM": "vllm.v1.engine.async_llm:AsyncLLM",
     "UsageContext": "vllm.usage.usage_lib:UsageContext",
-    "SamplingParams": "vllm.sampling_params:SamplingParams",
-    "RequestOutputKind": "vllm.sampling_params:RequestOutputKind",
     "PoolingParams": "vllm.pooling_params:PoolingParams",
     "TokensPrompt": "vllm.inputs:TokensPrompt",
     "TextPrompt": "vllm.inputs:TextPrompt",
+    "ChatCompletionRequest": "vllm.entrypoints.openai.chat_completion.protocol:"
+    "ChatCompletionRequest",
+    "CompletionRequest": "vllm.entrypoints.openai.completion.protocol:CompletionRequest",
+    "ParserManager": "vllm.parser:ParserManager",
+    "ChatStreamProcessor": "vllm.entrypoints.openai.chat_completion.stream_processor:"
+    "ChatStreamProcessor",
     "EngineDeadError": "vllm.v1.engine.exceptions:EngineDeadError",
     "EngineGenerateError": "vllm.v1.engine.exceptions:EngineGenerateError",
     "VLLMValidationError": "vllm.exceptions:VLLMValidationError",
@@ -55,32 +59,47 @@ ENGINE_ARG_NAMES: Final = (
     "enable_prefix_caching",
     "max_num_seqs",
     "runner",
+    # So that the engine's structured outputs start after the model's reasoning.
+    "reasoning_parser",
     "enable_log_requests",
     "disable_log_stats",
 )
 
-# vLLM's OpenAI chat server fills a sampling parameter the request left unset from the model's
-# generation_config.json (ModelConfig.get_diff_sampling_param) and then from these values
-# (ChatCompletionRequest._DEFAULT_SAMPLING_PARAMS); the adapter does the same.
-OPENAI_SAMPLING_DEFAULTS: Final[Mapping[str, float | int]] = {
-    "repetition_penalty": 1.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 0,
-    "min_p": 0.0,
-}
-
-SAMPLING_PARAM_NAMES: Final = (
-    *OPENAI_SAMPLING_DEFAULTS,
+# The fields of vLLM's OpenAI request objects that the adapter fills in (request_fields and
+# chat_request_fields in vllm.py). vLLM's own `to_sampling_params` turns them into
+# SamplingParams, exactly as `vllm serve` does.
+REQUEST_FIELD_NAMES: Final = (
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
     "seed",
     "stop",
+    "stop_token_ids",
+    "include_stop_str_in_output",
     "ignore_eos",
-    "max_tokens",
-    "skip_special_tokens",
-    "output_kind",
+    "logit_bias",
+    "prompt_logprobs",
+    "response_format",
+    "stream",
 )
+CHAT_REQUEST_FIELD_NAMES: Final = (
+    *REQUEST_FIELD_NAMES,
+    "messages",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "reasoning_effort",
+    "chat_template_kwargs",
+    "include_reasoning",
+    "logprobs",
+    "top_logprobs",
+)
+COMPLETION_REQUEST_FIELD_NAMES: Final = (*REQUEST_FIELD_NAMES, "prompt", "echo", "logprobs")
 
 POOLING_PARAM_NAMES: Final = ("task", "dimensions", "use_activation")
 
@@ -99,6 +118,7 @@ VLLM_CALLS: Final[Mapping[str, tuple[str, ...]]] = {
         "prompt",
         "sampling_params",
         "request_id",
+        "reasoning_ended",
     ),
     "vllm.v1.engine.async_llm:AsyncLLM.encode": ("prompt", "pooling_params", "request_id"),
     "vllm.v1.engine.async_llm:AsyncLLM.abort": ("request_id",),
@@ -106,14 +126,67 @@ VLLM_CALLS: Final[Mapping[str, tuple[str, ...]]] = {
     "vllm.v1.engine.async_llm:AsyncLLM.get_tokenizer": (),
     "vllm.v1.engine.async_llm:AsyncLLM.shutdown": (),
     "vllm.config:ModelConfig.get_diff_sampling_param": (),
-    "vllm.sampling_params:SamplingParams": SAMPLING_PARAM_NAMES,
+    "vllm.config:ModelConfig.get_vocab_size": (),
     "vllm.pooling_params:PoolingParams": POOLING_PARAM_NAMES,
+    "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest": (
+        CHAT_REQUEST_FIELD_NAMES
+    ),
+    "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest.to_sampling_params": (
+        "max_tokens",
+        "default_sampling_params",
+    ),
+    "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest.build_chat_params": (
+        "default_template",
+        "default_template_content_format",
+    ),
+    "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest"
+    ".resolve_reasoning_ended": ("parser", "prompt_token_ids"),
+    "vllm.entrypoints.openai.completion.protocol:CompletionRequest": (
+        COMPLETION_REQUEST_FIELD_NAMES
+    ),
+    "vllm.entrypoints.openai.completion.protocol:CompletionRequest.to_sampling_params": (
+        "max_tokens",
+        "default_sampling_params",
+    ),
+    "vllm.parser:ParserManager.get_parser": (
+        "tool_parser_name",
+        "reasoning_parser_name",
+        "enable_auto_tools",
+        "model_name",
+        "tokenizer",
+    ),
+    "vllm.parser.abstract_parser:Parser": ("tokenizer", "tools", "model_config"),
+    "vllm.parser.abstract_parser:Parser.adjust_request": ("request",),
+    "vllm.parser.abstract_parser:Parser.set_prompt_token_ids": ("prompt_token_ids",),
+    "vllm.parser.abstract_parser:Parser.parse_delta": (
+        "delta_text",
+        "delta_token_ids",
+        "request",
+        "prompt_token_ids",
+        "finished",
+    ),
+    "vllm.parser.abstract_parser:Parser.count_reasoning_tokens": ("token_ids",),
+    "vllm.entrypoints.openai.chat_completion.stream_processor:ChatStreamProcessor": (
+        "request",
+        "parser",
+        "enable_auto_tools",
+        "parser_cls",
+    ),
+    "vllm.entrypoints.openai.chat_completion.stream_processor:ChatStreamProcessor.step": (
+        "delta_text",
+        "delta_token_ids",
+        "finish_reason",
+        "prompt_token_ids",
+    ),
+    "vllm.renderers:ChatParams.with_defaults": ("default_chat_template_kwargs",),
     "vllm.tokenizers:TokenizerLike.apply_chat_template": (
         "messages",
+        "tools",
         "tokenize",
         "add_generation_prompt",
     ),
     "vllm.tokenizers:TokenizerLike.encode": ("text", "add_special_tokens"),
+    "vllm.tokenizers:TokenizerLike.decode": ("ids",),
     "vllm.outputs:RequestError.to_exception": (),
 }
 
@@ -122,20 +195,57 @@ VLLM_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
     "vllm.inputs:TokensPrompt": ("prompt_token_ids",),
     "vllm.inputs:TextPrompt": ("prompt",),
     "vllm.v1.engine.async_llm:AsyncLLM": ("model_config",),
-    "vllm.config:ModelConfig": ("max_model_len",),
-    "vllm.outputs:RequestOutput": ("prompt_token_ids", "outputs", "finished", "num_cached_tokens"),
-    "vllm.outputs:CompletionOutput": ("text", "token_ids", "finish_reason"),
+    "vllm.config:ModelConfig": ("max_model_len", "max_logprobs"),
+    "vllm.outputs:RequestOutput": (
+        "prompt_token_ids",
+        "prompt_logprobs",
+        "outputs",
+        "finished",
+        "num_cached_tokens",
+    ),
+    "vllm.outputs:CompletionOutput": (
+        "index",
+        "text",
+        "token_ids",
+        "logprobs",
+        "finish_reason",
+        "stop_reason",
+    ),
+    "vllm.logprobs:Logprob": ("logprob", "rank", "decoded_token"),
     "vllm.outputs:PoolingRequestOutput": ("prompt_token_ids", "outputs", "error"),
     "vllm.outputs:PoolingOutput": ("data",),
     "vllm.exceptions:VLLMValidationError": ("parameter",),
     "vllm.exceptions:GracefulHTTPError": ("http_status",),
+    "vllm.entrypoints.generate.base.protocol:DeltaMessage": ("content", "reasoning", "tool_calls"),
+    "vllm.entrypoints.generate.base.protocol:DeltaToolCall": ("index", "id", "function"),
+    "vllm.entrypoints.generate.base.protocol:DeltaFunctionCall": ("name", "arguments"),
+    "vllm.renderers:ChatParams": ("chat_template_kwargs",),
+    "vllm.parser.abstract_parser:Parser": (
+        "tool_parser_cls",
+        "reasoning_parser_cls",
+        "always_adjust_request",
+    ),
+    "vllm.entrypoints.openai.chat_completion.stream_processor:ChatStreamProcessor": (
+        "parser",
+        "hide_metadata",
+    ),
+    "vllm.entrypoints.openai.chat_completion.stream_processor:ChatStreamStep": (
+        "delta",
+        "finish_reason",
+    ),
 }
 
 # Enum members the adapter uses.
-VLLM_MEMBERS: Final = (
-    "vllm.sampling_params:RequestOutputKind.DELTA",
-    "vllm.usage.usage_lib:UsageContext.OPENAI_API_SERVER",
-)
+VLLM_MEMBERS: Final = ("vllm.usage.usage_lib:UsageContext.OPENAI_API_SERVER",)
+
+# Tool-call and reasoning parser names the catalogue's models are configured with; each must be
+# registered in the release (ToolParserManager / ReasoningParserManager).
+TOOL_CALL_PARSERS: Final = ("hermes", "glm47", "kimi_k2", "minimax_m2", "deepseek_v4")
+REASONING_PARSERS: Final = ("qwen3", "glm45", "kimi_k2", "minimax_m2", "deepseek_v4")
+REGISTRIES: Final[Mapping[str, tuple[str, ...]]] = {
+    "vllm.tool_parsers:ToolParserManager": TOOL_CALL_PARSERS,
+    "vllm.reasoning:ReasoningParserManager": REASONING_PARSERS,
+}
 
 
 def resolve(target: str) -> Any:
@@ -209,6 +319,14 @@ def _missing_fields(target: str, names: Sequence[str], problems: list[str]) -> N
         problems.extend(f"{target} has no field {n!r}" for n in names if not has_field(cls, n))
 
 
+def _unregistered(target: str, names: Sequence[str], problems: list[str]) -> None:
+    manager = _lookup(target, problems)
+    if manager is None:
+        return
+    registered = set(manager.list_registered())
+    problems.extend(f"{target} has no parser {n!r}" for n in names if n not in registered)
+
+
 def contract_problems() -> list[str]:
     """What the importable vllm lacks of what the adapter uses; empty when all of it is there."""
     problems: list[str] = []
@@ -218,6 +336,8 @@ def contract_problems() -> list[str]:
         _missing_parameters(target, names, problems)
     for target, names in VLLM_FIELDS.items():
         _missing_fields(target, names, problems)
+    for target, names in REGISTRIES.items():
+        _unregistered(target, names, problems)
     return problems
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from corvex_core.config import VllmEngineConfig
 from corvex_core.engines.base import (
+    ChatContext,
     ChatMessage,
     Delta,
     EmbedInput,
@@ -32,8 +33,13 @@ from corvex_core.engines.base import (
     Prompt,
     SamplingOptions,
 )
-from corvex_core.engines.vllm import VllmEngine, engine_args_kwargs, sampling_kwargs
-from corvex_core.engines.vllm_contract import ENGINE_ARG_NAMES, SAMPLING_PARAM_NAMES
+from corvex_core.engines.vllm import VllmEngine, engine_args_kwargs
+from corvex_core.engines.vllm_contract import (
+    CHAT_REQUEST_FIELD_NAMES,
+    COMPLETION_REQUEST_FIELD_NAMES,
+    ENGINE_ARG_NAMES,
+)
+from corvex_core.engines.vllm_requests import chat_request_fields, completion_request_fields
 
 MODEL = "acme/chat-1"
 HELLO = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
@@ -110,7 +116,9 @@ def test_the_contract_lists_match_what_the_adapter_passes() -> None:
         frequency_penalty=0.2,
         ignore_eos=True,
     )
-    assert set(sampling_kwargs(every_option, {})) | {"output_kind"} == set(SAMPLING_PARAM_NAMES)
+    context = ChatContext()
+    assert set(chat_request_fields([], context, every_option)) == set(CHAT_REQUEST_FIELD_NAMES)
+    assert set(completion_request_fields([1], every_option)) == set(COMPLETION_REQUEST_FIELD_NAMES)
     every_field = VllmEngineConfig(
         model="m",
         tokenizer="t",
@@ -119,6 +127,7 @@ def test_the_contract_lists_match_what_the_adapter_passes() -> None:
         distributed_executor_backend="ray",
         enable_prefix_caching=True,
         max_num_seqs=8,
+        reasoning_parser="qwen3",
     )
     passed = set(engine_args_kwargs("id", every_field, context_length=10))
     # The two log switches are read back from AsyncEngineArgs for from_vllm_config.

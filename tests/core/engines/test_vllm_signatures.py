@@ -17,8 +17,16 @@ from typing import Any
 import pytest
 
 from corvex_core.config import VllmEngineConfig
-from corvex_core.engines.base import SamplingOptions
-from corvex_core.engines.vllm import engine_args_kwargs, pooling_kwargs, sampling_kwargs
+from corvex_core.engines.base import (
+    ChatContext,
+    ResponseFormat,
+    ResponseFormatType,
+    SamplingOptions,
+    Tool,
+    ToolChoice,
+    ToolChoiceMode,
+)
+from corvex_core.engines.vllm import engine_args_kwargs, pooling_kwargs
 from corvex_core.engines.vllm_contract import (
     VLLM_CALLS,
     VLLM_FIELDS,
@@ -27,6 +35,7 @@ from corvex_core.engines.vllm_contract import (
     contract_problems,
     has_field,
 )
+from corvex_core.engines.vllm_requests import chat_request_fields, completion_request_fields
 
 
 def import_quietly(name: str) -> Any:
@@ -100,13 +109,45 @@ def test_the_exception_classes_nest_as_the_adapter_expects() -> None:
 
 def test_vllm_accepts_the_arguments_the_adapter_builds() -> None:
     every_option = SamplingOptions(
-        max_tokens=5, temperature=0.5, top_p=0.9, stop=("x",), seed=1, ignore_eos=True
+        max_tokens=5,
+        temperature=0.5,
+        top_p=0.9,
+        stop=("x",),
+        seed=1,
+        ignore_eos=True,
+        n=2,
+        top_k=4,
+        min_p=0.1,
+        repetition_penalty=1.1,
+        stop_token_ids=(7,),
+        include_stop_str_in_output=True,
+        logit_bias={5: -100.0},
+        logprobs=3,
+        prompt_logprobs=1,
+        response_format=ResponseFormat(
+            type=ResponseFormatType.JSON_SCHEMA, schema={"type": "object"}, name="x", strict=True
+        ),
     )
+    tool = Tool(name="f", parameters={"type": "object", "properties": {}})
+    context = ChatContext(
+        tools=(tool,),
+        tool_choice=ToolChoice(mode=ToolChoiceMode.NAMED, name="f"),
+        reasoning_effort="low",
+        template_kwargs={"enable_thinking": True},
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    chat = resolve("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest")(
+        **chat_request_fields(messages, context, every_option)
+    )
+    params = chat.to_sampling_params(5, {})
     delta = resolve("vllm.sampling_params:RequestOutputKind.DELTA")
-    params = resolve("vllm.sampling_params:SamplingParams")(
-        **sampling_kwargs(every_option, {}), output_kind=delta
-    )
     assert (params.max_tokens, params.stop, params.output_kind) == (5, ["x"], delta)
+    assert (params.n, params.logprobs, params.logit_bias) == (2, 3, {5: -100.0})
+    assert params.structured_outputs.json == {"type": "object"}
+    completion = resolve("vllm.entrypoints.openai.completion.protocol:CompletionRequest")(
+        **completion_request_fields([1, 2], every_option)
+    )
+    assert completion.to_sampling_params(5, {}).prompt_logprobs == 1
     pooling = resolve("vllm.pooling_params:PoolingParams")(**pooling_kwargs(4))
     assert pooling.dimensions == 4
     config = VllmEngineConfig(
