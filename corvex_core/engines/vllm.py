@@ -1,17 +1,23 @@
 """The vLLM backend: the engine seam over one `vllm.v1.engine.async_llm.AsyncLLM` on this node.
 
 It owns building the engine from `VllmEngineConfig` on the GPUs assigned to it, rendering chat
-with the model's own template, streaming DELTA outputs with the engine's own token counts,
-aborting, embedding and health. It is the only module of the project that imports vllm, and it
-does so lazily, so the rest of the core (its type checks, its tests) runs where vllm is absent.
+with the model's own template (tools included), streaming DELTA outputs with the engine's own
+token counts, aborting, embedding and health. A request runs as `vllm serve` runs it: vLLM's own
+request object and `to_sampling_params` (structured outputs, logprobs, n, sampling extras), the
+model's configured tool-call and reasoning parsers (vLLM's ParserManager, never a parser of
+ours) and vLLM's per-choice ChatStreamProcessor; the translations are in vllm_requests.py. It is
+the only module of the project that imports vllm, and it does so lazily, so the rest of the core
+(its type checks, its tests) runs where vllm is absent.
 It must never price, limit or authorise anything: it reports what the engine counted and the
 core decides what that costs.
 
 Written against vLLM 0.33.0, read from its wheel: v1/engine/async_llm.py, outputs.py,
 sampling_params.py, pooling_params.py, inputs/, engine/arg_utils.py, v1/engine/exceptions.py,
-exceptions.py, renderers/ and entrypoints/launchers/grpc_server.py (how vLLM's own gRPC server
-builds its AsyncLLM). Every vLLM name it uses is listed in vllm_contract.py, which `make
-vllm-check` checks against an installed vLLM.
+exceptions.py, renderers/, entrypoints/launchers/grpc_server.py (how vLLM's own gRPC server
+builds its AsyncLLM), entrypoints/openai/chat_completion/ (protocol.py, serving.py,
+stream_processor.py), entrypoints/openai/completion/, renderers/online_renderer.py (when it
+calls adjust_request), parser/, tool_parsers/ and reasoning/. Every vLLM name it uses is listed
+in vllm_contract.py, which `make vllm-check` checks against an installed vLLM.
 """
 
 from __future__ import annotations
