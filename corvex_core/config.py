@@ -35,6 +35,12 @@ class SimulatedEngineConfig(
     max_answer_tokens: int = 200
     # Vector size of embeddings (requests may ask for fewer with `dimensions`).
     embedding_dimensions: int = 1024
+    # Token ids are 0 .. vocab_size - 1 (what logit_bias, stop_token_ids and token-id prompts
+    # may name); the answer words have the lowest ids.
+    vocab_size: int = 32_000
+    # Whether the model reasons before it answers when a request does not say (with
+    # reasoning_effort or a chat_template_kwargs thinking switch).
+    reasoning: bool = False
     # Mixed into every hash, so two deployments can produce different (still stable) text.
     seed: int = 0
 
@@ -61,6 +67,14 @@ class VllmEngineConfig(msgspec.Struct, tag="vllm", tag_field="backend", forbid_u
     # Extra variables for the model's chat template (e.g. {"thinking": false} for models whose
     # template turns reasoning on by default), applied to every request.
     chat_template_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+    # vLLM's tool-call parser for the model (`vllm serve --tool-call-parser`): "glm47",
+    # "kimi_k2", "minimax_m2", "deepseek_v4", "hermes", ... Requests with tools are refused
+    # (400, param tools) when it is not set, as vLLM refuses them.
+    tool_call_parser: str | None = None
+    # vLLM's reasoning parser (`--reasoning-parser`): "glm45", "kimi_k2", "minimax_m2",
+    # "deepseek_v4", "qwen3", ... It splits the model's thinking from its answer (the `reasoning`
+    # field) and tells structured outputs where the answer starts. Unset: no split.
+    reasoning_parser: str | None = None
     # Passed to vllm's AsyncEngineArgs as given, for arguments not named above.
     engine_args: dict[str, Any] = msgspec.field(default_factory=dict)
 

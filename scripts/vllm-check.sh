@@ -2,9 +2,11 @@
 # `make vllm-check`: the vLLM adapter's calls checked against a real vLLM.
 #
 # Builds .venv-vllm, apart from .venv (which never holds vLLM), installs there the vLLM release
-# that corvex_core/engines/vllm.py was written against (VLLM_VERSION_READ in that file) and this
-# project with its test tools, then runs tests/core/engines/test_vllm_signatures.py. No GPU is
-# needed: the test imports vLLM and inspects its signatures, it starts no engine.
+# that the adapter was written against (VLLM_VERSION_READ in corvex_core/engines/vllm_contract.py)
+# and this project with its test tools, then runs the contract check (the same module the tests
+# use: every vLLM name, parameter, field and parser name the adapter uses) and
+# tests/core/engines/test_vllm_signatures.py. No GPU is needed: the check imports vLLM and
+# inspects it, it starts no engine.
 #
 # About torch: vLLM pins one exact torch release (vLLM 0.33.0: torch==2.14.0, plus
 # torchvision==0.29.0 and torchaudio==2.11.0). pip refuses any other torch next to it, so the CPU
@@ -13,16 +15,16 @@
 # imports fine on a machine without a GPU, which is all this check needs.
 #
 # Environment: PYTHON (default python3), VLLM_VENV (default .venv-vllm), VLLM_VERSION (default:
-# the adapter's VLLM_VERSION_READ). Extra arguments go to pytest.
+# the contract's VLLM_VERSION_READ). Extra arguments go to pytest.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 VENV="${VLLM_VENV:-.venv-vllm}"
-ADAPTER=corvex_core/engines/vllm.py
-VLLM_VERSION="${VLLM_VERSION:-$(sed -n 's/^VLLM_VERSION_READ: Final = "\(.*\)"$/\1/p' "$ADAPTER")}"
+CONTRACT=corvex_core/engines/vllm_contract.py
+VLLM_VERSION="${VLLM_VERSION:-$(sed -n 's/^VLLM_VERSION_READ: Final = "\(.*\)"$/\1/p' "$CONTRACT")}"
 if [ -z "$VLLM_VERSION" ]; then
-  echo "vllm-check: no VLLM_VERSION_READ in $ADAPTER" >&2
+  echo "vllm-check: no VLLM_VERSION_READ in $CONTRACT" >&2
   exit 2
 fi
 
@@ -44,6 +46,6 @@ if [ ! -f "$PROJECT_MARKER" ] || [ pyproject.toml -nt "$PROJECT_MARKER" ]; then
   touch "$PROJECT_MARKER"
 fi
 
-"$VENV/bin/python" -c 'import vllm; print("vllm-check: vllm", vllm.__version__)'
+"$VENV/bin/python" -m corvex_core.engines.vllm_contract
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider -rs \
   tests/core/engines/test_vllm_signatures.py "$@"

@@ -1,9 +1,13 @@
 """The simulated engine: a deterministic stand-in for a GPU engine on CPU machines.
 
-Text and token counts follow from the prompt and the seed alone, so tests and benchmarks are
-reproducible; a timing model (time to first token, time per decode step, slowdown as the batch
-grows, a batch limit and a bounded queue) makes load behave like a GPU under load. It must
-never pretend to be a real model: every surface that names the engine says "simulated".
+Text and token counts follow from the prompt, the options and the seed alone, so tests and
+benchmarks are reproducible; a timing model (time to first token, time per decode step,
+slowdown as the batch grows, a batch limit and a bounded queue) makes load behave like a GPU
+under load. It serves the whole seam: n choices, reasoning, tool calls whose arguments are valid
+for the function's schema, JSON valid for a response_format schema, log probabilities, logit
+bias over a vocabulary of token ids, stop strings and stop token ids. Every kind of token goes
+through the same step loop, one token per choice per step. It must never pretend to be a real
+model: every surface that names the engine says "simulated".
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import random
@@ -19,9 +24,11 @@ import re
 import struct
 import time
 from collections.abc import AsyncGenerator, Sequence
+from typing import Final
 
 from corvex_core.config import SimulatedEngineConfig
 from corvex_core.engines.base import (
+    ChatContext,
     ChatMessage,
     Delta,
     Embeddings,
@@ -32,13 +39,23 @@ from corvex_core.engines.base import (
     EngineUnavailableError,
     FinishReason,
     Prompt,
+    ResponseFormatType,
     SamplingOptions,
+    TokenLogprob,
+    Tool,
+    ToolCallDelta,
+    ToolChoiceMode,
+    TopLogprob,
 )
+from corvex_core.engines.json_schema import SchemaError, generate_instance
+from corvex_core.engines.request_checks import check_chat_context, check_options, check_token_ids
 
 log = logging.getLogger(__name__)
 
 # Words, punctuation and symbols each count as one token. Crude, but deterministic and linear.
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+# The same tokens with the whitespace before them: how a text is cut into generated pieces.
+_PIECE_RE = re.compile(r"\s*(?:\w+|[^\w\s])")
 _SPACE_RE = re.compile(r"\s")
 # Work done between two turns of the event loop, so a long prompt or a large embeddings
 # request does not stall every other stream while it is counted or computed (a few ms each).
@@ -156,6 +173,28 @@ _VOCABULARY = tuple(
 )
 
 
+# Token ids: the answer words first, then punctuation, then every other word by a stable hash
+# (the id of "t<N>" is N, so a text made of such tokens names its ids).
+_WORD_IDS: Final = {word: i for i, word in enumerate(_VOCABULARY)}
+_PUNCTUATION: Final = tuple("!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~")
+_PUNCTUATION_IDS: Final = {mark: len(_VOCABULARY) + i for i, mark in enumerate(_PUNCTUATION)}
+_FIRST_OPEN_ID: Final = len(_VOCABULARY) + len(_PUNCTUATION)
+_NUMBERED_RE = re.compile(r"t([0-9]{1,9})")
+# Most tokens the answer words are drawn from by the step loop.
+_WORDS: Final = len(_VOCABULARY)
+
+# Reasoning length (tokens) by OpenAI's reasoning_effort; a thinking switch alone is "medium".
+_REASONING_TOKENS: Final = {
+    "minimal": 4,
+    "low": 8,
+    "medium": 16,
+    "high": 32,
+    "xhigh": 48,
+    "max": 64,
+}
+_THINKING_SWITCHES: Final = ("enable_thinking", "thinking")
+
+
 def count_text_tokens(text: str) -> int:
     """The simulated tokenizer: words and punctuation marks are one token each."""
     return len(_TOKEN_RE.findall(text))
@@ -178,124 +217,460 @@ async def count_text_tokens_yielding(text: str) -> int:
     return total
 
 
-def render_template(messages: Sequence[ChatMessage]) -> str:
-    """A ChatML-like template; real engines use the model's own template instead."""
-    parts = [f"<|{m.role}|>\n{m.content}\n" for m in messages]
+def text_pieces(text: str) -> list[str]:
+    """`text` cut into its tokens, each with the whitespace before it; they join to `text`."""
+    pieces = _PIECE_RE.findall(text)
+    rest = len(text) - sum(len(p) for p in pieces)
+    if rest and pieces:
+        pieces[-1] += text[-rest:]
+    return pieces
+
+
+def token_id(piece: str, vocab_size: int) -> int:
+    """The id of one token of the simulated vocabulary (whitespace around it ignored)."""
+    token = piece.strip()
+    known = _WORD_IDS.get(token, _PUNCTUATION_IDS.get(token))
+    if known is not None:
+        return known
+    numbered = _NUMBERED_RE.fullmatch(token)
+    if numbered is not None and _FIRST_OPEN_ID <= int(numbered[1]) < vocab_size:
+        return int(numbered[1])
+    digest = hashlib.blake2b(token.encode(), digest_size=8).digest()
+    return _FIRST_OPEN_ID + int.from_bytes(digest, "big") % (vocab_size - _FIRST_OPEN_ID)
+
+
+def token_text(token: int) -> str:
+    """The text of a token id, without the space before it."""
+    if token < _WORDS:
+        return _VOCABULARY[token]
+    if token < _FIRST_OPEN_ID:
+        return _PUNCTUATION[token - _WORDS]
+    return f"t{token}"
+
+
+def render_template(messages: Sequence[ChatMessage], context: ChatContext | None = None) -> str:
+    """A ChatML-like template; real engines use the model's own template instead.
+
+    Tools are listed in a system block; an assistant's tool calls and a tool's result are shown
+    in its message, so they count as prompt tokens as they would with a real template.
+    """
+    parts: list[str] = []
+    if context is not None and context.tools:
+        listed = [
+            {"name": t.name, "description": t.description, "parameters": t.parameters}
+            for t in context.tools
+        ]
+        parts.append(f"<|tools|>\n{json.dumps(listed)}\n")
+    for m in messages:
+        body = m.content
+        if m.tool_calls:
+            calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in m.tool_calls]
+            body = f"{body}\n<|tool_calls|>{json.dumps(calls)}" if body else json.dumps(calls)
+        if m.tool_call_id is not None:
+            body = f"[{m.tool_call_id}] {body}"
+        parts.append(f"<|{m.role}|>\n{body}\n")
     parts.append("<|assistant|>\n")
     return "".join(parts)
+
+
+def _hash64(*parts: object) -> int:
+    material = "\x00".join(str(part) for part in parts).encode()
+    return int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "big")
+
+
+def _mix(seed: int, position: int, token: int) -> int:
+    """A cheap deterministic hash for per-step choices (logit gaps, logprob values)."""
+    x = (seed ^ (position * 0x9E3779B97F4A7C15) ^ (token * 0xC2B2AE3D27D4EB4F)) & (2**64 - 1)
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    return x ^ (x >> 29)
+
+
+def _unit(seed: int, position: int, token: int = 0) -> float:
+    return (_mix(seed, position, token) % 1_000_003) / 1_000_003
+
+
+def _entry(
+    token: int, text: str, probability: float, k: int, seed: int, position: int
+) -> TokenLogprob:
+    """A token's logprob and the `k` most likely candidates at its position, sorted.
+
+    The candidates other than the token share the probability it leaves, halving each time,
+    so with probability > 1/3 the token is the most likely one (as a greedy sample is).
+    """
+    logprob = math.log(probability)
+    if k == 0:
+        return TokenLogprob(token_id=token, token=text, logprob=logprob)
+    candidates = [TopLogprob(token_id=token, token=text, logprob=logprob)]
+    stride = 1 + _mix(seed, position, 7) % (_WORDS - 1)
+    other = (token if token < _WORDS else _mix(seed, position, 3) % _WORDS) + stride
+    rest = 1.0 - probability
+    while len(candidates) < k + 1:
+        other %= _WORDS
+        if other != token:
+            rest /= 2
+            candidates.append(
+                TopLogprob(token_id=other, token=" " + _VOCABULARY[other], logprob=math.log(rest))
+            )
+        other += stride
+    candidates.sort(key=lambda c: -c.logprob)
+    return TokenLogprob(token_id=token, token=text, logprob=logprob, top=tuple(candidates[:k]))
+
+
+class _Buffer:
+    """What one choice produced since its consumer last looked."""
+
+    __slots__ = (
+        "finish",
+        "logprobs",
+        "reasoning",
+        "reasoning_tokens",
+        "stop_reason",
+        "text",
+        "tokens",
+        "tool_calls",
+    )
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: list[ToolCallDelta] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.tokens = 0
+        self.reasoning_tokens = 0
+        self.finish: FinishReason | None = None
+        self.stop_reason: str | int | None = None
+
+    def add_tool_piece(self, piece: ToolCallDelta) -> None:
+        # Argument text of the call already in the buffer joins it, so a slow consumer gets one
+        # piece per call (its first piece keeps the id and name), as OpenAI streams them.
+        last = self.tool_calls[-1] if self.tool_calls else None
+        if last is not None and last.index == piece.index and piece.id is None:
+            self.tool_calls[-1] = ToolCallDelta(
+                index=last.index,
+                id=last.id,
+                name=last.name,
+                arguments=last.arguments + piece.arguments,
+            )
+        else:
+            self.tool_calls.append(piece)
+
+    def delta(self, index: int) -> Delta:
+        return Delta(
+            text="".join(self.text),
+            num_tokens=self.tokens,
+            finish_reason=self.finish,
+            index=index,
+            reasoning="".join(self.reasoning),
+            reasoning_tokens=self.reasoning_tokens,
+            tool_calls=tuple(self.tool_calls),
+            logprobs=tuple(self.logprobs),
+            stop_reason=self.stop_reason,
+        )
 
 
 class _Collector:
     """Buffers a request's output until its consumer takes it, merging steps meanwhile.
 
     This is what makes streaming cheap under load: a consumer that falls behind receives one
-    Delta holding every token produced since it last looked, not one Delta per token.
+    Delta per choice holding every token produced since it last looked, not one per token.
     """
 
-    __slots__ = ("_event", "_finish", "_parts", "_tokens")
+    __slots__ = ("_buffers", "_event", "_unfinished", "prompt_logprobs")
 
-    def __init__(self) -> None:
-        self._parts: list[str] = []
-        self._tokens = 0
-        self._finish: FinishReason | None = None
+    def __init__(self, choices: int) -> None:
+        self._buffers: dict[int, _Buffer] = {}
+        self._unfinished = choices
         self._event = asyncio.Event()
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
-    def put(self, text: str, num_tokens: int, finish: FinishReason | None = None) -> None:
-        if text:
-            self._parts.append(text)
-        self._tokens += num_tokens
-        if finish is not None:
-            self._finish = finish
+    def buffer(self, index: int) -> _Buffer:
+        buffer = self._buffers.get(index)
+        if buffer is None:
+            buffer = self._buffers[index] = _Buffer()
+        return buffer
+
+    def finish(self, index: int, reason: FinishReason, stop_reason: str | int | None) -> None:
+        buffer = self.buffer(index)
+        buffer.finish, buffer.stop_reason = reason, stop_reason
+        self._unfinished -= 1
+
+    def wake(self) -> None:
         self._event.set()
 
-    async def get(self) -> Delta:
+    async def get(self) -> tuple[list[Delta], bool]:
+        """The choices' deltas since the last call, and whether every choice has finished."""
         await self._event.wait()
         self._event.clear()
-        delta = Delta(
-            text="".join(self._parts), num_tokens=self._tokens, finish_reason=self._finish
-        )
-        self._parts.clear()
-        self._tokens = 0
-        return delta
+        deltas = [buffer.delta(index) for index, buffer in sorted(self._buffers.items())]
+        self._buffers.clear()
+        if deltas and self.prompt_logprobs is not None:
+            deltas[0].prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+        return deltas, self._unfinished == 0
 
 
-class _Request:
-    """One request inside the engine: its generator state and its output buffer."""
+class _Call:
+    """A tool call a choice will make: its id, function and argument pieces."""
+
+    __slots__ = ("arguments", "id", "name")
+
+    def __init__(self, call_id: str, name: str, arguments: str) -> None:
+        self.id = call_id
+        self.name = name
+        self.arguments = text_pieces(arguments)
+
+
+class _Choice:
+    """One of a request's n sequences: what it will say, and where it is."""
 
     __slots__ = (
-        "collector",
+        "buffer_of",
+        "calls",
         "finished",
         "holdback_chars",
-        "id",
+        "index",
+        "json_pieces",
         "length",
-        "options",
         "pending",
         "produced",
-        "prompt",
-        "ready_at",
+        "reasoning_tokens",
+        "request",
         "rng",
+        "seed",
     )
 
-    def __init__(self, request_id: str, prompt: Prompt, options: SamplingOptions, length: int):
-        self.id = request_id
-        self.prompt = prompt
-        self.options = options
+    def __init__(self, request: _Request, index: int, seed: int, length: int) -> None:
+        self.request = request
+        self.index = index
+        self.seed = seed
+        self.rng = random.Random(seed)
+        # Tokens of free text the choice ends after, on top of its reasoning.
         self.length = length
-        self.rng = random.Random(_request_seed(prompt, options))
-        self.collector = _Collector()
         self.produced = 0
-        # Text produced but not yet emitted. With stop strings, the last (longest stop - 1)
+        self.reasoning_tokens = 0
+        self.calls: list[_Call] = []
+        self.json_pieces: list[str] | None = None
+        # Content produced but not yet emitted. With stop strings, the last (longest stop - 1)
         # characters are held back until they can no longer begin a stop string, so a stop
         # string never reaches the client, as in vLLM.
         self.pending = ""
-        self.holdback_chars = max((len(s) for s in options.stop), default=1) - 1
+        self.holdback_chars = max((len(s) for s in request.options.stop), default=1) - 1
+        self.finished = False
+
+    # -- one token ------------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Produces one token. Returns True when the choice has finished."""
+        request = self.request
+        options = request.options
+        position = self.produced
+        self.produced += 1
+        buffer = request.collector.buffer(self.index)
+        buffer.tokens += 1
+        at_limit = self.produced >= options.max_tokens
+        if position < self.reasoning_tokens:
+            buffer.reasoning_tokens += 1
+            token, piece = self._sample(position, first=position == 0)
+            self._logprob(buffer, token, piece, position, forced=False)
+            if request.include_reasoning:
+                buffer.reasoning.append(piece)
+            if token in request.stop_token_ids:
+                return self._finish(FinishReason.STOP, token)
+            return self._finish(FinishReason.LENGTH) if at_limit else False
+        body = position - self.reasoning_tokens
+        if self.calls:
+            return self._tool_step(buffer, body, position, at_limit)
+        if self.json_pieces is not None:
+            piece = self.json_pieces[body]
+            self._logprob(buffer, token_id(piece, request.vocab_size), piece, position, forced=True)
+            done = body + 1 >= len(self.json_pieces)
+            return self._content(
+                piece, FinishReason.LENGTH if at_limit else FinishReason.STOP, done or at_limit
+            )
+        token, piece = self._sample(position, first=body == 0)
+        self._logprob(buffer, token, piece, position, forced=False)
+        if token in request.stop_token_ids:
+            if options.include_stop_str_in_output:
+                self.pending += piece
+            self._flush()
+            return self._finish(FinishReason.STOP, token)
+        done = body + 1 >= self.length
+        return self._content(
+            piece, FinishReason.LENGTH if at_limit else FinishReason.STOP, done or at_limit
+        )
+
+    def _sample(self, position: int, *, first: bool) -> tuple[int, str]:
+        """The next free-text token: the model's word, unless logit_bias moves the choice.
+
+        Every candidate the bias names has a logit 1 to 20 below the model's word (by a hash of
+        the step), plus its bias; the highest wins. So +100 forces a token and -100 bans one.
+        """
+        word = self.rng.randrange(_WORDS)
+        bias = self.request.options.logit_bias
+        token = word
+        if bias:
+            best = bias.get(word, 0.0)
+            for candidate, value in bias.items():
+                if candidate == word:
+                    continue
+                score = value - (1 + _mix(self.seed, position, candidate) % 20)
+                if score > best or (score == best and candidate < token):
+                    token, best = candidate, score
+            if best <= -100:
+                token = self._unbanned(word)
+        text = token_text(token)
+        return token, text if first else " " + text
+
+    def _unbanned(self, word: int) -> int:
+        bias = self.request.options.logit_bias
+        for offset in range(1, _WORDS + len(bias) + 1):
+            candidate = (word + offset) % _WORDS if offset < _WORDS else _FIRST_OPEN_ID + offset
+            if bias.get(candidate, 0.0) > -100:
+                return candidate
+        raise AssertionError("logit_bias holds at most 300 entries, fewer than the vocabulary")
+
+    def _logprob(
+        self, buffer: _Buffer, token: int, piece: str, position: int, *, forced: bool
+    ) -> None:
+        k = self.request.options.logprobs
+        if k is None:
+            return
+        u = _unit(self.seed, position, token)
+        # A token a grammar forces (JSON, a tool call) is near certain; free text less so.
+        probability = 0.99 + 0.0099 * u if forced else 0.4 + 0.59 * u
+        buffer.logprobs.append(_entry(token, piece, probability, k, self.seed, position))
+
+    def _tool_step(self, buffer: _Buffer, body: int, position: int, at_limit: bool) -> bool:
+        # Each call is its name (one token) and then its argument pieces.
+        for number, call in enumerate(self.calls):
+            if body == 0:
+                buffer.add_tool_piece(ToolCallDelta(index=number, id=call.id, name=call.name))
+                self._logprob(
+                    buffer,
+                    token_id(call.name, self.request.vocab_size),
+                    call.name,
+                    position,
+                    forced=True,
+                )
+                break
+            body -= 1
+            if body < len(call.arguments):
+                piece = call.arguments[body]
+                buffer.add_tool_piece(ToolCallDelta(index=number, arguments=piece))
+                self._logprob(
+                    buffer, token_id(piece, self.request.vocab_size), piece, position, forced=True
+                )
+                last = number == len(self.calls) - 1 and body == len(call.arguments) - 1
+                if last:
+                    return self._finish(FinishReason.TOOL_CALLS)
+                break
+            body -= len(call.arguments)
+        return self._finish(FinishReason.LENGTH) if at_limit else False
+
+    # -- content and its stop strings -------------------------------------------------------------
+
+    def _content(self, piece: str, reason: FinishReason, done: bool) -> bool:
+        stops = self.request.options.stop
+        if not stops:
+            self.request.collector.buffer(self.index).text.append(piece)
+            return self._finish(reason) if done else False
+        self.pending += piece
+        for stop in stops:
+            cut = self.pending.find(stop)
+            if cut >= 0:
+                keep = cut + len(stop) if self.request.options.include_stop_str_in_output else cut
+                self.pending = self.pending[:keep]
+                self._flush()
+                return self._finish(FinishReason.STOP, stop)
+        if done:
+            self._flush()
+            return self._finish(reason)
+        ready = len(self.pending) - self.holdback_chars
+        if ready > 0:
+            self.request.collector.buffer(self.index).text.append(self.pending[:ready])
+            self.pending = self.pending[ready:]
+        return False
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.request.collector.buffer(self.index).text.append(self.pending)
+            self.pending = ""
+
+    def _finish(self, reason: FinishReason, stop_reason: str | int | None = None) -> bool:
+        self._flush()
+        self.finished = True
+        self.request.collector.finish(self.index, reason, stop_reason)
+        return True
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.request.collector.finish(self.index, FinishReason.ABORT, None)
+
+
+class _Request:
+    """One request inside the engine: its choices and its output buffer."""
+
+    __slots__ = (
+        "choices",
+        "collector",
+        "finished",
+        "id",
+        "include_reasoning",
+        "options",
+        "prompt",
+        "ready_at",
+        "stop_token_ids",
+        "vocab_size",
+    )
+
+    def __init__(
+        self, request_id: str, prompt: Prompt, options: SamplingOptions, vocab_size: int
+    ) -> None:
+        self.id = request_id
+        self.prompt = prompt
+        self.options = options
+        self.vocab_size = vocab_size
+        self.stop_token_ids = frozenset(options.stop_token_ids)
+        self.include_reasoning = prompt.chat is None or prompt.chat.include_reasoning
+        self.collector = _Collector(options.n)
+        self.choices: list[_Choice] = []
         self.ready_at = 0.0
         self.finished = False
 
     def step(self) -> bool:
-        """Produces one token. Returns True when the request has finished."""
-        word = _VOCABULARY[self.rng.randrange(len(_VOCABULARY))]
-        piece = word if self.produced == 0 else " " + word
-        self.produced += 1
-        done = self.produced >= self.length
-        reason = (
-            FinishReason.LENGTH if self.produced >= self.options.max_tokens else FinishReason.STOP
-        )
-        if not self.options.stop:
-            self._emit(piece, reason if done else None)
-            return done
-        self.pending += piece
-        for stop in self.options.stop:
-            cut = self.pending.find(stop)
-            if cut >= 0:
-                self._emit(self.pending[:cut], FinishReason.STOP)
-                return True
-        if done:
-            self._emit(self.pending, reason)
-            return True
-        ready = len(self.pending) - self.holdback_chars
-        if ready > 0:
-            self._emit(self.pending[:ready], None)
-            self.pending = self.pending[ready:]
-        else:
-            self.collector.put("", 1)
-        return False
-
-    def _emit(self, text: str, finish: FinishReason | None) -> None:
-        self.collector.put(text, 1, finish)
-        if finish is not None:
+        """Advances every unfinished choice by one token. Returns True when all have finished."""
+        finished = True
+        for choice in self.choices:
+            if not choice.finished and not choice.step():
+                finished = False
+        self.collector.wake()
+        if finished:
             self.finished = True
+        return finished
+
+    def abort(self) -> None:
+        for choice in self.choices:
+            choice.abort()
+        self.finished = True
+        self.collector.wake()
 
 
-def _request_seed(prompt: Prompt, options: SamplingOptions) -> int:
-    """Greedy sampling depends on the prompt only; otherwise on the prompt and the seed."""
+def _choice_seed(prompt: Prompt, options: SamplingOptions, index: int) -> int:
+    """Greedy sampling depends on the prompt only (every choice alike, as in vLLM); otherwise on
+    the prompt and the seed, choice i sampling with seed + i (vLLM's parallel sampling)."""
     if options.temperature == 0:
         material = prompt.text
     elif options.seed is not None:
-        material = f"{options.seed}\x00{prompt.text}"
+        material = f"{options.seed + index}\x00{prompt.text}"
     else:
         return random.getrandbits(64)
     return int.from_bytes(hashlib.blake2b(material.encode(), digest_size=8).digest(), "big")
+
+
+def _answered_tools(prompt_text: str) -> bool:
+    """Whether tool results came after the user's last message (the template's own marks)."""
+    return prompt_text.rfind("<|tool|>") > prompt_text.rfind("<|user|>")
 
 
 class SimulatedEngine:
@@ -309,11 +684,14 @@ class SimulatedEngine:
             raise ValueError("simulated engine needs max_batch >= 1 and max_queue >= 0")
         if not 1 <= config.min_answer_tokens <= config.max_answer_tokens:
             raise ValueError("simulated engine needs 1 <= min_answer_tokens <= max_answer_tokens")
+        if config.vocab_size <= _FIRST_OPEN_ID:
+            raise ValueError(f"simulated engine needs vocab_size > {_FIRST_OPEN_ID}")
         self._model_id = model_id
         self._config = config
         self._state = EngineState.STARTING
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: dict[str, _Request] = {}
+        self._running_choices = 0
         self._by_id: dict[str, _Request] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -325,6 +703,10 @@ class SimulatedEngine:
     @property
     def state(self) -> EngineState:
         return self._state
+
+    @property
+    def vocab_size(self) -> int:
+        return self._config.vocab_size
 
     async def start(self) -> None:
         if self._config.load_ms > 0:
@@ -349,12 +731,29 @@ class SimulatedEngine:
                 f"Model {self._model_id} is {self._state.value}.", retry_after_s=1.0
             )
 
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> Prompt:
-        text = render_template(messages)
-        return Prompt(text=text, num_tokens=await count_text_tokens_yielding(text))
+    # -- prompts -------------------------------------------------------------------------------
+
+    async def render_chat(
+        self, messages: Sequence[ChatMessage], context: ChatContext | None = None
+    ) -> Prompt:
+        if context is not None:
+            check_chat_context(context)
+            self._reasoning_budget(context)  # refuses an unknown effort now, not mid-stream
+        text = render_template(messages, context)
+        return Prompt(text=text, num_tokens=await count_text_tokens_yielding(text), chat=context)
+
+    async def render_completion(self, prompt: str | Sequence[int]) -> Prompt:
+        if isinstance(prompt, str):
+            return Prompt(text=prompt, num_tokens=await count_text_tokens_yielding(prompt))
+        ids = tuple(prompt)
+        check_token_ids(ids, self.vocab_size, "prompt")
+        text = " ".join(token_text(i) for i in ids)
+        return Prompt(text=text, num_tokens=len(ids), token_ids=ids)
 
     async def count_tokens(self, text: str) -> int:
         return await count_text_tokens_yielding(text)
+
+    # -- requests ------------------------------------------------------------------------------
 
     async def generate(
         self, request_id: str, prompt: Prompt, options: SamplingOptions
@@ -368,18 +767,19 @@ class SimulatedEngine:
             )
         if request_id in self._by_id:
             raise EngineRequestError(f"request id {request_id} is already running")
-        request = _Request(request_id, prompt, options, self._answer_length(prompt, options))
+        request = self._new_request(request_id, prompt, options)
         self._by_id[request_id] = request
         self._waiting.append(request)
         self._wake.set()
         try:
             while True:
-                delta = await request.collector.get()
-                if delta.finish_reason is not None:
-                    delta.prompt_tokens = prompt.num_tokens
+                deltas, done = await request.collector.get()
+                if done:
+                    deltas[-1].prompt_tokens = prompt.num_tokens
+                for delta in deltas:
                     yield delta
+                if done:
                     return
-                yield delta
         finally:
             # Reached on normal end, on an abort, and when the consumer closes or is cancelled.
             if not request.finished:
@@ -390,6 +790,134 @@ class SimulatedEngine:
         request = self._by_id.get(request_id)
         if request is not None and not request.finished:
             self._finish_aborted(request)
+
+    def _new_request(self, request_id: str, prompt: Prompt, options: SamplingOptions) -> _Request:
+        """The request with each choice planned: reasoning, then tool calls, JSON or text."""
+        check_options(options, self.vocab_size)
+        if prompt.token_ids is not None:
+            check_token_ids(prompt.token_ids, self.vocab_size, "prompt")
+        request = _Request(request_id, prompt, options, self.vocab_size)
+        if options.prompt_logprobs is not None:
+            request.collector.prompt_logprobs = self._prompt_logprobs(
+                prompt, options.prompt_logprobs
+            )
+        budget = self._reasoning_budget(prompt.chat)
+        for index in range(options.n):
+            seed = _choice_seed(prompt, options, index)
+            choice = _Choice(request, index, seed, self._answer_length(prompt, options, index))
+            if budget:
+                choice.reasoning_tokens = budget + _mix(seed, 0, 1) % (budget // 2 + 1)
+            choice.calls = self._tool_calls(prompt, seed)
+            if not choice.calls and options.response_format.type is not ResponseFormatType.TEXT:
+                choice.json_pieces = text_pieces(self._json_answer(options, seed))
+            request.choices.append(choice)
+        return request
+
+    def _answer_length(self, prompt: Prompt, options: SamplingOptions, index: int) -> int:
+        if options.ignore_eos:
+            return options.max_tokens
+        # Choices of a greedy request are alike; others end at lengths of their own.
+        salt = "" if index == 0 or options.temperature == 0 else f"{index}\x00"
+        digest = hashlib.blake2b(
+            f"{self._config.seed}\x00{salt}{prompt.text}".encode(), digest_size=4
+        ).digest()
+        span = self._config.max_answer_tokens - self._config.min_answer_tokens + 1
+        natural = self._config.min_answer_tokens + int.from_bytes(digest, "big") % span
+        return min(natural, options.max_tokens)
+
+    def _reasoning_budget(self, context: ChatContext | None) -> int:
+        """Reasoning tokens before the answer: asked by reasoning_effort or a thinking switch
+        of chat_template_kwargs, else the engine's default (config `reasoning`)."""
+        if context is None:
+            return 0
+        effort = context.reasoning_effort
+        switch = next(
+            (
+                context.template_kwargs[k]
+                for k in _THINKING_SWITCHES
+                if k in context.template_kwargs
+            ),
+            None,
+        )
+        if effort == "none" or switch is False:
+            return 0
+        if effort is not None:
+            budget = _REASONING_TOKENS.get(effort)
+            if budget is None:
+                raise EngineRequestError(
+                    f"reasoning_effort must be one of none, {', '.join(_REASONING_TOKENS)}.",
+                    param="reasoning_effort",
+                )
+            return budget
+        if switch is True or self._config.reasoning:
+            return _REASONING_TOKENS["medium"]
+        return 0
+
+    def _tool_calls(self, prompt: Prompt, seed: int) -> list[_Call]:
+        """The calls a choice makes: always for a required or named choice; for `auto`, half the
+        time (by seed and prompt), and never right after tool results (the model answers)."""
+        context = prompt.chat
+        if context is None or not context.tools:
+            return []
+        mode = context.tool_choice.mode
+        tools: Sequence[Tool] = context.tools
+        if mode is ToolChoiceMode.NONE:
+            return []
+        if mode is ToolChoiceMode.AUTO and (_answered_tools(prompt.text) or _mix(seed, 1, 2) % 2):
+            return []
+        if mode is ToolChoiceMode.NAMED:
+            tools = [t for t in tools if t.name == context.tool_choice.name]
+        count = 1
+        if mode is not ToolChoiceMode.NAMED and context.parallel_tool_calls and len(tools) > 1:
+            count = 1 + _mix(seed, 2, 3) % 2
+        first = _mix(seed, 3, 4) % len(tools)
+        chosen = [tools[(first + k) % len(tools)] for k in range(count)]
+        return [self._call(tool, seed, k) for k, tool in enumerate(chosen)]
+
+    @staticmethod
+    def _call(tool: Tool, seed: int, number: int) -> _Call:
+        schema = tool.parameters if tool.parameters is not None else {"type": "object"}
+        try:
+            arguments = generate_instance(schema, random.Random(_hash64(seed, "arguments", number)))
+        except SchemaError as exc:
+            raise EngineRequestError(f"function {tool.name}: {exc}", param="tools") from exc
+        call_id = f"call_{_hash64(seed, 'call', number):016x}"
+        return _Call(call_id, tool.name, json.dumps(arguments, ensure_ascii=False))
+
+    @staticmethod
+    def _json_answer(options: SamplingOptions, seed: int) -> str:
+        response_format = options.response_format
+        schema = response_format.schema
+        if response_format.type is ResponseFormatType.JSON_OBJECT or schema is None:
+            # Any JSON object will do: a small one whose keys and values come from the seed.
+            schema = {
+                "type": "object",
+                "properties": {"answer": {"type": "string"}, "score": {"type": "integer"}},
+                "required": ["answer"],
+            }
+        try:
+            value = generate_instance(schema, random.Random(_hash64(seed, "json")))
+        except SchemaError as exc:
+            raise EngineRequestError(str(exc), param="response_format") from exc
+        return json.dumps(value, ensure_ascii=False)
+
+    def _prompt_logprobs(self, prompt: Prompt, k: int) -> tuple[TokenLogprob, ...]:
+        if prompt.token_ids is not None:
+            tokens = [(i, token_text(i)) for i in prompt.token_ids]
+        else:
+            tokens = [(token_id(p, self.vocab_size), p) for p in text_pieces(prompt.text)]
+        seed = _hash64(self._config.seed, prompt.text)
+        entries = (
+            [TokenLogprob(token_id=tokens[0][0], token=tokens[0][1], logprob=None)]
+            if tokens
+            else []
+        )
+        for position, (token, text) in enumerate(tokens[1:], start=1):
+            probability = 0.05 + 0.9 * _unit(seed, position, token)
+            entries.append(_entry(token, text, probability, k, seed, position))
+        return tuple(entries)
+
+    # -- embeddings -----------------------------------------------------------------------------
 
     async def embed(self, inputs: Sequence[EmbedInput], dimensions: int | None) -> Embeddings:
         await self.check_health()
@@ -418,16 +946,6 @@ class SimulatedEngine:
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self._running), waiting=len(self._waiting))
 
-    def _answer_length(self, prompt: Prompt, options: SamplingOptions) -> int:
-        if options.ignore_eos:
-            return options.max_tokens
-        digest = hashlib.blake2b(
-            f"{self._config.seed}\x00{prompt.text}".encode(), digest_size=4
-        ).digest()
-        span = self._config.max_answer_tokens - self._config.min_answer_tokens + 1
-        natural = self._config.min_answer_tokens + int.from_bytes(digest, "big") % span
-        return min(natural, options.max_tokens)
-
     def _vector(self, material: bytes, size: int) -> list[float]:
         """A unit vector that follows from the input and the seed. Its first `size` components
         are those of the full vector, normalised again, as a model's shortened embeddings are.
@@ -438,15 +956,22 @@ class SimulatedEngine:
         scale = 1.0 / (math.hypot(*raw) or 1.0)
         return [x * scale for x in raw]
 
+    # -- the step loop --------------------------------------------------------------------------
+
     def _finish_aborted(self, request: _Request) -> None:
-        if self._running.pop(request.id, None) is None and request in self._waiting:
+        if self._running.pop(request.id, None) is not None:
+            self._running_choices -= len(request.choices)
+        elif request in self._waiting:
             self._waiting.remove(request)
         if not request.finished:
-            request.finished = True
-            request.collector.put("", 0, FinishReason.ABORT)
+            request.abort()
 
     async def _run(self) -> None:
-        """The step loop: admit waiting requests, sleep one step, advance every running one."""
+        """The step loop: admit waiting requests, sleep one step, advance every running one.
+
+        The batch counts sequences, as a GPU's does: a request with n choices takes n places
+        (and is admitted alone when n exceeds the batch, so it cannot wait forever).
+        """
         config = self._config
         while True:
             if not self._running and not self._waiting:
@@ -454,16 +979,21 @@ class SimulatedEngine:
                 await self._wake.wait()
                 continue
             now = time.monotonic()
-            while self._waiting and len(self._running) < config.max_batch:
+            while self._waiting and (
+                not self._running
+                or self._running_choices + len(self._waiting[0].choices) <= config.max_batch
+            ):
                 request = self._waiting.popleft()
                 prefill_ms = config.ttft_ms + config.prefill_ms_per_1k_tokens * (
                     request.prompt.num_tokens / 1000
                 )
                 request.ready_at = now + prefill_ms / 1000
                 self._running[request.id] = request
-            step_ms = config.tpot_ms * (1 + config.batch_slowdown * (len(self._running) - 1))
+                self._running_choices += len(request.choices)
+            step_ms = config.tpot_ms * (1 + config.batch_slowdown * (self._running_choices - 1))
             await asyncio.sleep(step_ms / 1000)
             now = time.monotonic()
             for request in list(self._running.values()):
                 if request.ready_at <= now and request.step():
                     del self._running[request.id]
+                    self._running_choices -= len(request.choices)

@@ -1,17 +1,23 @@
 """The vLLM backend: the engine seam over one `vllm.v1.engine.async_llm.AsyncLLM` on this node.
 
 It owns building the engine from `VllmEngineConfig` on the GPUs assigned to it, rendering chat
-with the model's own template, streaming DELTA outputs with the engine's own token counts,
-aborting, embedding and health. It is the only module of the project that imports vllm, and it
-does so lazily, so the rest of the core (its type checks, its tests) runs where vllm is absent.
+with the model's own template (tools included), streaming DELTA outputs with the engine's own
+token counts, aborting, embedding and health. A request runs as `vllm serve` runs it: vLLM's own
+request object and `to_sampling_params` (structured outputs, logprobs, n, sampling extras), the
+model's configured tool-call and reasoning parsers (vLLM's ParserManager, never a parser of
+ours) and vLLM's per-choice ChatStreamProcessor; the translations are in vllm_requests.py. It is
+the only module of the project that imports vllm, and it does so lazily, so the rest of the core
+(its type checks, its tests) runs where vllm is absent.
 It must never price, limit or authorise anything: it reports what the engine counted and the
 core decides what that costs.
 
 Written against vLLM 0.33.0, read from its wheel: v1/engine/async_llm.py, outputs.py,
 sampling_params.py, pooling_params.py, inputs/, engine/arg_utils.py, v1/engine/exceptions.py,
-exceptions.py, renderers/ and entrypoints/launchers/grpc_server.py (how vLLM's own gRPC server
-builds its AsyncLLM). `make vllm-check` checks every name in the tables below against an
-installed vLLM.
+exceptions.py, renderers/, entrypoints/launchers/grpc_server.py (how vLLM's own gRPC server
+builds its AsyncLLM), entrypoints/openai/chat_completion/ (protocol.py, serving.py,
+stream_processor.py), entrypoints/openai/completion/, renderers/online_renderer.py (when it
+calls adjust_request), parser/, tool_parsers/ and reasoning/. Every vLLM name it uses is listed
+in vllm_contract.py, which `make vllm-check` checks against an installed vLLM.
 """
 
 from __future__ import annotations
@@ -19,9 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import importlib
-import inspect
 import logging
 import os
 import threading
@@ -32,6 +36,7 @@ from typing import Any, Final, TypeVar
 
 from corvex_core.config import VllmEngineConfig
 from corvex_core.engines.base import (
+    ChatContext,
     ChatMessage,
     Delta,
     Embeddings,
@@ -41,194 +46,32 @@ from corvex_core.engines.base import (
     EngineState,
     EngineStats,
     EngineUnavailableError,
-    FinishReason,
     Prompt,
     SamplingOptions,
+    TokenLogprob,
+    ToolCallDelta,
+    ToolChoiceMode,
+)
+from corvex_core.engines.request_checks import check_chat_context, check_options, check_token_ids
+from corvex_core.engines.vllm_contract import VLLM_OBJECTS, resolve, version_warning
+from corvex_core.engines.vllm_requests import (
+    chat_request_fields,
+    completion_request_fields,
+    finish_reason,
+    message_dict,
+    template_kwargs,
+    template_message,
+    token_logprobs,
+    tool_call_deltas,
+    tool_dict,
 )
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-VLLM_VERSION_READ: Final = "0.33.0"
-
-# ---------------------------------------------------------------------------------------------
-# The contract with vLLM. Each table names what this module touches, so that one check
-# (`vllm_contract_problems`, run by tests/core/engines/test_vllm_signatures.py against the real
-# vLLM and by the adapter tests against the fake) catches an upgrade that renames any of it.
-
-# The vLLM objects this module uses, by "module:attribute.path".
-VLLM_OBJECTS: Final[Mapping[str, str]] = {
-    "AsyncEngineArgs": "vllm.engine.arg_utils:AsyncEngineArgs",
-    "AsyncLLM": "vllm.v1.engine.async_llm:AsyncLLM",
-    "UsageContext": "vllm.usage.usage_lib:UsageContext",
-    "SamplingParams": "vllm.sampling_params:SamplingParams",
-    "RequestOutputKind": "vllm.sampling_params:RequestOutputKind",
-    "PoolingParams": "vllm.pooling_params:PoolingParams",
-    "TokensPrompt": "vllm.inputs:TokensPrompt",
-    "TextPrompt": "vllm.inputs:TextPrompt",
-    "EngineDeadError": "vllm.v1.engine.exceptions:EngineDeadError",
-    "EngineGenerateError": "vllm.v1.engine.exceptions:EngineGenerateError",
-    "VLLMValidationError": "vllm.exceptions:VLLMValidationError",
-    "VLLMClientError": "vllm.exceptions:VLLMClientError",
-    "GenerationError": "vllm.exceptions:GenerationError",
-    "RetryableRequestError": "vllm.exceptions:RetryableRequestError",
-    "GracefulHTTPError": "vllm.exceptions:GracefulHTTPError",
-}
-
-# The AsyncEngineArgs fields that VllmEngineConfig's own fields map to (see engine_args_kwargs).
-ENGINE_ARG_NAMES: Final = (
-    "model",
-    "served_model_name",
-    "tokenizer",
-    "dtype",
-    "quantization",
-    "max_model_len",
-    "gpu_memory_utilization",
-    "tensor_parallel_size",
-    "pipeline_parallel_size",
-    "distributed_executor_backend",
-    "enable_prefix_caching",
-    "max_num_seqs",
-    "runner",
-    "enable_log_requests",
-    "disable_log_stats",
-)
-
-# vLLM's OpenAI chat server fills a sampling parameter the request left unset from the model's
-# generation_config.json (ModelConfig.get_diff_sampling_param) and then from these values
-# (ChatCompletionRequest._DEFAULT_SAMPLING_PARAMS). Doing the same makes a request sample here
-# exactly as it would through `vllm serve`.
-_OPENAI_SAMPLING_DEFAULTS: Final[Mapping[str, float | int]] = {
-    "repetition_penalty": 1.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 0,
-    "min_p": 0.0,
-}
-
-SAMPLING_PARAM_NAMES: Final = (
-    *_OPENAI_SAMPLING_DEFAULTS,
-    "seed",
-    "stop",
-    "ignore_eos",
-    "max_tokens",
-    "skip_special_tokens",
-    "output_kind",
-)
-
-POOLING_PARAM_NAMES: Final = ("task", "dimensions", "use_activation")
-
-# Callables and the keyword parameters this module passes to them. A class stands for its
-# constructor.
-VLLM_CALLS: Final[Mapping[str, tuple[str, ...]]] = {
-    "vllm.engine.arg_utils:AsyncEngineArgs": ENGINE_ARG_NAMES,
-    "vllm.engine.arg_utils:AsyncEngineArgs.create_engine_config": ("usage_context",),
-    "vllm.v1.engine.async_llm:AsyncLLM.from_vllm_config": (
-        "vllm_config",
-        "usage_context",
-        "enable_log_requests",
-        "disable_log_stats",
-    ),
-    "vllm.v1.engine.async_llm:AsyncLLM.generate": ("prompt", "sampling_params", "request_id"),
-    "vllm.v1.engine.async_llm:AsyncLLM.encode": ("prompt", "pooling_params", "request_id"),
-    "vllm.v1.engine.async_llm:AsyncLLM.abort": ("request_id",),
-    "vllm.v1.engine.async_llm:AsyncLLM.check_health": (),
-    "vllm.v1.engine.async_llm:AsyncLLM.get_tokenizer": (),
-    "vllm.v1.engine.async_llm:AsyncLLM.shutdown": (),
-    "vllm.config:ModelConfig.get_diff_sampling_param": (),
-    "vllm.sampling_params:SamplingParams": SAMPLING_PARAM_NAMES,
-    "vllm.pooling_params:PoolingParams": POOLING_PARAM_NAMES,
-    "vllm.tokenizers:TokenizerLike.apply_chat_template": (
-        "messages",
-        "tokenize",
-        "add_generation_prompt",
-    ),
-    "vllm.tokenizers:TokenizerLike.encode": ("text", "add_special_tokens"),
-    "vllm.outputs:RequestError.to_exception": (),
-}
-
-# Fields and attributes this module reads or fills in (TypedDict keys for the prompts).
-VLLM_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
-    "vllm.inputs:TokensPrompt": ("prompt_token_ids",),
-    "vllm.inputs:TextPrompt": ("prompt",),
-    "vllm.v1.engine.async_llm:AsyncLLM": ("model_config",),
-    "vllm.config:ModelConfig": ("max_model_len",),
-    "vllm.outputs:RequestOutput": ("prompt_token_ids", "outputs", "finished", "num_cached_tokens"),
-    "vllm.outputs:CompletionOutput": ("text", "token_ids", "finish_reason"),
-    "vllm.outputs:PoolingRequestOutput": ("prompt_token_ids", "outputs", "error"),
-    "vllm.outputs:PoolingOutput": ("data",),
-    "vllm.exceptions:VLLMValidationError": ("parameter",),
-    "vllm.exceptions:GracefulHTTPError": ("http_status",),
-}
-
-# Enum members this module uses.
-VLLM_MEMBERS: Final = (
-    "vllm.sampling_params:RequestOutputKind.DELTA",
-    "vllm.usage.usage_lib:UsageContext.OPENAI_API_SERVER",
-)
-
-
-def _resolve(target: str) -> Any:
-    module_name, _, path = target.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
-
-
-def _lookup(target: str, problems: list[str]) -> Any:
-    """The object at `target`, or None after noting in `problems` that it is missing."""
-    try:
-        return _resolve(target)
-    except (ImportError, AttributeError) as exc:
-        problems.append(f"{target} cannot be found: {exc}")
-        return None
-
-
-def _missing_parameters(target: str, names: Sequence[str], problems: list[str]) -> None:
-    obj = _lookup(target, problems)
-    if obj is None:
-        return
-    parameters = inspect.signature(obj).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return
-    accepted = {p.name for p in parameters}
-    problems.extend(f"{target} takes no parameter {n!r}" for n in names if n not in accepted)
-
-
-def _has_field(cls: Any, name: str) -> bool:
-    if hasattr(cls, "__required_keys__"):  # a TypedDict
-        return name in cls.__required_keys__ | cls.__optional_keys__
-    if dataclasses.is_dataclass(cls):
-        return name in {field.name for field in dataclasses.fields(cls)}
-    if name in getattr(cls, "__struct_fields__", ()) or hasattr(cls, name):
-        return True
-    # A plain class sets its attributes in __init__.
-    try:
-        return f"self.{name} =" in inspect.getsource(cls.__init__)
-    except (OSError, TypeError):
-        return False
-
-
-def _missing_fields(target: str, names: Sequence[str], problems: list[str]) -> None:
-    cls = _lookup(target, problems)
-    if cls is not None:
-        problems.extend(f"{target} has no field {n!r}" for n in names if not _has_field(cls, n))
-
-
-def vllm_contract_problems() -> list[str]:
-    """What the importable vllm lacks of what this module uses; empty when all of it is there."""
-    problems: list[str] = []
-    for target in (*VLLM_OBJECTS.values(), *VLLM_MEMBERS):
-        _lookup(target, problems)
-    for target, names in VLLM_CALLS.items():
-        _missing_parameters(target, names, problems)
-    for target, names in VLLM_FIELDS.items():
-        _missing_fields(target, names, problems)
-    return problems
+# The names this module uses, and the check of them against an installed vLLM, are in
+# vllm_contract.py; start-up compares only the version.
 
 
 @dataclass(frozen=True)
@@ -238,11 +81,13 @@ class _VllmApi:
     AsyncEngineArgs: Any
     AsyncLLM: Any
     UsageContext: Any
-    SamplingParams: Any
-    RequestOutputKind: Any
     PoolingParams: Any
     TokensPrompt: Any
     TextPrompt: Any
+    ChatCompletionRequest: Any
+    CompletionRequest: Any
+    ParserManager: Any
+    ChatStreamProcessor: Any
     EngineDeadError: Any
     EngineGenerateError: Any
     VLLMValidationError: Any
@@ -256,10 +101,13 @@ def _import_vllm() -> _VllmApi:
     # Imported here rather than at the top so that this module loads where vllm is absent;
     # importing vllm also imports torch, which takes seconds, so it runs off the event loop.
     try:
-        importlib.import_module("vllm")
+        vllm = importlib.import_module("vllm")
     except ImportError as exc:
         raise ImportError(f"vllm is not installed ({exc}): pip install 'corvex[vllm]'") from exc
-    return _VllmApi(**{name: _resolve(target) for name, target in VLLM_OBJECTS.items()})
+    warning = version_warning(str(getattr(vllm, "__version__", "unknown")))
+    if warning is not None:
+        log.warning("%s", warning)
+    return _VllmApi(**{name: resolve(target) for name, target in VLLM_OBJECTS.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +146,7 @@ def engine_args_kwargs(
         "enable_prefix_caching": config.enable_prefix_caching,
         "max_num_seqs": config.max_num_seqs,
         "runner": _RUNNERS[config.runner],
+        "reasoning_parser": config.reasoning_parser,
     }
     repeated = sorted(named.keys() & config.engine_args.keys())
     if repeated:
@@ -310,31 +159,6 @@ def engine_args_kwargs(
     )
 
 
-def sampling_kwargs(options: SamplingOptions, model_defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of vLLM's SamplingParams, without `output_kind`.
-
-    A value the request set wins, then the model's generation config, then OpenAI's default.
-    """
-    requested = {
-        "temperature": options.temperature,
-        "top_p": options.top_p,
-        "presence_penalty": options.presence_penalty,
-        "frequency_penalty": options.frequency_penalty,
-    }
-    kwargs: dict[str, Any] = {}
-    for name, fallback in _OPENAI_SAMPLING_DEFAULTS.items():
-        value = requested.get(name)
-        kwargs[name] = value if value is not None else model_defaults.get(name, fallback)
-    kwargs.update(
-        seed=options.seed,
-        stop=list(options.stop),
-        ignore_eos=options.ignore_eos,
-        max_tokens=options.max_tokens,
-        skip_special_tokens=model_defaults.get("skip_special_tokens", True),
-    )
-    return kwargs
-
-
 def pooling_kwargs(dimensions: int | None) -> dict[str, Any]:
     """Keyword arguments of vLLM's PoolingParams for an embedding.
 
@@ -344,53 +168,15 @@ def pooling_kwargs(dimensions: int | None) -> dict[str, Any]:
     return {"task": "embed", "dimensions": dimensions, "use_activation": True}
 
 
-_FINISH_REASONS: Final = {
-    "stop": FinishReason.STOP,
-    "length": FinishReason.LENGTH,
-    "abort": FinishReason.ABORT,
-    # The model stopped on a repetition it was asked to detect. This module never asks
-    # (SamplingParams.repetition_detection), but the output is a normal end if it happens.
-    "repetition": FinishReason.STOP,
-}
-
-
-def _finish_reason(reason: str | None) -> FinishReason:
-    finish = _FINISH_REASONS.get(str(reason))
-    if finish is None:
-        # vLLM's "error" is an internal failure of this one request (e.g. a KV transfer); its
-        # own server answers it with a 500, and so does the core for a bare EngineError.
-        raise EngineError(f"vLLM ended the request with finish reason {reason!r}")
-    return finish
-
-
-def _delta(output: Any) -> Delta:
-    """One DELTA RequestOutput (possibly several engine steps merged by vLLM) as a Delta."""
-    completion = output.outputs[0]
-    text, num_tokens = str(completion.text), len(completion.token_ids)
-    if not output.finished:
-        return Delta(text=text, num_tokens=num_tokens)
-    return Delta(
-        text=text,
-        num_tokens=num_tokens,
-        finish_reason=_finish_reason(completion.finish_reason),
-        prompt_tokens=len(output.prompt_token_ids or ()),
-        cached_prompt_tokens=int(output.num_cached_tokens or 0),
-    )
-
-
-def _message_dict(message: ChatMessage) -> dict[str, str]:
-    rendered = {"role": message.role, "content": message.content}
-    if message.name is not None:
-        rendered["name"] = message.name
-    return rendered
-
-
 def _render_chat(
-    tokenizer: Any, conversation: list[dict[str, str]], template_kwargs: Mapping[str, Any]
+    tokenizer: Any,
+    conversation: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: Mapping[str, Any],
 ) -> tuple[str, list[int]]:
     try:
         text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=True, **template_kwargs
+            conversation, tools=tools, tokenize=False, add_generation_prompt=True, **template_kwargs
         )
     except Exception as exc:
         # Chat templates reject conversations they cannot render by raising (role order, an
@@ -401,6 +187,177 @@ def _render_chat(
     # The rendered text already holds the template's special tokens (BOS, role markers), so
     # they are not added again, as in vLLM's own chat path (default_chat_tok_params).
     return str(text), list(tokenizer.encode(str(text), add_special_tokens=False))
+
+
+@dataclass(frozen=True)
+class _ChatState:
+    """What render_chat keeps in Prompt.engine_data for generate: the conversation as vLLM's
+    request takes it, and the template variables the prompt was rendered with."""
+
+    messages: list[dict[str, Any]]
+    template_kwargs: dict[str, Any]
+
+
+class _Job:
+    """One request as vLLM's OpenAI server would run it: its vLLM request object and sampling
+    params, and per choice vLLM's own stream processor (its tool and reasoning parsers) turning
+    each output into the seam's Deltas."""
+
+    def __init__(
+        self,
+        built: _Built,
+        options: SamplingOptions,
+        token_ids: list[int],
+        params: Any,
+        chat_request: Any = None,
+        reasoning_ended: bool | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._built = built
+        self._options = options
+        self.token_ids = token_ids
+        self.params = params
+        self.reasoning_ended = reasoning_ended
+        self._chat_request = chat_request
+        self._template_kwargs = dict(template_kwargs or {})
+        self._processors: dict[int, Any] = {}
+        self._generated: dict[int, list[int]] = {}
+        self._reasoning_tokens: dict[int, int] = {}
+        self._prompt_logprobs_sent = False
+
+    @classmethod
+    def build(
+        cls, built: _Built, prompt: Prompt, options: SamplingOptions, token_ids: list[int]
+    ) -> _Job:
+        api = built.api
+        defaults = built.sampling_defaults
+        if prompt.chat is None:
+            completion = api.CompletionRequest(**completion_request_fields(token_ids, options))
+            params = completion.to_sampling_params(options.max_tokens, defaults)
+            return cls(built, options, token_ids, params)
+        state = prompt.engine_data if isinstance(prompt.engine_data, _ChatState) else None
+        messages = state.messages if state is not None else []
+        kwargs = state.template_kwargs if state is not None else {}
+        request = api.ChatCompletionRequest(**chat_request_fields(messages, prompt.chat, options))
+        parser = None
+        parser_cls = built.parser_cls
+        if parser_cls is not None and (
+            parser_cls.always_adjust_request
+            or parser_cls.reasoning_parser_cls is not None
+            or request.tool_choice != "none"
+        ):
+            # As vLLM's renderer does: the parser may constrain the output (a required or named
+            # tool choice becomes structured output) and change sampling (special tokens).
+            parser = cls._parser(built, request, kwargs)
+            parser.set_prompt_token_ids(token_ids)
+            request = parser.adjust_request(request=request)
+        params = request.to_sampling_params(options.max_tokens, defaults)
+        ended = request.resolve_reasoning_ended(parser=parser, prompt_token_ids=token_ids)
+        return cls(built, options, token_ids, params, request, ended, kwargs)
+
+    @staticmethod
+    def _parser(built: _Built, request: Any, template_kwargs: Mapping[str, Any]) -> Any:
+        return built.parser_cls(
+            built.tokenizer,
+            request.tools,
+            model_config=built.llm.model_config,
+            chat_template_kwargs=dict(template_kwargs),
+        )
+
+    def _processor(self, index: int) -> Any:
+        """vLLM's per-choice stream processor, with a parser of its own (parsers keep state)."""
+        processor = self._processors.get(index)
+        if processor is None:
+            built = self._built
+            parser = None
+            if built.parser_cls is not None:
+                parser = self._parser(built, self._chat_request, self._template_kwargs)
+            processor = self._processors[index] = built.api.ChatStreamProcessor(
+                self._chat_request,
+                parser,
+                enable_auto_tools=self._built_auto_tools(),
+                parser_cls=built.parser_cls,
+            )
+        return processor
+
+    def _built_auto_tools(self) -> bool:
+        parser_cls = self._built.parser_cls
+        return parser_cls is not None and parser_cls.tool_parser_cls is not None
+
+    def deltas(self, output: Any) -> list[Delta]:
+        """One DELTA RequestOutput (possibly several steps, several choices) as Deltas."""
+        deltas = [self._delta(completion) for completion in output.outputs]
+        if not deltas:
+            return deltas
+        if not self._prompt_logprobs_sent and self._options.prompt_logprobs is not None:
+            self._prompt_logprobs_sent = True
+            deltas[0].prompt_logprobs = token_logprobs(
+                output.prompt_token_ids or (),
+                output.prompt_logprobs or (),
+                self._options.prompt_logprobs,
+                self._decode,
+            )
+        if output.finished:
+            deltas[-1].prompt_tokens = len(output.prompt_token_ids or ())
+            deltas[-1].cached_prompt_tokens = int(output.num_cached_tokens or 0)
+        return deltas
+
+    def _delta(self, completion: Any) -> Delta:
+        index = int(completion.index)
+        new_ids = list(completion.token_ids)
+        engine_finish = completion.finish_reason
+        if engine_finish is not None and finish_reason(engine_finish) is None:
+            # vLLM's "error" is an internal failure of this one request (e.g. a KV transfer); its
+            # own server answers it with a 500, and so does the core for a bare EngineError.
+            raise EngineError(f"vLLM ended the request with finish reason {engine_finish!r}")
+        text, reasoning, finish = str(completion.text), "", engine_finish
+        tool_calls: tuple[ToolCallDelta, ...] = ()
+        reasoning_tokens, hide_logprobs = 0, False
+        if self._chat_request is not None:
+            processor = self._processor(index)
+            step = processor.step(
+                delta_text=text,
+                delta_token_ids=new_ids,
+                finish_reason=engine_finish,
+                prompt_token_ids=self.token_ids,
+            )
+            message, finish = step.delta, step.finish_reason
+            text = (message.content or "") if message is not None else ""
+            reasoning = (message.reasoning or "") if message is not None else ""
+            tool_calls = tool_call_deltas(message.tool_calls if message is not None else None)
+            reasoning_tokens = self._count_reasoning(processor, index, new_ids)
+            hide_logprobs = bool(processor.hide_metadata)
+        logprobs: tuple[TokenLogprob, ...] = ()
+        k = self._options.logprobs
+        if k is not None and completion.logprobs is not None and not hide_logprobs:
+            logprobs = token_logprobs(new_ids, completion.logprobs, k, self._decode)
+        return Delta(
+            text=text,
+            num_tokens=len(new_ids),
+            finish_reason=None if finish is None else finish_reason(finish),
+            index=index,
+            reasoning=reasoning,
+            reasoning_tokens=reasoning_tokens,
+            tool_calls=tool_calls,
+            logprobs=logprobs,
+            stop_reason=completion.stop_reason,
+        )
+
+    def _count_reasoning(self, processor: Any, index: int, new_ids: list[int]) -> int:
+        """Reasoning tokens among the new ones: vLLM's count over the whole choice, less the
+        count so far (as its chat server computes usage.completion_tokens_details)."""
+        parser = processor.parser
+        generated = self._generated.setdefault(index, [])
+        generated.extend(new_ids)
+        if parser is None:
+            return 0
+        total = int(parser.count_reasoning_tokens(generated))
+        before = self._reasoning_tokens.get(index, 0)
+        self._reasoning_tokens[index] = total
+        return max(total - before, 0)
+
+    def _decode(self, token: int) -> str:
+        return str(self._built.tokenizer.decode([token]))
 
 
 # Parameter names vLLM gives its validation errors that mean the prompt itself.
@@ -450,6 +407,9 @@ class _Built:
     tokenizer: Any
     sampling_defaults: Mapping[str, Any]
     max_model_len: int
+    vocab_size: int
+    # vLLM's Parser class for the configured tool-call and reasoning parsers (None: neither).
+    parser_cls: Any
 
 
 def _shut_down_late_build(future: asyncio.Future[_Built]) -> None:
@@ -535,11 +495,6 @@ class VllmEngine:
 
     def _build(self) -> _Built:
         api = _import_vllm()
-        problems = vllm_contract_problems()
-        if problems:
-            log.warning(
-                "vLLM differs from the %s it was written for: %s", VLLM_VERSION_READ, problems
-            )
         with _engine_environment(self._config.devices):
             llm = self._llm_factory() if self._llm_factory is not None else self._new_llm(api)
         try:
@@ -549,6 +504,8 @@ class VllmEngine:
                 tokenizer=llm.get_tokenizer(),
                 sampling_defaults=dict(llm.model_config.get_diff_sampling_param()),
                 max_model_len=int(llm.model_config.max_model_len),
+                vocab_size=int(llm.model_config.get_vocab_size()),
+                parser_cls=self._parser_cls(api, llm.get_tokenizer()),
             )
         except BaseException:
             llm.shutdown()
@@ -562,6 +519,19 @@ class VllmEngine:
                 self._context_length,
             )
         return built
+
+    def _parser_cls(self, api: _VllmApi, tokenizer: Any) -> Any:
+        """vLLM's own parsers for this model, as `vllm serve --tool-call-parser ...
+        --enable-auto-tool-choice --reasoning-parser ...` picks them; an unknown name stops the
+        start."""
+        config = self._config
+        return api.ParserManager.get_parser(
+            tool_parser_name=config.tool_call_parser,
+            reasoning_parser_name=config.reasoning_parser,
+            enable_auto_tools=config.tool_call_parser is not None,
+            model_name=config.model,
+            tokenizer=tokenizer,
+        )
 
     def _new_llm(self, api: _VllmApi) -> Any:
         args = api.AsyncEngineArgs(**self._engine_kwargs)
@@ -622,14 +592,68 @@ class VllmEngine:
 
     # -- tokens --------------------------------------------------------------------------------
 
-    async def render_chat(self, messages: Sequence[ChatMessage]) -> Prompt:
+    @property
+    def vocab_size(self) -> int:
+        return self._require_ready().vocab_size
+
+    async def render_chat(
+        self, messages: Sequence[ChatMessage], context: ChatContext | None = None
+    ) -> Prompt:
         built = self._require_ready()
-        conversation = [_message_dict(message) for message in messages]
-        kwargs = self._config.chat_template_kwargs
+        context = context if context is not None else ChatContext()
+        check_chat_context(context)
+        self._check_tool_parsing(built, context)
+        conversation = [template_message(m) for m in messages]
+        tools = [tool_dict(t) for t in context.tools] or None
+        with self._translated_errors(built, "messages"):
+            kwargs = self._template_kwargs(built, context)
         text, token_ids = await self._off_loop(
-            lambda: _render_chat(built.tokenizer, conversation, kwargs)
+            lambda: _render_chat(built.tokenizer, conversation, tools, kwargs)
         )
-        return Prompt(text=text, num_tokens=len(token_ids), token_ids=tuple(token_ids))
+        state = _ChatState(messages=[message_dict(m) for m in messages], template_kwargs=kwargs)
+        return Prompt(
+            text=text,
+            num_tokens=len(token_ids),
+            token_ids=tuple(token_ids),
+            chat=context,
+            engine_data=state,
+        )
+
+    async def render_completion(self, prompt: str | Sequence[int]) -> Prompt:
+        built = self._require_ready()
+        if isinstance(prompt, str):
+            # vLLM's completions tokenize a text prompt with the model's special tokens (BOS).
+            text = prompt
+            ids = await self._off_loop(lambda: list(built.tokenizer.encode(text)))
+        else:
+            ids = list(prompt)
+            check_token_ids(ids, built.vocab_size, "prompt")
+            text = await self._off_loop(lambda: str(built.tokenizer.decode(ids)))
+        return Prompt(text=text, num_tokens=len(ids), token_ids=tuple(ids))
+
+    def _check_tool_parsing(self, built: _Built, context: ChatContext) -> None:
+        """Tools the model may call need vLLM's tool parser for it, as `vllm serve` requires."""
+        if not context.tools or context.tool_choice.mode is ToolChoiceMode.NONE:
+            return
+        if built.parser_cls is None or built.parser_cls.tool_parser_cls is None:
+            raise EngineRequestError(
+                f"{self._model_id} is not configured to call tools (no tool_call_parser); "
+                'send tool_choice "none" or no tools.',
+                param="tools",
+            )
+
+    def _template_kwargs(self, built: _Built, context: ChatContext) -> dict[str, Any]:
+        """The template variables vLLM's chat server would use: the request's (with
+        reasoning_effort and its enable_thinking) over the model's configured ones."""
+        request = built.api.ChatCompletionRequest(
+            messages=[],
+            reasoning_effort=context.reasoning_effort,
+            chat_template_kwargs=dict(context.template_kwargs) or None,
+        )
+        params = request.build_chat_params(
+            default_template=None, default_template_content_format="auto"
+        ).with_defaults(dict(self._config.chat_template_kwargs))
+        return template_kwargs(params.chat_template_kwargs)
 
     async def count_tokens(self, text: str) -> int:
         built = self._require_ready()
@@ -648,43 +672,42 @@ class VllmEngine:
         built = self._require_ready()
         if self._config.runner == "embed":
             raise EngineRequestError(f"{self._model_id} is an embedding model", param="model")
+        check_options(options, built.vocab_size)
         self._claim(request_id)
         try:
-            stream = await self._new_stream(built, request_id, prompt, options)
+            job = await self._new_job(built, prompt, options)
+            stream = built.llm.generate(
+                prompt=built.api.TokensPrompt(prompt_token_ids=job.token_ids),
+                sampling_params=job.params,
+                request_id=request_id,
+                reasoning_ended=job.reasoning_ended,
+            )
             try:
-                last: Delta | None = None
+                last: list[Delta] | None = None
                 with self._translated_errors(built, "messages"):
                     async for output in stream:
                         self._in_flight[request_id] = True
-                        delta = _delta(output)
-                        if delta.finish_reason is None:
-                            yield delta
+                        deltas = job.deltas(output)
+                        if not output.finished:
+                            for delta in deltas:
+                                yield delta
                         else:
-                            last = delta  # vLLM's stream ends right after its last output
-                if last is None:
+                            last = deltas  # vLLM's stream ends right after its last output
+                if not last:
                     raise EngineError(f"vLLM ended a stream of {self._model_id} unfinished")
                 # Yielded after vLLM's stream has ended, so that a consumer that stops reading
                 # at the last delta leaves nothing in vLLM to abort.
-                yield last
+                for delta in last:
+                    yield delta
             finally:
                 await self._close(built, stream)
         finally:
             del self._in_flight[request_id]
 
-    async def _new_stream(
-        self, built: _Built, request_id: str, prompt: Prompt, options: SamplingOptions
-    ) -> Any:
+    async def _new_job(self, built: _Built, prompt: Prompt, options: SamplingOptions) -> _Job:
         token_ids = await self._prompt_token_ids(built, prompt)
         with self._translated_errors(built, "messages"):
-            params = built.api.SamplingParams(
-                **sampling_kwargs(options, built.sampling_defaults),
-                output_kind=built.api.RequestOutputKind.DELTA,
-            )
-        return built.llm.generate(
-            prompt=built.api.TokensPrompt(prompt_token_ids=token_ids),
-            sampling_params=params,
-            request_id=request_id,
-        )
+            return await self._off_loop(lambda: _Job.build(built, prompt, options, token_ids))
 
     async def abort(self, request_id: str) -> None:
         built = self._built

@@ -20,6 +20,7 @@ import pytest
 
 from corvex_core.config import VllmEngineConfig
 from corvex_core.engines.base import (
+    ChatContext,
     ChatMessage,
     Delta,
     EmbedInput,
@@ -32,14 +33,13 @@ from corvex_core.engines.base import (
     Prompt,
     SamplingOptions,
 )
-from corvex_core.engines.vllm import (
+from corvex_core.engines.vllm import VllmEngine, engine_args_kwargs
+from corvex_core.engines.vllm_contract import (
+    CHAT_REQUEST_FIELD_NAMES,
+    COMPLETION_REQUEST_FIELD_NAMES,
     ENGINE_ARG_NAMES,
-    SAMPLING_PARAM_NAMES,
-    VllmEngine,
-    engine_args_kwargs,
-    sampling_kwargs,
-    vllm_contract_problems,
 )
+from corvex_core.engines.vllm_requests import chat_request_fields, completion_request_fields
 
 MODEL = "acme/chat-1"
 HELLO = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
@@ -105,10 +105,6 @@ def words(text: str) -> list[str]:
 # -- the contract with vLLM --------------------------------------------------------------------
 
 
-def test_the_fake_has_everything_the_adapter_uses(fake_vllm: ModuleType) -> None:
-    assert vllm_contract_problems() == []
-
-
 def test_the_contract_lists_match_what_the_adapter_passes() -> None:
     every_option = SamplingOptions(
         max_tokens=5,
@@ -120,7 +116,9 @@ def test_the_contract_lists_match_what_the_adapter_passes() -> None:
         frequency_penalty=0.2,
         ignore_eos=True,
     )
-    assert set(sampling_kwargs(every_option, {})) | {"output_kind"} == set(SAMPLING_PARAM_NAMES)
+    context = ChatContext()
+    assert set(chat_request_fields([], context, every_option)) == set(CHAT_REQUEST_FIELD_NAMES)
+    assert set(completion_request_fields([1], every_option)) == set(COMPLETION_REQUEST_FIELD_NAMES)
     every_field = VllmEngineConfig(
         model="m",
         tokenizer="t",
@@ -129,6 +127,7 @@ def test_the_contract_lists_match_what_the_adapter_passes() -> None:
         distributed_executor_backend="ray",
         enable_prefix_caching=True,
         max_num_seqs=8,
+        reasoning_parser="qwen3",
     )
     passed = set(engine_args_kwargs("id", every_field, context_length=10))
     # The two log switches are read back from AsyncEngineArgs for from_vllm_config.
@@ -195,7 +194,7 @@ async def test_an_engine_larger_than_its_devices_does_not_start(
     engine = await make_engine(
         VllmEngineConfig(model="m", tensor_parallel_size=2, devices=[3]), start=False
     )
-    with pytest.raises(EngineUnavailableError, match="World size"):
+    with pytest.raises(EngineUnavailableError, match=MODEL):
         await engine.start()
     assert engine.state is EngineState.DEAD
     assert MODEL in caplog.text

@@ -5,6 +5,7 @@ style of real ones, the toy model's choice of words and embeddings, and the node
 platform reports. Everything else in this package mirrors vLLM.
 """
 
+import json
 import math
 import random
 from typing import Any
@@ -97,11 +98,29 @@ class FakeTokenizer:
         # Other keyword arguments are template variables (as in transformers); the toy
         # template shows them so a test can see they arrived.
         parts += [f"<|{k}={v}|>" for k, v in sorted(kwargs.items()) if k != "conversation"]
+        if tools:
+            parts += ["<|tools|>", *(t["function"]["name"] for t in tools), "<|end|>"]
         for message in kwargs.get("conversation", messages):
             role = message["role"]
-            if role not in ("system", "user", "assistant"):
-                raise TemplateError(f"Conversation roles must be system, user or assistant: {role}")
-            parts += [f"<|{role}|>", message["content"], "<|end|>"]
+            if role not in ("system", "user", "assistant", "tool"):
+                raise TemplateError(
+                    f"Conversation roles must be system, user, assistant or tool: {role}"
+                )
+            parts += [f"<|{role}|>", message["content"] or ""]
+            for call in message.get("tool_calls", ()):
+                # Templates take the arguments as a mapping (vLLM's chat utils parse them).
+                assert isinstance(call["function"]["arguments"], dict)
+                parts += [
+                    "<tool_call>",
+                    json.dumps(
+                        {
+                            "name": call["function"]["name"],
+                            "arguments": call["function"]["arguments"],
+                        }
+                    ),
+                    "</tool_call>",
+                ]
+            parts.append("<|end|>")
         if add_generation_prompt:
             parts.append("<|assistant|>")
         text = " ".join(parts)

@@ -3,6 +3,7 @@
 
 import copy
 import math
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -20,6 +21,33 @@ class RequestOutputKind(Enum):
     DELTA = 1
     # Do not return intermediate RequestOutput
     FINAL_ONLY = 2
+
+
+@dataclass
+class StructuredOutputsParams:
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        count = sum(
+            value is not None
+            for value in (
+                self.json,
+                self.regex,
+                self.choice,
+                self.grammar,
+                self.json_object,
+                self.structural_tag,
+            )
+        )
+        if count != 1:
+            raise VLLMValidationError(
+                f"You must use exactly one kind of structured outputs constraint, not {count}"
+            )
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, dict=True):
@@ -40,13 +68,96 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, dict=True):
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     detokenize: bool = True
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     skip_clone: bool = False
     output_text_buffer_length: int = 0
+    structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None
     extra_args: dict[str, Any] | None = None
+
+    @staticmethod
+    def from_optional(
+        n: int | None = 1,
+        presence_penalty: float | None = 0.0,
+        frequency_penalty: float | None = 0.0,
+        repetition_penalty: float | None = 1.0,
+        temperature: float | None = 1.0,
+        top_p: float | None = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        stop_token_ids: list[int] | None = None,
+        ignore_eos: bool = False,
+        max_tokens: int | None = 16,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        skip_special_tokens: bool = True,
+        include_stop_str_in_output: bool = False,
+        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
+        structured_outputs: StructuredOutputsParams | None = None,
+        logit_bias: dict[int, float] | dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> "SamplingParams":
+        if logit_bias is not None:
+            try:
+                logit_bias = {
+                    int(token): min(100.0, max(-100.0, bias)) for token, bias in logit_bias.items()
+                }
+            except (ValueError, TypeError):
+                raise VLLMValidationError(
+                    "logit_bias contains key(s) that cannot be converted to integer token IDs",
+                    parameter="logit_bias",
+                ) from None
+        return SamplingParams(
+            n=1 if n is None else n,
+            presence_penalty=0.0 if presence_penalty is None else presence_penalty,
+            frequency_penalty=0.0 if frequency_penalty is None else frequency_penalty,
+            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=skip_special_tokens,
+            include_stop_str_in_output=include_stop_str_in_output,
+            output_kind=output_kind,
+            structured_outputs=structured_outputs,
+            logit_bias=logit_bias,
+        )
+
+    def verify(self, model_config: Any) -> None:
+        """The checks against the model (SamplingParams.verify): logprobs, logit_bias and stop
+        token ids within what the model has."""
+        for name, value in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
+            if value is not None and value > model_config.max_logprobs:
+                raise VLLMValidationError(
+                    f"Requested sample logprobs of {value}, which is greater than max allowed: "
+                    f"{model_config.max_logprobs}",
+                    parameter=name,
+                )
+        vocab_size = model_config.get_vocab_size()
+        for name, ids in (
+            ("logit_bias", self.logit_bias or {}),
+            ("stop_token_ids", self.stop_token_ids or []),
+        ):
+            invalid = [t for t in ids if not 0 <= t < vocab_size]
+            if invalid:
+                raise VLLMValidationError(
+                    f"token_id(s) {invalid} in {name} contain out-of-vocab token ids. "
+                    f"Vocabulary size: {vocab_size}",
+                    parameter=name,
+                )
 
     def __post_init__(self) -> None:
         if self.seed == -1:
@@ -94,6 +205,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, dict=True):
             raise VLLMValidationError(
                 f"top_k must be 0 (disable), or at least 1, got {self.top_k}."
             )
+        if self.n < 1:
+            raise VLLMValidationError(f"n must be at least 1, got {self.n}.", parameter="n")
         if not 0.0 <= self.min_p <= 1.0:
             raise VLLMValidationError(f"min_p must be in [0, 1], got {self.min_p}.")
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -18,6 +18,10 @@ class ModelConfig:
     override_generation_config: dict[str, Any] = field(default_factory=dict)
     embedding_size: int = _fake.EMBEDDING_SIZE
     is_matryoshka: bool = True
+    max_logprobs: int = 20
+
+    def get_vocab_size(self) -> int:
+        return _fake.VOCAB_SIZE
 
     def get_diff_sampling_param(self) -> dict[str, Any]:
         """The model's non-default sampling parameters, as in vLLM."""

@@ -42,6 +42,8 @@ class EngineArgs:
     quantization: str | None = None
     generation_config: str = "auto"
     override_generation_config: dict[str, Any] | None = None
+    # StructuredOutputsConfig.reasoning_parser: where structured outputs start constraining.
+    reasoning_parser: str = ""
 
     def create_engine_config(
         self, usage_context: UsageContext | None = None, headless: bool = False

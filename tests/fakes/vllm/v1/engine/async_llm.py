@@ -7,8 +7,12 @@ encode() aborting their request when the consumer closes or cancels them; abort(
 request with a final "abort" output; max_tokens and EOS checked by the engine and stop strings
 by the detokenizer (their text withheld); prefix-cache hits reported as num_cached_tokens; a
 dead engine raising EngineDeadError to every caller.
+Also kept: parallel sampling (n children of one request, child i seeded with seed + i, the
+outputs of each carrying its index, the request finished when all are); logprobs of each
+sampled token with its top candidates, prompt logprobs on the first output; stop token ids;
+logit_bias (+100 forces a token, -100 bans one); SamplingParams.verify against the model.
 Fake-only (no such thing in vLLM): hold(), resume(), step(), kill() and the attributes tests
-watch (environ, aborted, answer_tokens, is_shut_down).
+watch (environ, aborted, answer_tokens, script, sent_params, is_shut_down).
 """
 
 import asyncio
@@ -22,6 +26,7 @@ from typing import Any
 from vllm import _fake
 from vllm.config import VllmConfig
 from vllm.exceptions import GenerationError, GracefulHTTPError, VLLMClientError, VLLMValidationError
+from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestOutput
 from vllm.pooling_params import PoolingParams
 from vllm.sampling_params import SamplingParams
@@ -31,8 +36,16 @@ from vllm.v1.engine.output_processor import RequestOutputCollector
 
 
 @dataclass
+class _Parent:
+    """ParentRequest: the n children of one request and whether its prompt logprobs went out."""
+
+    unfinished: int
+    prompt_logprobs_sent: bool = False
+
+
+@dataclass
 class _Request:
-    """A request as the engine core holds it."""
+    """A request as the engine core holds it (one child of a parallel-sampling request)."""
 
     request_id: str
     external_req_id: str
@@ -45,6 +58,8 @@ class _Request:
     # Detokenized output so far (cut at a stop string) and how much of it was sent.
     text: str = ""
     sent: int = 0
+    index: int = 0
+    parent: _Parent = field(default_factory=lambda: _Parent(unfinished=1))
 
 
 class AsyncLLM:
@@ -87,6 +102,10 @@ class AsyncLLM:
         self.auto_step = True
         # Words the toy model answers before it emits EOS.
         self.answer_tokens = 5
+        # Words the toy model says instead (then EOS), e.g. markup a parser should find.
+        self.script: list[str] | None = None
+        # The SamplingParams of every request added, in order.
+        self.sent_params: list[SamplingParams | PoolingParams] = []
         # External ids of the requests abort() ended, in order.
         self.aborted: list[str] = []
         self.is_shut_down = False
@@ -177,21 +196,39 @@ class AsyncLLM:
             raise EngineDeadError()
         token_ids = self._prompt_token_ids(prompt)
         params = self._validated(params, token_ids)
+        self.sent_params.append(params)
         # vLLM makes the id unique (InputProcessor.assign_request_id); abort() takes either.
         internal_id = f"{request_id}-{secrets.token_hex(4)}"
         queue = RequestOutputCollector(params.output_kind, internal_id)
-        self._requests[internal_id] = _Request(
-            request_id=internal_id,
-            external_req_id=request_id,
-            prompt_token_ids=token_ids,
-            params=params,
-            queue=queue,
-            num_cached_tokens=self._cache_hits(token_ids),
-            rng=_fake.sampler(
-                getattr(params, "seed", None), getattr(params, "temperature", 1.0), token_ids
-            ),
-        )
-        self._external_req_ids.setdefault(request_id, []).append(internal_id)
+        n = getattr(params, "n", 1)
+        parent = _Parent(unfinished=n)
+        cached = self._cache_hits(token_ids)
+        for index in range(n):
+            child_params = params
+            child_id = internal_id
+            if n > 1:
+                # ParentRequest.get_child_info: its own id, n=1, and seed + index.
+                child_params = params.clone()
+                child_params.n = 1
+                if child_params.seed is not None:
+                    child_params.seed += index
+                child_id = f"{index}_{internal_id}"
+            self._requests[child_id] = _Request(
+                request_id=child_id,
+                external_req_id=request_id,
+                prompt_token_ids=token_ids,
+                params=child_params,
+                queue=queue,
+                num_cached_tokens=cached,
+                rng=_fake.sampler(
+                    getattr(child_params, "seed", None),
+                    getattr(child_params, "temperature", 1.0),
+                    token_ids,
+                ),
+                index=index,
+                parent=parent,
+            )
+            self._external_req_ids.setdefault(request_id, []).append(child_id)
         self._run_engine_loop()
         return queue
 
@@ -281,7 +318,12 @@ class AsyncLLM:
         """Abort RequestId in OutputProcessor and EngineCore."""
         request_ids = (request_id,) if isinstance(request_id, str) else list(request_id)
         for rid in request_ids:
-            internal_ids = [rid] if internal else self._external_req_ids.pop(rid, [])
+            # An internal id stands for its parallel-sampling children ("{index}_{id}") too.
+            internal_ids = (
+                [i for i in self._requests if i == rid or i.endswith(f"_{rid}")]
+                if internal
+                else self._external_req_ids.pop(rid, [])
+            )
             for internal_id in internal_ids:
                 request = self._requests.pop(internal_id, None)
                 if request is not None:
@@ -383,6 +425,7 @@ class AsyncLLM:
             params = params.clone()
             if params.max_tokens is None:
                 params.max_tokens = self.model_config.max_model_len - len(token_ids)
+            params.verify(self.model_config)
             return params
         if runner != "pooling":
             raise VLLMValidationError("This model does not support pooling")
@@ -406,16 +449,49 @@ class AsyncLLM:
         return hits
 
     def _next_token(self, request: _Request, params: SamplingParams) -> int:
-        if len(request.output_token_ids) >= self.answer_tokens and not params.ignore_eos:
+        produced = len(request.output_token_ids)
+        if self.script is not None:
+            if produced >= len(self.script):
+                return self._tokenizer.eos_token_id
+            return self._tokenizer.encode(self.script[produced], add_special_tokens=False)[0]
+        if produced >= self.answer_tokens and not params.ignore_eos:
             return self._tokenizer.eos_token_id
-        return self._tokenizer.encode(request.rng.choice(_fake.WORDS), add_special_tokens=False)[0]
+        bias = params.logit_bias or {}
+        forced = [t for t, b in bias.items() if b >= 100]
+        if forced:
+            return min(forced)
+        words = [
+            w
+            for w in _fake.WORDS
+            if bias.get(self._tokenizer.encode(w, add_special_tokens=False)[0], 0) > -100
+        ]
+        return self._tokenizer.encode(request.rng.choice(words), add_special_tokens=False)[0]
+
+    def _word_id(self, word: str) -> int:
+        return self._tokenizer.encode(word, add_special_tokens=False)[0]
+
+    def _logprobs(self, request: _Request, token_id: int, k: int) -> dict[int, Logprob]:
+        """The sampled token first, then the top k (vLLM's order): the toy model is sure of its
+        token (rank 1) and spreads the rest over the first words."""
+        decode = self._tokenizer.piece
+        position: dict[int, Logprob] = {
+            token_id: Logprob(logprob=-0.25, rank=1, decoded_token=decode(token_id, False))
+        }
+        others = [self._word_id(w) for w in _fake.WORDS]
+        for rank, other in enumerate((t for t in others if t != token_id), start=2):
+            if len(position) >= max(k, 1):
+                break
+            position[other] = Logprob(
+                logprob=-1.0 * rank, rank=rank, decoded_token=decode(other, False)
+            )
+        return position
 
     def _decode(self, request: _Request, params: SamplingParams) -> RequestOutput:
         token_id = self._next_token(request, params)
         request.output_token_ids.append(token_id)
         # EngineCore's check_stop: the length cap first, then EOS.
         finish_reason: str | None = None
-        stop_reason: str | None = None
+        stop_reason: str | int | None = None
         total = len(request.prompt_token_ids) + len(request.output_token_ids)
         assert params.max_tokens is not None
         if (
@@ -425,8 +501,14 @@ class AsyncLLM:
             finish_reason = "length"
         elif token_id == self._tokenizer.eos_token_id and not params.ignore_eos:
             finish_reason = "stop"
-        # The detokenizer: a stop string ends the request and its text is not returned.
-        text = request.text + self._tokenizer.piece(token_id, params.skip_special_tokens)
+        elif token_id in (params.stop_token_ids or ()):
+            finish_reason, stop_reason = "stop", token_id
+        # The detokenizer: a stop string ends the request and its text is not returned; nor is
+        # a stop token's, unless include_stop_str_in_output.
+        piece = self._tokenizer.piece(token_id, params.skip_special_tokens)
+        if stop_reason == token_id and not params.include_stop_str_in_output:
+            piece = ""
+        text = request.text + piece
         assert isinstance(params.stop, list)
         hits = [(i, s) for s in params.stop if (i := text.find(s)) != -1]
         if hits:
@@ -437,16 +519,21 @@ class AsyncLLM:
         held = 0 if finish_reason else params.output_text_buffer_length
         end = max(request.sent, len(text) - held)
         delta, request.sent = text[request.sent : end], end
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = [self._logprobs(request, token_id, params.logprobs)]
         completion = CompletionOutput(
-            index=0,
+            index=request.index,
             text=delta,
             token_ids=[token_id],
             cumulative_logprob=None,
-            logprobs=None,
+            logprobs=logprobs,
             finish_reason=finish_reason,
             stop_reason=stop_reason,
         )
-        return self._request_output(request, [completion], finished=finish_reason is not None)
+        if finish_reason is not None:
+            request.parent.unfinished -= 1
+        return self._request_output(request, [completion], finished=request.parent.unfinished == 0)
 
     def _pool(self, request: _Request) -> PoolingRequestOutput:
         params = request.params
@@ -472,24 +559,36 @@ class AsyncLLM:
                 finished=True,
             )
         completion = CompletionOutput(
-            index=0,
+            index=request.index,
             text="",
             token_ids=[],
             cumulative_logprob=None,
             logprobs=None,
             finish_reason="abort",
         )
-        return self._request_output(request, [completion], finished=True)
+        request.parent.unfinished -= 1
+        return self._request_output(request, [completion], finished=request.parent.unfinished == 0)
 
-    @staticmethod
     def _request_output(
-        request: _Request, outputs: list[CompletionOutput], *, finished: bool
+        self, request: _Request, outputs: list[CompletionOutput], *, finished: bool
     ) -> RequestOutput:
+        prompt_logprobs = None
+        params = request.params
+        if (
+            getattr(params, "prompt_logprobs", None) is not None
+            and not request.parent.prompt_logprobs_sent
+        ):
+            request.parent.prompt_logprobs_sent = True
+            piece = self._tokenizer.piece
+            prompt_logprobs = [None] + [
+                {t: Logprob(logprob=-0.5, rank=1, decoded_token=piece(t, False))}
+                for t in request.prompt_token_ids[1:]
+            ]
         return RequestOutput(
             request_id=request.external_req_id,
             prompt=None,
             prompt_token_ids=request.prompt_token_ids,
-            prompt_logprobs=None,
+            prompt_logprobs=prompt_logprobs,
             outputs=outputs,
             finished=finished,
             num_cached_tokens=request.num_cached_tokens,
