@@ -1,12 +1,12 @@
-"""The edge's aiohttp application: routes, JSON errors for everything, and the gRPC channel's
-life (opened and closed with the app), plus `serve` to run it as a process."""
+"""The edge's aiohttp application: routes, middlewares (telemetry outside, errors inside), the
+gRPC channel's life (opened and closed with the app), plus `serve` to run it as a process."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 from aiohttp import web
@@ -14,48 +14,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from corvex import readyfile
 from corvex.v1 import inference_pb2_grpc
-from gateway import telemetry
+from gateway import telemetry, upstream
 from gateway.chat import chat_completions
 from gateway.config import EdgeConfig
 from gateway.embeddings import embeddings
-from gateway.errors import error_response
+from gateway.error_middleware import handle_errors
 from gateway.models import list_models, retrieve_model
 from gateway.state import EDGE, Edge
 
 log = logging.getLogger(__name__)
-
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
-
-
-@web.middleware
-async def json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error the router or aiohttp raises (404, 405, 413, ...) becomes an OpenAI body."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        if exc.status == 404:
-            message = f"Unknown route {request.method} {request.path}."
-        elif exc.status == 405:
-            message = f"Method {request.method} is not allowed on {request.path}."
-        elif exc.status == 413:
-            message = (
-                f"The request body is larger than this server accepts "
-                f"({request.app[EDGE].config.max_body_bytes} bytes)."
-            )
-        else:
-            message = exc.reason
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(exc.status, message, headers=headers)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -77,11 +44,11 @@ async def ready(request: web.Request) -> web.Response:
 
 def create_app(config: EdgeConfig) -> web.Application:
     app = web.Application(
-        client_max_size=config.max_body_bytes, middlewares=[telemetry.observe, json_errors]
+        client_max_size=config.max_body_bytes, middlewares=[telemetry.observe, handle_errors]
     )
 
     async def channel_ctx(app: web.Application) -> AsyncIterator[None]:
-        channel = grpc.aio.insecure_channel(config.core, options=_CHANNEL_OPTIONS)
+        channel = upstream.open_channel(config)
         app[EDGE] = Edge(config, channel, inference_pb2_grpc.InferenceStub(channel))
         yield
         await channel.close()

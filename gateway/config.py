@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -15,6 +17,6 @@ class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Largest request body accepted; larger ones get 413.
     max_body_bytes: int = 4 * 1024 * 1024
     # Longest a request may take end to end (gRPC deadline), seconds.
-    request_timeout_s: float = 600.0
+    request_timeout_s: Seconds = 600.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = "auto"

@@ -1,8 +1,8 @@
 """OpenAI's REST request types, decoded straight from the request body with msgspec.
 
-Only what the edge accepts is declared; unknown fields are ignored (and logged at debug by the
-handlers). Type errors become 400s naming the field. Responses are built where they are sent,
-since their shapes are fixed.
+Only what the edge accepts is declared; unknown fields are ignored (and logged at debug by
+`gateway.decoding`). Type errors become 400s naming the field. Responses are built where they
+are sent, since their shapes are fixed.
 """
 
 from __future__ import annotations

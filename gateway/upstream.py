@@ -1,0 +1,55 @@
+"""The edge's side of the gRPC link to the core: the channel, what every call carries (the
+caller's key, the request id, a deadline), and which of the core's response metadata goes back
+to the client as headers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Final
+
+import grpc
+from aiohttp import web
+
+from gateway.config import EdgeConfig
+from gateway.state import EDGE, REQUEST_ID
+
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+# gRPC metadata from the core that is returned to clients as HTTP headers.
+_FORWARDED_PREFIXES: Final = ("x-ratelimit-",)
+
+
+def channel_options(config: EdgeConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def open_channel(config: EdgeConfig) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(config.core, options=channel_options(config))
+
+
+def call_options(request: web.Request) -> dict[str, Any]:
+    """What every call to the core carries: the caller's key and request id, and a deadline."""
+    return {
+        "metadata": metadata(request.headers.get("Authorization"), request[REQUEST_ID]),
+        "timeout": request.app[EDGE].config.request_timeout_s,
+    }
+
+
+def metadata(authorization: str | None, request_id: str) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata for the core: the caller's key (checked there) and the request id."""
+    if not authorization:
+        return (("x-request-id", request_id),)
+    return (("x-request-id", request_id), ("authorization", authorization))
+
+
+def response_headers(initial: Iterable[tuple[str, Any]] | None, request_id: str) -> dict[str, str]:
+    headers = {"x-request-id": request_id}
+    for key, value in initial or ():
+        if key.startswith(_FORWARDED_PREFIXES) and isinstance(value, str):
+            headers[key] = value
+    return headers
