@@ -18,5 +18,10 @@ class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_body_bytes: int = 4 * 1024 * 1024
     # Longest a request may take end to end (gRPC deadline), seconds.
     request_timeout_s: Seconds = 600.0
+    # gRPC keepalive pings to the core, also while no call is in flight, every core_keepalive_s;
+    # the core must accept pings that often (core.keepalive_min_ping_interval_s is lower).
+    # A ping unanswered within core_keepalive_timeout_s closes the connection.
+    core_keepalive_s: Seconds = 30.0
+    core_keepalive_timeout_s: Seconds = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = "auto"

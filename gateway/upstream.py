@@ -1,6 +1,6 @@
-"""The edge's side of the gRPC link to the core: the channel, what every call carries (the
-caller's key, the request id, a deadline), and which of the core's response metadata goes back
-to the client as headers."""
+"""The edge's side of the gRPC link to the core: the channel (with keepalive pings the core is
+configured to accept), what every call carries (the caller's key, the request id, a deadline),
+and which of the core's response metadata goes back to the client as headers."""
 
 from __future__ import annotations
 
@@ -19,12 +19,17 @@ _FORWARDED_PREFIXES: Final = ("x-ratelimit-",)
 
 
 def channel_options(config: EdgeConfig) -> list[tuple[str, int]]:
+    """Keepalive as grpc's doc/keepalive.md asks: pings every `core_keepalive_s` even without
+    calls (so a dead core is noticed before a request needs it), with no cap on pings without
+    data. The core accepts them because its `keepalive_min_ping_interval_s` is lower; a client
+    that pinged more often than the server allows would get GOAWAY `too_many_pings`."""
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_time_ms", round(config.core_keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(config.core_keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
 
 

@@ -71,3 +71,10 @@ def test_the_make_run_config_is_valid() -> None:
     core = load_section("core", CoreConfig, path="corvex.yaml", environ={})
     edge = load_section("edge", EdgeConfig, path="corvex.yaml", environ={})
     assert edge.core == f"{core.host}:{core.port}"
+
+
+def test_edge_keepalive_must_be_positive(tmp_path: Path) -> None:
+    path = tmp_path / "edge.yaml"
+    path.write_text("edge: {core_keepalive_s: 0}\n")
+    with pytest.raises(ConfigError, match="core_keepalive_s"):
+        load_section("edge", EdgeConfig, path=path, environ={})

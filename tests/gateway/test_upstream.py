@@ -1,8 +1,64 @@
-"""The edge's link to the core: the metadata every call carries."""
+"""The edge's link to the core: keepalive pings both ends agree on, and the metadata every call
+carries."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import msgspec
+import pytest
+
+from corvex.v1 import inference_pb2, inference_pb2_grpc
+from corvex_core.server import Core
 from gateway import upstream
+from gateway.config import EdgeConfig
+from tests.conftest import core_config
+
+PING_INTERVAL_S = 1.0
+
+
+@pytest.fixture
+async def pinged_core(tmp_path: Path) -> AsyncIterator[Core]:
+    """A core that accepts pings every half interval, like the production pair (10 s vs 30 s)."""
+    config = msgspec.structs.replace(
+        core_config(tmp_path / "data"), keepalive_min_ping_interval_s=PING_INTERVAL_S / 2
+    )
+    instance = Core(config)
+    await instance.start()
+    try:
+        yield instance
+    finally:
+        await instance.server.stop(grace=0)
+        await instance.close()
+
+
+async def test_an_idle_channel_keeps_its_connection_and_serves_the_next_request(
+    pinged_core: Core,
+) -> None:
+    config = EdgeConfig(
+        core=f"127.0.0.1:{pinged_core.port}",
+        core_keepalive_s=PING_INTERVAL_S,
+        core_keepalive_timeout_s=PING_INTERVAL_S,
+    )
+    async with upstream.open_channel(config) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+        # Idle for five ping intervals: a core without a ping policy answers the third ping
+        # without data with GOAWAY too_many_pings, and the channel drops to IDLE.
+        await asyncio.sleep(5 * PING_INTERVAL_S)
+        assert channel.get_state() == grpc.ChannelConnectivity.READY
+        reply = await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+    assert reply.models
+
+
+def test_channel_options_ping_while_idle_at_the_configured_interval() -> None:
+    options = dict(upstream.channel_options(EdgeConfig(core_keepalive_s=30)))
+    assert options["grpc.keepalive_time_ms"] == 30_000
+    assert options["grpc.keepalive_permit_without_calls"] == 1
+    assert options["grpc.http2.max_pings_without_data"] == 0
 
 
 def test_metadata_carries_the_key_and_the_request_id() -> None:
