@@ -18,6 +18,8 @@ class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_body_bytes: int = 4 * 1024 * 1024
     # Longest a request may take end to end (gRPC deadline), seconds.
     request_timeout_s: Seconds = 600.0
+    # A request's body must arrive within body_timeout_s (else 408).
+    body_timeout_s: Seconds = 60.0
     # gRPC keepalive pings to the core, also while no call is in flight, every core_keepalive_s;
     # the core must accept pings that often (core.keepalive_min_ping_interval_s is lower).
     # A ping unanswered within core_keepalive_timeout_s closes the connection.

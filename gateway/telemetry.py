@@ -1,12 +1,15 @@
 """Telemetry of the edge: Prometheus metrics at /metrics and one JSON log line per request.
 
 Labels are the route template and the status code only: never a model name (clients can send
-anything there), a key or a request id. The Authorization header is never logged. A stream
-that ended with an error event counts as that error's status.
+anything there), a key or a request id. The Authorization header is never logged. The status
+is the one the client got: a stream that ended with an error event counts as that error's
+status, and 499 (nginx's convention) means the client went away before its answer, nothing
+else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -71,6 +74,8 @@ async def observe(
     request[REQUEST_ID] = request_id = request_ids.request_id(request.headers.get("x-request-id"))
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
+    # What escapes the error middleware: the client went away (cancelled, or its connection
+    # broke while we wrote), or a bug in the middlewares themselves (aiohttp answers 500).
     status = 500
     try:
         response = await handler(request)
@@ -81,8 +86,8 @@ async def observe(
     except web.HTTPException as exc:
         status = exc.status  # an answer raised past the error middleware (a redirect)
         raise
-    except BaseException:
-        status = CLIENT_WENT_AWAY  # the client went away (nginx's convention), or a failure
+    except (asyncio.CancelledError, ConnectionError):
+        status = CLIENT_WENT_AWAY
         raise
     finally:
         record(request.method, route, status, time.perf_counter() - started, request_id)

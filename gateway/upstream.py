@@ -1,9 +1,14 @@
 """The edge's side of the gRPC link to the core: the channel (with keepalive pings the core is
 configured to accept), what every call carries (the caller's key, the request id, a deadline),
-and which of the core's response metadata goes back to the client as headers."""
+and which of the core's response metadata goes back to the client as headers.
+
+Only what gRPC metadata can carry is forwarded: an Authorization header that is not printable
+ASCII cannot hold a Corvex key, so it is answered 401 here and never quoted.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -11,9 +16,14 @@ import grpc
 from aiohttp import web
 
 from gateway.config import EdgeConfig
+from gateway.errors import ApiError
 from gateway.state import EDGE, REQUEST_ID
 
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+# gRPC's default limit on all metadata of a call is 8 KiB; a key is ~50 characters.
+MAX_AUTHORIZATION_CHARS: Final = 1024
+# gRPC metadata values (non-binary) are printable ASCII: space to tilde.
+_METADATA_VALUE: Final = re.compile(r"[\x20-\x7e]*")
 # gRPC metadata from the core that is returned to clients as HTTP headers.
 _FORWARDED_PREFIXES: Final = ("x-ratelimit-",)
 
@@ -49,6 +59,13 @@ def metadata(authorization: str | None, request_id: str) -> tuple[tuple[str, str
     """gRPC metadata for the core: the caller's key (checked there) and the request id."""
     if not authorization:
         return (("x-request-id", request_id),)
+    if len(authorization) > MAX_AUTHORIZATION_CHARS or not _METADATA_VALUE.fullmatch(authorization):
+        raise ApiError(
+            401,
+            "The Authorization header does not hold a valid API key: send "
+            "`Authorization: Bearer <your key>`, in printable ASCII.",
+            code="invalid_api_key",
+        )
     return (("x-request-id", request_id), ("authorization", authorization))
 
 

@@ -73,8 +73,16 @@ def test_the_make_run_config_is_valid() -> None:
     assert edge.core == f"{core.host}:{core.port}"
 
 
-def test_edge_keepalive_must_be_positive(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text",
+    [
+        "edge: {body_timeout_s: 0}\n",
+        "edge: {core_keepalive_s: -1}\n",
+    ],
+)
+def test_edge_timeouts_and_bounds_must_be_positive(tmp_path: Path, text: str) -> None:
     path = tmp_path / "edge.yaml"
-    path.write_text("edge: {core_keepalive_s: 0}\n")
-    with pytest.raises(ConfigError, match="core_keepalive_s"):
+    path.write_text(text)
+    field = text.split("{")[1].split(":")[0]
+    with pytest.raises(ConfigError, match=re.escape(field)):
         load_section("edge", EdgeConfig, path=path, environ={})

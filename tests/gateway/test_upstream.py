@@ -1,5 +1,5 @@
-"""The edge's link to the core: keepalive pings both ends agree on, and the metadata every call
-carries."""
+"""The edge's link to the core: keepalive pings both ends agree on, and only metadata that gRPC
+can carry (the caller's key is never forwarded, or quoted, when it cannot be a key)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from corvex.v1 import inference_pb2, inference_pb2_grpc
 from corvex_core.server import Core
 from gateway import upstream
 from gateway.config import EdgeConfig
+from gateway.errors import ApiError
 from tests.conftest import core_config
 
 PING_INTERVAL_S = 1.0
@@ -67,3 +68,21 @@ def test_metadata_carries_the_key_and_the_request_id() -> None:
         ("authorization", "Bearer corvex-abc"),
     )
     assert upstream.metadata(None, "rid-1") == (("x-request-id", "rid-1"),)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        "Bearer é",
+        "Bearer corvex-abc\udce9",  # a trailing \xe9 byte, as aiohttp decodes it
+        "Bearer\tcorvex-abc",
+        "Bearer corvex-abc\x7f",
+        "Bearer " + "a" * 2000,
+    ],
+)
+def test_a_header_grpc_cannot_carry_is_an_invalid_key(authorization: str) -> None:
+    with pytest.raises(ApiError) as refused:
+        upstream.metadata(authorization, "rid-1")
+    assert refused.value.status == 401
+    assert refused.value.body.code == "invalid_api_key"
+    assert "corvex-abc" not in refused.value.body.message
