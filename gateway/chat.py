@@ -3,7 +3,8 @@
 Non-streaming requests get the whole answer from the core in one message (`final_only`) and
 send one `chat.completion`. Streaming requests are framed by `gateway.sse`. The response status
 is chosen only after the core admitted the request, so every refusal is a proper HTTP error,
-never a broken stream.
+never a broken stream. A call is always read to its status: cancelled only when the client went
+away (the core then aborts the request and settles what was produced), never after it finished.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return await _stream(request, call, framer, include_usage)
         return await _answer(call, request_id, parsed.model)
     finally:
-        # A client that went away cancels this handler; the core then aborts the request.
+        # Both paths read the call to its status, so it is only still running here when the
+        # handler was cancelled (the client went away) or failed: the core then aborts.
         if not call.done():
             call.cancel()
 
@@ -134,7 +136,9 @@ async def _stream(
     request: web.Request, call: Any, framer: sse.ChunkFramer, include_usage: bool
 ) -> web.StreamResponse:
     """SSE: the status is chosen once the core has admitted the request (its first chunk or
-    its error is in); then each gRPC chunk becomes its events, written in one go."""
+    its error is in); then each gRPC chunk becomes its events, written in one go. The events
+    that end the stream are written only after the call's status arrived, so a client that
+    hangs up on `[DONE]` cannot cancel a call that already finished."""
     initial = await call.initial_metadata()
     chunk = await call.read()
     response = web.StreamResponse(
@@ -157,6 +161,8 @@ async def _stream(
                 events.append(framer.finish(_FINISH.get(chunk.finish_reason, "stop")))
                 if include_usage:
                     events.append(framer.usage(chunk.usage))
+                if await call.read() is not grpc.aio.EOF:
+                    log.error("chat stream from the core went on after its final chunk")
                 events.append(sse.DONE)
                 await response.write(b"".join(events))
                 break

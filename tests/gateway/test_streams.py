@@ -2,8 +2,9 @@
 OpenAI SDK, with a gRPC Inference servicer in the test that decides when the status comes,
 when the stream fails and sees whether the edge cancelled the call.
 
-The scripted core stands where a real core would be, failing at moments that cannot be caused
-at will in the real one (after the first chunk), so the e2e tests cannot pin them down.
+The scripted core stands where a loaded real core would be: its status can trail the final
+chunk, and it can fail after the first chunk. Those moments cannot be caused at will in the
+real core, so the e2e tests cannot pin them down.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ pytestmark = pytest.mark.e2e
 
 MODEL = "scripted/model"
 CHAT = "/v1/chat/completions"
+FINAL = inference_pb2.ChatChunk(
+    finish_reason=inference_pb2.FINISH_REASON_STOP,
+    usage=inference_pb2.Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2),
+)
 
 
 @dataclass
@@ -87,6 +92,24 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
 
 def client(rig: Rig) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=rig.url + "/v1", api_key="corvex-test", max_retries=0)
+
+
+async def test_a_finished_stream_is_read_to_its_status_and_never_cancelled(rig: Rig) -> None:
+    async def status_trails_the_final_chunk(context: Any) -> AsyncIterator[inference_pb2.ChatChunk]:
+        yield inference_pb2.ChatChunk(text="Hello")
+        yield FINAL
+        await asyncio.sleep(0.3)  # the status follows the final chunk later, as under load
+
+    rig.core.script = status_trails_the_final_chunk
+    async with client(rig) as sdk:
+        stream = await sdk.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    await asyncio.wait_for(rig.core.ended.wait(), 10)
+    assert rig.core.outcomes == ["finished"]
+    assert await asyncio.to_thread(rig.edge_requests, 200) == 1
 
 
 async def test_an_error_after_the_stream_started_ends_it_with_an_error_event(rig: Rig) -> None:
