@@ -1,5 +1,6 @@
 """The edge's aiohttp application: routes, middlewares (telemetry outside, errors inside), the
-gRPC channel's life (opened and closed with the app), plus `serve` to run it as a process."""
+gRPC channel's life (opened and closed with the app), and `serve` to run it as a process with
+its connection policy (`gateway.protocol`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from gateway.config import EdgeConfig
 from gateway.embeddings import embeddings
 from gateway.error_middleware import handle_errors
 from gateway.models import list_models, retrieve_model
+from gateway.protocol import EdgeRunner
 from gateway.state import EDGE, Edge
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def create_app(config: EdgeConfig) -> web.Application:
 
 async def serve(config: EdgeConfig, *, ready_file: str | None = None) -> None:
     """Runs the edge until SIGTERM/SIGINT, then lets in-flight responses finish."""
-    runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
+    runner = EdgeRunner(create_app(config), config)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024)
     await site.start()

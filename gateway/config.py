@@ -18,8 +18,15 @@ class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_body_bytes: int = 4 * 1024 * 1024
     # Longest a request may take end to end (gRPC deadline), seconds.
     request_timeout_s: Seconds = 600.0
-    # A request's body must arrive within body_timeout_s (else 408).
+    # Connections. One that carries no request for idle_timeout_s is closed (also one that
+    # never sends any); it outlasts the 60 s idle timeout of common load balancers, so they
+    # close first. A request's line and headers must arrive within header_timeout_s of its
+    # first byte, its body within body_timeout_s (else 408). Beyond max_connections open
+    # connections, a new one is answered 503 and closed.
+    idle_timeout_s: Seconds = 75.0
+    header_timeout_s: Seconds = 10.0
     body_timeout_s: Seconds = 60.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
     # gRPC keepalive pings to the core, also while no call is in flight, every core_keepalive_s;
     # the core must accept pings that often (core.keepalive_min_ping_interval_s is lower).
     # A ping unanswered within core_keepalive_timeout_s closes the connection.

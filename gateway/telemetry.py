@@ -4,7 +4,8 @@ Labels are the route template and the status code only: never a model name (clie
 anything there), a key or a request id. The Authorization header is never logged. The status
 is the one the client got: a stream that ended with an error event counts as that error's
 status, and 499 (nginx's convention) means the client went away before its answer, nothing
-else.
+else. Requests that never reached a route (aiohttp could not parse them, their head came too
+slowly, or the edge was at its connection bound) are counted under the route "unparsed".
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ ACTIVE_STREAMS: Final = Gauge("corvex_edge_active_streams", "SSE streams being s
 FIRST_TOKEN_AT: Final = web.RequestKey("first_token_at", float)
 STARTED_AT: Final = web.RequestKey("started_at", float)
 _QUIET_ROUTES: Final = frozenset({"/health", "/ready", "/metrics"})
+# What a request that never reached a route (unparsable, too slow, over capacity) counts as.
+UNPARSED_ROUTE: Final = "unparsed"
 CLIENT_WENT_AWAY: Final = 499
 
 

@@ -77,6 +77,8 @@ def test_the_make_run_config_is_valid() -> None:
     "text",
     [
         "edge: {body_timeout_s: 0}\n",
+        "edge: {header_timeout_s: 0}\n",
+        "edge: {max_connections: 0}\n",
         "edge: {core_keepalive_s: -1}\n",
     ],
 )

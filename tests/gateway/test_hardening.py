@@ -15,7 +15,7 @@ from corvex_ops.admin import Client
 from corvex_ops.stack import Stack
 from tests.conftest import MODEL, Account, new_account
 from tests.e2e.test_operability import samples, value
-from tests.gateway.http_wire import exchange, post
+from tests.gateway.http_wire import closed_by_peer, connect, exchange, post, read_answer
 
 pytestmark = pytest.mark.e2e
 
@@ -75,6 +75,52 @@ def test_a_key_header_grpc_cannot_carry_is_a_401_that_quotes_nothing(
     assert answer.status == 401
     assert answer.json()["error"]["code"] == "invalid_api_key"
     assert secret not in answer.body
+
+
+CANARY = b"corvex-CanaryKeyThatMustNeverBeEchoed0000000000000"
+UNPARSABLE = {
+    "control character after the key": post(
+        CHAT, body(), JSON, b"Authorization: Bearer " + CANARY + b"\x01x"
+    ),
+    "bad chunk size": b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: e\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\nzz" + CANARY + b"\r\n",
+    "1,000 headers": b"GET /v1/models HTTP/1.1\r\nHost: e\r\n"
+    + b"".join(b"X-H%d: %s\r\n" % (i, CANARY) for i in range(1000))
+    + b"\r\n",
+    "header over 8,190 bytes": b"GET /v1/models HTTP/1.1\r\nHost: e\r\nX-Long: "
+    + CANARY * 200
+    + b"\r\n\r\n",
+    "URL over 8,190 bytes": b"GET /" + CANARY * 200 + b" HTTP/1.1\r\nHost: e\r\n\r\n",
+    "non-ASCII path": b"GET /v1/mod\xc3\xa9ls/" + CANARY + b" HTTP/1.1\r\nHost: e\r\n\r\n",
+    "unknown method": b"FOO@" + CANARY + b" /v1/models HTTP/1.1\r\nHost: e\r\n\r\n",
+    "Content-Length with chunked": b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: e\r\n"
+    b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\nX-Key: " + CANARY + b"\r\n\r\n0\r\n\r\n",
+    "Content-Encoding br": post(CHAT, CANARY, JSON, b"Content-Encoding: br"),
+}
+
+
+@pytest.mark.parametrize("request_bytes", UNPARSABLE.values(), ids=UNPARSABLE.keys())
+def test_unparsable_requests_get_openai_errors_that_quote_nothing(
+    stack: Stack, request_bytes: bytes
+) -> None:
+    with connect(stack.http_url) as sock:
+        sock.sendall(request_bytes)
+        answer = read_answer(sock, bytearray())
+        assert answer is not None and answer.status == 400
+        error = answer.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
+        assert CANARY not in answer.body
+        # Their framing is lost: the edge closes the connection after answering.
+        assert closed_by_peer(sock)
+
+
+def test_nothing_a_client_sent_reaches_the_edge_log(stack: Stack, account: Account) -> None:
+    for request_bytes in UNPARSABLE.values():
+        exchange(stack.http_url, request_bytes)
+    assert stack.edge is not None
+    log = stack.edge.log_text()
+    assert CANARY.decode() not in log and account.secret not in log
+    assert '"route":"unparsed"' in log
 
 
 def test_pipelined_requests_all_get_answers_around_an_error(stack: Stack) -> None:
