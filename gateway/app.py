@@ -1,6 +1,6 @@
 """The edge's aiohttp application: routes, middlewares (telemetry outside, errors inside), the
 gRPC channel's life (opened and closed with the app), and `serve` to run it as a process with
-its connection policy (`gateway.protocol`)."""
+its connection policy (`gateway.protocol`) and its ops port (`gateway.ops_http`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from corvex import readyfile
 from corvex.v1 import inference_pb2_grpc
-from gateway import telemetry, upstream
+from gateway import ops_http, telemetry, upstream
 from gateway.chat import chat_completions
 from gateway.config import EdgeConfig
 from gateway.embeddings import embeddings
@@ -62,7 +62,6 @@ def create_app(config: EdgeConfig) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", telemetry.metrics)
     return app
 
 
@@ -74,8 +73,13 @@ async def serve(config: EdgeConfig, *, ready_file: str | None = None) -> None:
     await site.start()
     port = runner.addresses[0][1]
     log.info("edge listening on http://%s:%d, core at %s", config.host, port, config.core)
+    ops: web.AppRunner | None = None
+    metrics_port = 0
+    if config.metrics_port >= 0:
+        ops, metrics_port = await ops_http.start(config.metrics_host, config.metrics_port)
+        log.info("edge metrics on http://%s:%d/metrics", config.metrics_host, metrics_port)
     if ready_file:
-        readyfile.write(ready_file, http_port=port)
+        readyfile.write(ready_file, http_port=port, metrics_port=metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -83,3 +87,5 @@ async def serve(config: EdgeConfig, *, ready_file: str | None = None) -> None:
     await stop.wait()
     log.info("edge stopping")
     await runner.cleanup()
+    if ops is not None:
+        await ops.cleanup()

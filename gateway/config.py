@@ -14,6 +14,10 @@ class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
     port: int = 8000
     # gRPC address of the core.
     core: str = "127.0.0.1:50051"
+    # Prometheus /metrics, on its own port like the core's (the API port serves only the API,
+    # /health and /ready). Port 0 picks a free port; -1 turns the endpoint off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9465
     # Largest request body accepted; larger ones get 413.
     max_body_bytes: int = 4 * 1024 * 1024
     # Longest a request may take end to end (gRPC deadline), seconds.

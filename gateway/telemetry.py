@@ -1,4 +1,5 @@
-"""Telemetry of the edge: Prometheus metrics at /metrics and one JSON log line per request.
+"""Telemetry of the edge: Prometheus metrics (served on the ops port, `gateway.ops_http`) and
+one JSON log line per request.
 
 Labels are the route template and the status code only: never a model name (clients can send
 anything there), a key or a request id. The Authorization header is never logged. The status
@@ -18,15 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 from corvex import request_ids
 from gateway.state import REQUEST_ID, STREAM_ERROR_STATUS
@@ -49,7 +42,7 @@ TTFT: Final = Histogram(
 ACTIVE_STREAMS: Final = Gauge("corvex_edge_active_streams", "SSE streams being sent.")
 FIRST_TOKEN_AT: Final = web.RequestKey("first_token_at", float)
 STARTED_AT: Final = web.RequestKey("started_at", float)
-_QUIET_ROUTES: Final = frozenset({"/health", "/ready", "/metrics"})
+_QUIET_ROUTES: Final = frozenset({"/health", "/ready"})
 # What a request that never reached a route (unparsable, too slow, over capacity) counts as.
 UNPARSED_ROUTE: Final = "unparsed"
 CLIENT_WENT_AWAY: Final = 499
@@ -118,9 +111,3 @@ def record(
                 **extra,
             },
         )
-
-
-async def metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )

@@ -88,3 +88,9 @@ def test_edge_timeouts_and_bounds_must_be_positive(tmp_path: Path, text: str) ->
     field = text.split("{")[1].split(":")[0]
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_section("edge", EdgeConfig, path=path, environ={})
+
+
+def test_edge_connection_settings_come_from_the_environment_too() -> None:
+    env = {"CORVEX_EDGE_IDLE_TIMEOUT_S": "5", "CORVEX_EDGE_METRICS_PORT": "-1"}
+    edge = load_section("edge", EdgeConfig, path=None, environ=env)
+    assert (edge.idle_timeout_s, edge.metrics_port) == (5.0, -1)

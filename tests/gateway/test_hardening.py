@@ -6,6 +6,8 @@ where it cannot, raw sockets for bytes no client sends."""
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 
 import httpx2 as httpx
 import openai
@@ -131,7 +133,8 @@ def test_pipelined_requests_all_get_answers_around_an_error(stack: Stack) -> Non
 
 
 def edge_requests(stack: Stack, route: str, status: int) -> float:
-    found = samples(stack.http_url + "/metrics")
+    assert stack.edge_metrics_url is not None
+    found = samples(stack.edge_metrics_url + "/metrics")
     return value(found, "corvex_edge_requests_total", route=route, status=str(status))
 
 
@@ -196,3 +199,14 @@ def test_an_unknown_model_is_worded_the_same_by_every_route(client: openai.OpenA
         )
     assert retrieved.value.body == chatted.value.body
     assert retrieved.value.code == "model_not_found"
+
+
+def test_metrics_are_served_on_the_ops_port_only(stack: Stack) -> None:
+    with pytest.raises(urllib.error.HTTPError) as api_port:
+        urllib.request.urlopen(stack.http_url + "/metrics", timeout=5)
+    api_port.value.close()
+    assert api_port.value.code == 404
+    assert edge_requests(stack, "/health", 200) >= 0
+    assert stack.edge_metrics_url is not None
+    with urllib.request.urlopen(stack.edge_metrics_url + "/metrics", timeout=5) as ops:
+        assert b"corvex_edge_requests_total" in ops.read()

@@ -70,7 +70,7 @@ class Rig:
         return f"http://127.0.0.1:{self.edge.ready['http_port']}"
 
     def edge_requests(self, status: int) -> float:
-        found = samples(self.url + "/metrics")
+        found = samples(f"http://127.0.0.1:{self.edge.ready['metrics_port']}/metrics")
         return value(found, "corvex_edge_requests_total", route=CHAT, status=str(status))
 
 
@@ -81,7 +81,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     inference_pb2_grpc.add_InferenceServicer_to_server(core, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    args = ["edge", "--port", "0", "--core", f"127.0.0.1:{port}"]
+    args = ["edge", "--port", "0", "--core", f"127.0.0.1:{port}", "--metrics-port", "0"]
     edge = await asyncio.to_thread(launch, "edge", args, workdir=tmp_path)
     try:
         yield Rig(core, edge)
