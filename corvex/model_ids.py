@@ -3,20 +3,20 @@
 A model id is at most `MAX_MODEL_ID_CHARS` characters (Hugging Face repository ids, the
 longest ids in use, stay well under it); the edge refuses longer ones with a 400 naming
 `model` before calling the core. `not_served` is the sentence a caller gets for an id the
-catalogue does not have, from either process; it quotes at most `MAX_QUOTED_CHARS` of the id.
+catalogue does not have, from either process.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
+from corvex.quoting import quote
+
 MAX_MODEL_ID_CHARS: Final = 256
-MAX_QUOTED_CHARS: Final = 100
 
 
 def not_served(model: str) -> str:
-    quoted = model if len(model) <= MAX_QUOTED_CHARS else model[: MAX_QUOTED_CHARS - 1] + "…"
     return (
-        f"The model `{quoted}` does not exist or is not served here; "
+        f"The model {quote(model)} does not exist or is not served here; "
         "GET /v1/models lists the models you can use."
     )

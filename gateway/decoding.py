@@ -15,7 +15,8 @@ from typing import Any, Final, TypeVar
 import msgspec
 from aiohttp import web
 
-from gateway.errors import ApiError, BadRequest, quote
+from corvex.quoting import bounded, quote
+from gateway.errors import ApiError, BadRequest
 from gateway.state import EDGE
 
 T = TypeVar("T")
@@ -44,7 +45,7 @@ def check_content_type(value: str | None) -> None:
         return
     if value.split(";", 1)[0].strip().lower() != JSON_MEDIA_TYPE:
         raise BadRequest(
-            f"Unsupported content type '{quote(value)}': this API accepts only "
+            f"Unsupported content type {quote(value)}: this API accepts only "
             f"'{JSON_MEDIA_TYPE}' request bodies; send the header "
             f"`Content-Type: {JSON_MEDIA_TYPE}`.",
             code="unsupported_content_type",
@@ -87,7 +88,7 @@ def parse(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
         text = str(exc)
         match = _PATH_RE.search(text)
         param = match.group("path") if match else None
-        message = quote(_PATH_RE.sub("", text), _MAX_VALIDATION_MESSAGE_CHARS)
+        message = bounded(_PATH_RE.sub("", text), _MAX_VALIDATION_MESSAGE_CHARS)
         raise BadRequest(
             f"Invalid value for `{param}`: {message}" if param else message, param=param or None
         ) from None

@@ -17,8 +17,9 @@ from collections.abc import Awaitable, Callable
 import grpc
 from aiohttp import web
 
+from corvex.quoting import quote
 from gateway import errors, sse
-from gateway.errors import ApiError, quote
+from gateway.errors import ApiError
 from gateway.state import EDGE, OPEN_STREAM, STREAM_ERROR_STATUS
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ An `ApiError` is one HTTP status, one OpenAI body `{"error": {"message", "type",
 "code"}}` (DESIGN.md error table) and the headers that help a client act: Retry-After where
 waiting helps, `x-should-retry: false` where it cannot (the OpenAI SDKs honour both). Handlers
 raise it; `gateway.error_middleware` is the one place that sends it. Nothing internal (no stack
-trace, no core address) and nothing unbounded that a client sent is put into a message.
+trace, no core address) goes into a message, and client text only through `corvex.quoting`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from corvex.quoting import quote
 from corvex.v1 import errors_pb2
 
 log = logging.getLogger(__name__)
-
-# The longest piece of client text (a model id, a path, a header value) quoted in a message.
-MAX_QUOTED_CHARS: Final = 100
 
 
 class ErrorBody(msgspec.Struct):
@@ -40,11 +38,6 @@ class _Envelope(msgspec.Struct):
 
 
 _encoder = msgspec.json.Encoder()
-
-
-def quote(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
-    """Client text fit to quote in a message: at most `limit` characters."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ApiError(Exception):
