@@ -127,6 +127,7 @@ def _edge_parser(sub: Subparsers) -> None:
     )
     edge.add_argument("--core", metavar="HOST:PORT", help="gRPC address of the core")
     edge.add_argument("--max-body-bytes", type=int, help="largest request body (413 beyond)")
+    edge.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0: any, -1: off)")
     _log_flags(edge)
     _ready_flag(edge)
 
@@ -200,6 +201,7 @@ EDGE_FLAGS = {
     "edge_port": ("port",),
     "core": ("core",),
     "max_body_bytes": ("max_body_bytes",),
+    "metrics_port": ("metrics_port",),
     "log_level": ("log_level",),
     "log_format": ("log_format",),
 }

@@ -129,6 +129,10 @@ class CoreConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Prometheus /metrics. Port 0 picks a free port; -1 turns the endpoint off.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
+    # Shortest interval between keepalive pings that a client sending no data may use (the
+    # edge pings every edge.core_keepalive_s, 30 s by default). More frequent pings are strikes;
+    # after two the core closes the connection with GOAWAY `too_many_pings`.
+    keepalive_min_ping_interval_s: float = 10.0
     # The price catalogue; only models on it are served.
     rate_card: str = "infrastructure/metronome/config.yaml"
     # Journal and the generated admin token live here.

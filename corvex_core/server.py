@@ -148,6 +148,13 @@ class Core:
                 ("grpc.max_receive_message_length", config.max_request_bytes),
                 ("grpc.max_send_message_length", _MAX_SEND_BYTES),
                 ("grpc.so_reuseport", 0),
+                # Keepalive as grpc's doc/keepalive.md asks (the edge pings while idle).
+                ("grpc.keepalive_permit_without_calls", 1),
+                (
+                    "grpc.http2.min_ping_interval_without_data_ms",
+                    round(config.keepalive_min_ping_interval_s * 1000),
+                ),
+                ("grpc.http2.max_ping_strikes", 2),
             ],
         )
         try:

@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         edge_host=edge.host,
         edge_port=edge.port,
         metrics_port=core.metrics_port,
+        edge_metrics_port=edge.metrics_port,
         admin_token=core.admin_token or None,
         log_to_file=False,
     ) as stack:

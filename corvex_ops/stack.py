@@ -85,6 +85,11 @@ class Stack:
         port = self.core.ready.get("metrics_port")
         return f"http://127.0.0.1:{port}" if port else None
 
+    @property
+    def edge_metrics_url(self) -> str | None:
+        port = self.edge.ready.get("metrics_port") if self.edge else None
+        return f"http://127.0.0.1:{port}" if port else None
+
     def stop(self, timeout_s: float = 60.0) -> dict[str, int]:
         """Stops the edge first (no new requests), then the core (which drains)."""
         codes = {}
@@ -163,6 +168,7 @@ def running_stack(
     core_port: int = 0,
     edge_port: int | None = 0,
     metrics_port: int | None = 0,
+    edge_metrics_port: int | None = 0,
     host: str = "127.0.0.1",
     edge_host: str = "127.0.0.1",
     admin_token: str | None = "test-admin-token",
@@ -173,7 +179,8 @@ def running_stack(
 
     `config` is written as the YAML config file (e.g. zero engine timings for tests);
     `config_path` names an existing one instead. Ports default to 0 (any free port);
-    `metrics_port=None` leaves the core's metrics port to the configuration.
+    `metrics_port=None` (`edge_metrics_port=None`) leaves the core's (edge's) metrics port to
+    the configuration.
     """
     with tempfile.TemporaryDirectory(prefix="corvex-stack-") as tmp:
         workdir = Path(tmp)
@@ -195,6 +202,7 @@ def running_stack(
                 edge_args = command_line(
                     "edge", **common, host=edge_host, port=edge_port,
                     core=f"{_client_host(host)}:{core.ready['grpc_port']}",
+                    metrics_port=edge_metrics_port,
                 )  # fmt: skip
                 edge = launch("edge", edge_args, workdir=workdir, env=env, log_to_file=log_to_file)
                 stack_processes.append(edge)

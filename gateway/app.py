@@ -1,12 +1,13 @@
-"""The edge's aiohttp application: routes, JSON errors for everything, and the gRPC channel's
-life (opened and closed with the app), plus `serve` to run it as a process."""
+"""The edge's aiohttp application: routes, middlewares (telemetry outside, errors inside), the
+gRPC channel's life (opened and closed with the app), and `serve` to run it as a process with
+its connection policy (`gateway.protocol`) and its ops port (`gateway.ops_http`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 from aiohttp import web
@@ -14,48 +15,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from corvex import readyfile
 from corvex.v1 import inference_pb2_grpc
-from gateway import telemetry
+from gateway import ops_http, telemetry, upstream
 from gateway.chat import chat_completions
 from gateway.config import EdgeConfig
 from gateway.embeddings import embeddings
-from gateway.errors import error_response
+from gateway.error_middleware import handle_errors
 from gateway.models import list_models, retrieve_model
+from gateway.protocol import EdgeRunner
 from gateway.state import EDGE, Edge
 
 log = logging.getLogger(__name__)
-
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
-
-
-@web.middleware
-async def json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error the router or aiohttp raises (404, 405, 413, ...) becomes an OpenAI body."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        if exc.status == 404:
-            message = f"Unknown route {request.method} {request.path}."
-        elif exc.status == 405:
-            message = f"Method {request.method} is not allowed on {request.path}."
-        elif exc.status == 413:
-            message = (
-                f"The request body is larger than this server accepts "
-                f"({request.app[EDGE].config.max_body_bytes} bytes)."
-            )
-        else:
-            message = exc.reason
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(exc.status, message, headers=headers)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -77,11 +46,11 @@ async def ready(request: web.Request) -> web.Response:
 
 def create_app(config: EdgeConfig) -> web.Application:
     app = web.Application(
-        client_max_size=config.max_body_bytes, middlewares=[telemetry.observe, json_errors]
+        client_max_size=config.max_body_bytes, middlewares=[telemetry.observe, handle_errors]
     )
 
     async def channel_ctx(app: web.Application) -> AsyncIterator[None]:
-        channel = grpc.aio.insecure_channel(config.core, options=_CHANNEL_OPTIONS)
+        channel = upstream.open_channel(config)
         app[EDGE] = Edge(config, channel, inference_pb2_grpc.InferenceStub(channel))
         yield
         await channel.close()
@@ -93,20 +62,24 @@ def create_app(config: EdgeConfig) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", telemetry.metrics)
     return app
 
 
 async def serve(config: EdgeConfig, *, ready_file: str | None = None) -> None:
     """Runs the edge until SIGTERM/SIGINT, then lets in-flight responses finish."""
-    runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
+    runner = EdgeRunner(create_app(config), config)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024)
     await site.start()
     port = runner.addresses[0][1]
     log.info("edge listening on http://%s:%d, core at %s", config.host, port, config.core)
+    ops: web.AppRunner | None = None
+    metrics_port = 0
+    if config.metrics_port >= 0:
+        ops, metrics_port = await ops_http.start(config.metrics_host, config.metrics_port)
+        log.info("edge metrics on http://%s:%d/metrics", config.metrics_host, metrics_port)
     if ready_file:
-        readyfile.write(ready_file, http_port=port)
+        readyfile.write(ready_file, http_port=port, metrics_port=metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -114,3 +87,5 @@ async def serve(config: EdgeConfig, *, ready_file: str | None = None) -> None:
     await stop.wait()
     log.info("edge stopping")
     await runner.cleanup()
+    if ops is not None:
+        await ops.cleanup()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -12,9 +14,27 @@ class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
     port: int = 8000
     # gRPC address of the core.
     core: str = "127.0.0.1:50051"
+    # Prometheus /metrics, on its own port like the core's (the API port serves only the API,
+    # /health and /ready). Port 0 picks a free port; -1 turns the endpoint off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9465
     # Largest request body accepted; larger ones get 413.
     max_body_bytes: int = 4 * 1024 * 1024
     # Longest a request may take end to end (gRPC deadline), seconds.
-    request_timeout_s: float = 600.0
+    request_timeout_s: Seconds = 600.0
+    # Connections. One that carries no request for idle_timeout_s is closed (also one that
+    # never sends any); it outlasts the 60 s idle timeout of common load balancers, so they
+    # close first. A request's line and headers must arrive within header_timeout_s of its
+    # first byte, its body within body_timeout_s (else 408). Beyond max_connections open
+    # connections, a new one is answered 503 and closed.
+    idle_timeout_s: Seconds = 75.0
+    header_timeout_s: Seconds = 10.0
+    body_timeout_s: Seconds = 60.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    # gRPC keepalive pings to the core, also while no call is in flight, every core_keepalive_s;
+    # the core must accept pings that often (core.keepalive_min_ping_interval_s is lower).
+    # A ping unanswered within core_keepalive_timeout_s closes the connection.
+    core_keepalive_s: Seconds = 30.0
+    core_keepalive_timeout_s: Seconds = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = "auto"

@@ -4,35 +4,29 @@ from __future__ import annotations
 
 import base64
 import struct
-from typing import Any
+from typing import Any, Final
 
-import grpc
 import msgspec
 from aiohttp import web
 
 from corvex.v1 import inference_pb2
-from gateway import rest
-from gateway.chat import usage_json
-from gateway.errors import map_rpc_error
+from gateway import decoding, upstream
+from gateway.errors import BadRequest
 from gateway.openai_types import EmbeddingRequest, embedding_decoder
 from gateway.state import EDGE, REQUEST_ID
+from gateway.usage import usage_json
 
+# The wire's bound for `dimensions` and token ids (uint32); the core owns the real bounds.
+_UINT32_END: Final = 2**32
 _encoder = msgspec.json.Encoder()
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    try:
-        parsed = await rest.decode(request, embedding_decoder)
-        rpc_request = to_rpc(parsed)
-    except rest.BadRequest as exc:
-        return exc.response()
-    request_id = request[REQUEST_ID]
-    call = request.app[EDGE].inference.Embed(rpc_request, **rest.call_options(request))
-    try:
-        result = await call
-        trailing = await call.trailing_metadata()
-    except grpc.aio.AioRpcError as exc:
-        return map_rpc_error(exc).response()
+    parsed = await decoding.decode(request, embedding_decoder)
+    rpc_request = to_rpc(parsed)
+    call = request.app[EDGE].inference.Embed(rpc_request, **upstream.call_options(request))
+    result = await call
+    trailing = await call.trailing_metadata()
     encode = _base64 if parsed.encoding_format == "base64" else list
     data: list[dict[str, Any]] = [
         {"object": "embedding", "index": i, "embedding": encode(e.values)}
@@ -53,11 +47,12 @@ async def embeddings(request: web.Request) -> web.Response:
     return web.Response(
         body=_encoder.encode(response),
         content_type="application/json",
-        headers=rest.response_headers(trailing, request_id),
+        headers=upstream.response_headers(trailing, request[REQUEST_ID]),
     )
 
 
 def to_rpc(parsed: EmbeddingRequest) -> inference_pb2.EmbedRequest:
+    """Checks what the wire types cannot express and builds the gRPC request."""
     items = parsed.input
     inputs: list[inference_pb2.EmbedInput] = []
     if isinstance(items, str):
@@ -71,23 +66,23 @@ def to_rpc(parsed: EmbeddingRequest) -> inference_pb2.EmbedRequest:
             elif isinstance(item, list):
                 inputs.append(_tokens(item))
             else:
-                raise rest.BadRequest(
+                raise BadRequest(
                     "input must be a string, a list of strings, a list of token ids, or a "
                     "list of token-id lists.",
                     param="input",
                 )
     if not inputs:
-        raise rest.BadRequest("input must not be empty.", param="input")
-    if parsed.dimensions is not None and not 1 <= parsed.dimensions <= 65536:
-        raise rest.BadRequest("dimensions must be a positive integer.", param="dimensions")
+        raise BadRequest("input must not be empty.", param="input")
+    if parsed.dimensions is not None and not 0 <= parsed.dimensions < _UINT32_END:
+        raise BadRequest("dimensions must be a positive integer.", param="dimensions")
     return inference_pb2.EmbedRequest(
         model=parsed.model, inputs=inputs, dimensions=parsed.dimensions, user=parsed.user or ""
     )
 
 
 def _tokens(ids: list[Any]) -> inference_pb2.EmbedInput:
-    if not all(isinstance(i, int) and 0 <= i < 2**32 for i in ids):
-        raise rest.BadRequest("token ids must be non-negative integers.", param="input")
+    if not all(isinstance(i, int) and 0 <= i < _UINT32_END for i in ids):
+        raise BadRequest("token ids must be non-negative integers.", param="input")
     return inference_pb2.EmbedInput(tokens=inference_pb2.TokenIds(ids=ids))
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
 import msgspec
 from aiohttp import web
 
-from corvex.v1 import inference_pb2
-from gateway.errors import error_response, map_rpc_error
+from corvex import model_ids
+from corvex.v1 import errors_pb2, inference_pb2
+from gateway.errors import BY_REASON, ApiError
 from gateway.state import EDGE
 
 _encoder = msgspec.json.Encoder()
@@ -48,10 +48,7 @@ async def _catalogue(request: web.Request) -> inference_pb2.ListModelsResponse:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    try:
-        catalogue = await _catalogue(request)
-    except grpc.aio.AioRpcError as exc:
-        return map_rpc_error(exc).response()
+    catalogue = await _catalogue(request)
     body = {
         "object": "list",
         "data": [model_json(m, catalogue.rate_card_version) for m in catalogue.models],
@@ -62,17 +59,11 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def retrieve_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model"]
-    try:
-        catalogue = await _catalogue(request)
-    except grpc.aio.AioRpcError as exc:
-        return map_rpc_error(exc).response()
+    catalogue = await _catalogue(request)
     for model in catalogue.models:
         if model.id == model_id:
             body = model_json(model, catalogue.rate_card_version)
             return web.Response(body=_encoder.encode(body), content_type="application/json")
-    return error_response(
-        404,
-        f"The model `{model_id}` does not exist or is not served here.",
-        param="model",
-        code="model_not_found",
-    )
+    # The core's own refusal of an unknown model, in the words and row it uses for it.
+    status, kind, code = BY_REASON[errors_pb2.MODEL_NOT_FOUND]
+    raise ApiError(status, model_ids.not_served(model_id), param="model", code=code, kind=kind)

@@ -1,11 +1,17 @@
-"""Telemetry of the edge: Prometheus metrics at /metrics and one JSON log line per request.
+"""Telemetry of the edge: Prometheus metrics (served on the ops port, `gateway.ops_http`) and
+one JSON log line per request.
 
 Labels are the route template and the status code only: never a model name (clients can send
-anything there), a key or a request id. The Authorization header is never logged.
+anything there), a key or a request id. The Authorization header is never logged. The status
+is the one the client got: a stream that ended with an error event counts as that error's
+status, and 499 (nginx's convention) means the client went away before its answer, nothing
+else. Requests that never reached a route (aiohttp could not parse them, their head came too
+slowly, or the edge was at its connection bound) are counted under the route "unparsed".
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -13,18 +19,10 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
-from gateway import rest
-from gateway.state import REQUEST_ID
+from corvex import request_ids
+from gateway.state import REQUEST_ID, STREAM_ERROR_STATUS
 
 log = logging.getLogger("corvex.edge.requests")
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -44,7 +42,10 @@ TTFT: Final = Histogram(
 ACTIVE_STREAMS: Final = Gauge("corvex_edge_active_streams", "SSE streams being sent.")
 FIRST_TOKEN_AT: Final = web.RequestKey("first_token_at", float)
 STARTED_AT: Final = web.RequestKey("started_at", float)
-_QUIET_ROUTES: Final = frozenset({"/health", "/ready", "/metrics"})
+_QUIET_ROUTES: Final = frozenset({"/health", "/ready"})
+# What a request that never reached a route (unparsable, too slow, over capacity) counts as.
+UNPARSED_ROUTE: Final = "unparsed"
+CLIENT_WENT_AWAY: Final = 499
 
 
 @functools.cache
@@ -66,44 +67,47 @@ async def observe(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     request[STARTED_AT] = started = time.perf_counter()
-    request[REQUEST_ID] = request_id = rest.request_id(request)
+    request[REQUEST_ID] = request_id = request_ids.request_id(request.headers.get("x-request-id"))
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
+    # What escapes the error middleware: the client went away (cancelled, or its connection
+    # broke while we wrote), or a bug in the middlewares themselves (aiohttp answers 500).
     status = 500
     try:
         response = await handler(request)
-        status = response.status
+        status = request.get(STREAM_ERROR_STATUS, response.status)
         if not response.prepared:
             response.headers.setdefault("x-request-id", request_id)
         return response
     except web.HTTPException as exc:
-        status = exc.status
+        status = exc.status  # an answer raised past the error middleware (a redirect)
         raise
-    except BaseException:
-        status = 499  # the client went away (nginx's convention), or the handler failed
+    except (asyncio.CancelledError, ConnectionError):
+        status = CLIENT_WENT_AWAY
         raise
     finally:
-        elapsed = time.perf_counter() - started
-        requests, duration = _route_metrics(route, status)
-        requests.inc()
-        duration.observe(elapsed)
-        if route not in _QUIET_ROUTES and log.isEnabledFor(logging.INFO):
-            log.info(
-                "%s %s %d",
-                request.method,
-                route,
-                status,
-                extra={
-                    "request_id": request_id,
-                    "method": request.method,
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 3),
-                },
-            )
+        record(request.method, route, status, time.perf_counter() - started, request_id)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+def record(
+    method: str, route: str, status: int, elapsed_s: float, request_id: str, **extra: str
+) -> None:
+    """Counts one answered (or abandoned) request and writes its log line."""
+    requests, duration = _route_metrics(route, status)
+    requests.inc()
+    duration.observe(elapsed_s)
+    if route not in _QUIET_ROUTES and log.isEnabledFor(logging.INFO):
+        log.info(
+            "%s %s %d",
+            method,
+            route,
+            status,
+            extra={
+                "request_id": request_id,
+                "method": method,
+                "route": route,
+                "status": status,
+                "duration_ms": round(elapsed_s * 1000, 3),
+                **extra,
+            },
+        )

@@ -71,3 +71,26 @@ def test_the_make_run_config_is_valid() -> None:
     core = load_section("core", CoreConfig, path="corvex.yaml", environ={})
     edge = load_section("edge", EdgeConfig, path="corvex.yaml", environ={})
     assert edge.core == f"{core.host}:{core.port}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "edge: {body_timeout_s: 0}\n",
+        "edge: {header_timeout_s: 0}\n",
+        "edge: {max_connections: 0}\n",
+        "edge: {core_keepalive_s: -1}\n",
+    ],
+)
+def test_edge_timeouts_and_bounds_must_be_positive(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "edge.yaml"
+    path.write_text(text)
+    field = text.split("{")[1].split(":")[0]
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        load_section("edge", EdgeConfig, path=path, environ={})
+
+
+def test_edge_connection_settings_come_from_the_environment_too() -> None:
+    env = {"CORVEX_EDGE_IDLE_TIMEOUT_S": "5", "CORVEX_EDGE_METRICS_PORT": "-1"}
+    edge = load_section("edge", EdgeConfig, path=None, environ=env)
+    assert (edge.idle_timeout_s, edge.metrics_port) == (5.0, -1)

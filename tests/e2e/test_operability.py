@@ -81,7 +81,8 @@ def test_metrics_logs_and_request_ids(tmp_path: Path) -> None:
             ):
                 c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
         after = samples(stack.metrics_url + "/metrics")
-        edge = samples(stack.http_url + "/metrics")
+        assert stack.edge_metrics_url is not None
+        edge = samples(stack.edge_metrics_url + "/metrics")
         core_log = stack.core.log_text()
         assert stack.edge is not None
         edge_log = stack.edge.log_text()

@@ -1,0 +1,77 @@
+"""The edge's side of the gRPC link to the core: the channel (with keepalive pings the core is
+configured to accept), what every call carries (the caller's key, the request id, a deadline),
+and which of the core's response metadata goes back to the client as headers.
+
+Only what gRPC metadata can carry is forwarded: an Authorization header that is not printable
+ASCII cannot hold a Corvex key, so it is answered 401 here and never quoted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, Final
+
+import grpc
+from aiohttp import web
+
+from gateway.config import EdgeConfig
+from gateway.errors import ApiError
+from gateway.state import EDGE, REQUEST_ID
+
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+# gRPC's default limit on all metadata of a call is 8 KiB; a key is ~50 characters.
+MAX_AUTHORIZATION_CHARS: Final = 1024
+# gRPC metadata values (non-binary) are printable ASCII: space to tilde.
+_METADATA_VALUE: Final = re.compile(r"[\x20-\x7e]*")
+# gRPC metadata from the core that is returned to clients as HTTP headers.
+_FORWARDED_PREFIXES: Final = ("x-ratelimit-",)
+
+
+def channel_options(config: EdgeConfig) -> list[tuple[str, int]]:
+    """Keepalive as grpc's doc/keepalive.md asks: pings every `core_keepalive_s` even without
+    calls (so a dead core is noticed before a request needs it), with no cap on pings without
+    data. The core accepts them because its `keepalive_min_ping_interval_s` is lower; a client
+    that pinged more often than the server allows would get GOAWAY `too_many_pings`."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", round(config.core_keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(config.core_keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def open_channel(config: EdgeConfig) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(config.core, options=channel_options(config))
+
+
+def call_options(request: web.Request) -> dict[str, Any]:
+    """What every call to the core carries: the caller's key and request id, and a deadline."""
+    return {
+        "metadata": metadata(request.headers.get("Authorization"), request[REQUEST_ID]),
+        "timeout": request.app[EDGE].config.request_timeout_s,
+    }
+
+
+def metadata(authorization: str | None, request_id: str) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata for the core: the caller's key (checked there) and the request id."""
+    if not authorization:
+        return (("x-request-id", request_id),)
+    if len(authorization) > MAX_AUTHORIZATION_CHARS or not _METADATA_VALUE.fullmatch(authorization):
+        raise ApiError(
+            401,
+            "The Authorization header does not hold a valid API key: send "
+            "`Authorization: Bearer <your key>`, in printable ASCII.",
+            code="invalid_api_key",
+        )
+    return (("x-request-id", request_id), ("authorization", authorization))
+
+
+def response_headers(initial: Iterable[tuple[str, Any]] | None, request_id: str) -> dict[str, str]:
+    headers = {"x-request-id": request_id}
+    for key, value in initial or ():
+        if key.startswith(_FORWARDED_PREFIXES) and isinstance(value, str):
+            headers[key] = value
+    return headers
