@@ -267,7 +267,7 @@ def _rpc_request(body: _ChatBody) -> Any:
         model=body.model,
         messages=[inference_pb2.ChatMessage(role=m.role, content=m.content) for m in body.messages],
         max_tokens=body.max_tokens or 16,
-        ignore_eos=body.ignore_eos,
+        sampling=inference_pb2.Sampling(ignore_eos=body.ignore_eos),
     )
 
 

@@ -66,7 +66,7 @@ async def _stream(stub: Any, key: str, gaps: list[float], stop: asyncio.Event) -
             model=DEFAULT_MODEL,
             messages=[inference_pb2.ChatMessage(role="user", content="a stream")],
             max_tokens=400,
-            ignore_eos=True,
+            sampling=inference_pb2.Sampling(ignore_eos=True),
         )
         last = time.perf_counter()
         async for _ in stub.Chat(request, metadata=metadata):

@@ -193,7 +193,7 @@ def grpc_body(spec: RequestSpec) -> bytes:
         model=spec.model,
         messages=[inference_pb2.ChatMessage(role="user", content=spec.prompt)],
         max_tokens=spec.max_tokens,
-        ignore_eos=spec.ignore_eos,
+        sampling=inference_pb2.Sampling(ignore_eos=spec.ignore_eos),
     )
     return request.SerializeToString()
 

@@ -9,25 +9,9 @@ reported as INTERNAL without details.
 from __future__ import annotations
 
 import enum
-from typing import Final
 
-# What an error quotes of a caller's text (a model id, a role, a key name): enough to recognise
-# it, never enough to grow an error past what gRPC metadata carries.
-MAX_QUOTE_CHARS: Final = 80
-
-
-def bounded(text: str, max_chars: int) -> str:
-    """`text` cut to `max_chars` characters, marked with an ellipsis if it was cut."""
-    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
-
-
-def quote(text: str) -> str:
-    """Caller-supplied text as an error message quotes it: bounded, in backticks, with
-    unprintable characters escaped."""
-    shown = bounded(text, MAX_QUOTE_CHARS)
-    if not shown.isprintable():
-        shown = shown.encode("unicode_escape").decode("ascii")
-    return f"`{shown}`"
+from corvex.model_ids import not_served
+from corvex.quoting import MAX_QUOTE_CHARS, bounded
 
 
 class Reason(enum.Enum):
@@ -72,11 +56,7 @@ class ModelNotFound(CorvexError):
     reason = Reason.MODEL_NOT_FOUND
 
     def __init__(self, model: str) -> None:
-        super().__init__(
-            f"The model {quote(model)} does not exist or is not served here; "
-            "GET /v1/models lists the models you can use.",
-            metadata={"model": bounded(model, MAX_QUOTE_CHARS)},
-        )
+        super().__init__(not_served(model), metadata={"model": bounded(model, MAX_QUOTE_CHARS)})
 
 
 class InvalidRequest(CorvexError):

@@ -22,18 +22,26 @@ from corvex_core.state import ApiKey
 
 
 class Ticket:
-    """An admitted request: its hold (price, prompt and completion bound), what it took from
-    the key's limits, and where those limits stood after it was admitted."""
+    """An admitted request: its hold (price, prompt, and the completion bound of all its
+    choices), what it took from the key's limits, and where those limits stood after it was
+    admitted."""
 
-    __slots__ = ("hold", "key", "limit_state", "limits")
+    __slots__ = ("choices", "hold", "key", "limit_state", "limits")
 
     def __init__(
-        self, key: ApiKey, hold: Hold, limits: LimitTicket, limit_state: LimitState
+        self,
+        key: ApiKey,
+        hold: Hold,
+        limits: LimitTicket,
+        limit_state: LimitState,
+        choices: int = 1,
     ) -> None:
+        assert choices >= 1 and hold.max_completion_tokens % choices == 0
         self.key = key
         self.hold = hold
         self.limits = limits
         self.limit_state = limit_state
+        self.choices = choices
 
     @property
     def rate(self) -> ModelRate:
@@ -45,8 +53,8 @@ class Ticket:
 
     @property
     def max_tokens(self) -> int:
-        """The completion tokens the request may produce."""
-        return self.hold.max_completion_tokens
+        """The completion tokens each choice may produce."""
+        return self.hold.max_completion_tokens // self.choices
 
 
 class Metering(Protocol):
@@ -63,6 +71,7 @@ class Metering(Protocol):
         *,
         prompt_tokens: int,
         max_tokens: int | None,
+        choices: int = 1,
         context_checked: bool = True,
     ) -> Ticket: ...
 
@@ -96,11 +105,12 @@ def context_bound(rate: ModelRate, prompt_tokens: int, max_tokens: int | None) -
 def billable(
     ticket: Ticket, prompt_tokens: int, completion_tokens: int, *, finished: bool
 ) -> tuple[int, int]:
-    """What a request is charged for: its prompt once it finished or produced a token (one
-    that ended before producing anything, refused or aborted in a queue, costs nothing), and
-    the tokens it produced. Counts beyond the hold are an engine's bug; they are cut to the
-    hold, so a customer never pays more than the hold they were admitted with."""
-    completion = min(completion_tokens, ticket.max_tokens)
+    """What a request is charged for: its prompt (once, whatever n) once it finished or
+    produced a token (one that ended before producing anything, refused or aborted in a queue,
+    costs nothing), and the tokens all its choices produced. Counts beyond the hold are an
+    engine's bug; they are cut to the hold, so a customer never pays more than the hold they
+    were admitted with."""
+    completion = min(completion_tokens, ticket.hold.max_completion_tokens)
     if not finished and completion == 0:
         return 0, 0
     return min(prompt_tokens, ticket.prompt_tokens), completion
@@ -134,29 +144,40 @@ class Meter:
         *,
         prompt_tokens: int,
         max_tokens: int | None,
+        choices: int = 1,
         context_checked: bool = True,
     ) -> Ticket:
         """Admits a request or raises the error of the first limit it breaks.
 
-        `max_tokens` None means "as many as allowed": the bound becomes the smallest of the
-        context, the token limits and the affordable tokens, and the engine stops there with
-        finish_reason "length". `context_checked` False skips the context (embeddings, whose
-        inputs are each bounded by the engine).
+        `max_tokens` is per choice; the request holds its prompt once and `choices` times the
+        bound. None means "as many as allowed": the bound becomes the smallest of the context,
+        the token limits and the affordable tokens (shared by the choices), and the engine
+        stops there with finish_reason "length". `context_checked` False skips the context
+        (embeddings, whose inputs are each bounded by the engine).
         """
         explicit = max_tokens is not None
         want = context_bound(rate, prompt_tokens, max_tokens) if context_checked else max_tokens
         now = self.limiter.now_ns()
-        bound = self.limiter.completion_bound(
-            key, prompt_tokens, want or 0, explicit=explicit, now_ns=now
+        total = self.limiter.completion_bound(
+            key, prompt_tokens, (want or 0) * choices, explicit=explicit, now_ns=now
         )
         if not explicit:
             ws = self.ledger.workspace(key.workspace_id)
             affordable = self.ledger.affordable_completion_tokens(ws, rate, prompt_tokens)
-            bound = min(bound, max(affordable, 1))  # 1 so that an unaffordable request fails
+            total = min(total, max(affordable, choices))  # so that an unaffordable one fails
+        # A whole number of tokens for every choice (at least one each, when some are wanted).
+        bound = max(total // choices, 1 if want else 0)
+        if bound * choices > total:
+            # Fewer tokens fit than there are choices: the limits must refuse it by name.
+            self.limiter.completion_bound(
+                key, prompt_tokens, bound * choices, explicit=True, now_ns=now
+            )
         # The hold is the one affordability check; after it nothing may raise a user error.
-        hold = self.ledger.reserve(hold_id, key, rate, rate_card_version, prompt_tokens, bound)
-        limit_ticket = self.limiter.admit(key, prompt_tokens + bound, now_ns=now)
-        return Ticket(key, hold, limit_ticket, self.limiter.state(key, now_ns=now))
+        hold = self.ledger.reserve(
+            hold_id, key, rate, rate_card_version, prompt_tokens, bound * choices
+        )
+        limit_ticket = self.limiter.admit(key, prompt_tokens + bound * choices, now_ns=now)
+        return Ticket(key, hold, limit_ticket, self.limiter.state(key, now_ns=now), choices)
 
     def count_call(self, key: ApiKey) -> None:
         """A call that is not metered (Tokenize) still counts against requests per minute."""
@@ -223,6 +244,7 @@ class UnmeteredMeter:
         *,
         prompt_tokens: int,
         max_tokens: int | None,
+        choices: int = 1,
         context_checked: bool = True,
     ) -> Ticket:
         bound = (
@@ -235,10 +257,10 @@ class UnmeteredMeter:
             rate=rate,
             rate_card_version=rate_card_version,
             prompt_tokens=prompt_tokens,
-            max_completion_tokens=bound,
-            amount_nano=rate.cost_nano(prompt_tokens, bound),
+            max_completion_tokens=bound * choices,
+            amount_nano=rate.cost_nano(prompt_tokens, bound * choices),
         )
-        return Ticket(key, hold, LimitTicket(key.id, 0, 0, 0), self._NO_LIMITS)
+        return Ticket(key, hold, LimitTicket(key.id, 0, 0, 0), self._NO_LIMITS, choices)
 
     def settle(
         self,

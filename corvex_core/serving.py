@@ -18,9 +18,11 @@ from typing import Final
 
 import msgspec
 
+from corvex.quoting import quote
 from corvex_core import errors
 from corvex_core.catalogue import Catalogue, Served
 from corvex_core.engines.base import (
+    ChatContext,
     ChatMessage,
     Delta,
     Embeddings,
@@ -30,7 +32,9 @@ from corvex_core.engines.base import (
     EngineUnavailableError,
     FinishReason,
     Prompt,
+    Sampling,
     SamplingOptions,
+    ToolCallDelta,
 )
 from corvex_core.journal import JournalError
 from corvex_core.lifecycle import Lifecycle
@@ -51,23 +55,36 @@ Durable = Callable[[], Awaitable[None]]
 
 
 class ChatParams(msgspec.Struct, frozen=True):
-    """A validated chat request. `max_tokens` None: as many as the request may afford."""
+    """A validated chat request. `max_tokens` (per choice) None: as many as it may afford."""
 
     model: str
     messages: list[ChatMessage]
     max_tokens: int | None
-    sampling: SamplingOptions
-    # The caller wants the whole answer at once: no delta before the final one.
+    sampling: Sampling
+    context: ChatContext = ChatContext()
+    # The caller wants each choice whole: no delta before its final one.
+    whole: bool = False
+
+
+class CompletionParams(msgspec.Struct, frozen=True):
+    """A validated completions request: a plain prompt (text or token ids), no template."""
+
+    model: str
+    prompt: str | tuple[int, ...]
+    max_tokens: int | None
+    sampling: Sampling
     whole: bool = False
 
 
 class Finished(msgspec.Struct, frozen=True):
-    """The end of a generation: its last delta (with `whole`, all the text) and its charge
-    (None when nothing was billable). Produced only once the charge is durable."""
+    """The end of a generation, produced only once its charge is durable: the request's last
+    delta (with `whole`, one delta per choice holding all of it), its charge (None when
+    nothing was billable) and how many of its tokens were reasoning."""
 
-    delta: Delta
+    deltas: list[Delta]
     charge: Charged | None
     rate_card_version: str
+    reasoning_tokens: int
 
 
 class EmbedResult(msgspec.Struct, frozen=True):
@@ -98,11 +115,36 @@ class Service:
         call.model = served.rate.id  # only catalogue ids become metric labels
         return served
 
-    async def admit_chat(self, key: ApiKey, params: ChatParams, call: CallRecord) -> ChatRun:
+    async def admit_chat(self, key: ApiKey, params: ChatParams, call: CallRecord) -> Generation:
         """Renders, counts and admits a chat request; raises the error that refuses it."""
         served = self.lookup(params.model, call)
         with engine_errors():
-            prompt = await served.engine.render_chat(params.messages)
+            prompt = await served.engine.render_chat(params.messages, params.context)
+        return self._admit(
+            key, served, prompt, params.max_tokens, params.sampling, params.whole, call
+        )
+
+    async def admit_completion(
+        self, key: ApiKey, params: CompletionParams, call: CallRecord
+    ) -> Generation:
+        """Tokenizes and admits a completions request; raises the error that refuses it."""
+        served = self.lookup(params.model, call)
+        with engine_errors():
+            prompt = await served.engine.render_completion(params.prompt)
+        return self._admit(
+            key, served, prompt, params.max_tokens, params.sampling, params.whole, call
+        )
+
+    def _admit(
+        self,
+        key: ApiKey,
+        served: Served,
+        prompt: Prompt,
+        max_tokens: int | None,
+        sampling: Sampling,
+        whole: bool,
+        call: CallRecord,
+    ) -> Generation:
         hold_id = "hold_" + secrets.token_hex(12)
         ticket = self._meter.admit(
             key,
@@ -110,10 +152,11 @@ class Service:
             served.rate_card_version,
             hold_id,
             prompt_tokens=prompt.num_tokens,
-            max_tokens=params.max_tokens,
+            max_tokens=max_tokens,
+            choices=sampling.n,
         )
-        options = msgspec.structs.replace(params.sampling, max_tokens=ticket.max_tokens)
-        return ChatRun(self, served, ticket, hold_id, prompt, options, params.whole, call)
+        options = sampling.bounded(ticket.max_tokens)
+        return Generation(self, served, ticket, hold_id, prompt, options, whole, call)
 
     async def embed(
         self,
@@ -127,7 +170,7 @@ class Service:
         engine = served.engine
         if not engine.supports_embeddings:
             raise errors.InvalidRequest(
-                f"The model {errors.quote(model)} does not produce embeddings.", param="model"
+                f"The model {quote(model)} does not produce embeddings.", param="model"
             )
         with engine_errors():
             counts = await _count_inputs(engine, inputs)
@@ -198,10 +241,10 @@ class Service:
             ) from exc
 
 
-class ChatRun:
-    """An admitted chat request. `events()` runs it: the deltas as the engine produces them
-    (none with `whole`), then one `Finished`, once its charge is durable. Iterate it to the
-    end or close it; either way the request is settled exactly once."""
+class Generation:
+    """An admitted chat or completions request. `events()` runs it: the deltas of its choices
+    as the engine produces them (none with `whole`), then one `Finished`, once its charge is
+    durable. Iterate it to the end or close it; either way it is settled exactly once."""
 
     def __init__(
         self,
@@ -218,7 +261,7 @@ class ChatRun:
         self._served = served
         self._ticket = ticket
         self._hold_id = hold_id
-        self._prompt = prompt
+        self.prompt = prompt
         self._options = options
         self._whole = whole
         self._call = call
@@ -231,30 +274,32 @@ class ChatRun:
     async def events(self) -> AsyncIterator[Delta | Finished]:
         service, served = self._service, self._served
         with service._lifecycle.stream(served.engine, self._hold_id):
-            produced, last, texts = 0, None, []
+            produced = reasoning = 0
+            last: Delta | None = None
+            held: dict[int, list[Delta]] = {}  # with `whole`: each choice's deltas
             try:
                 with engine_errors():
-                    stream = served.engine.generate(self._hold_id, self._prompt, self._options)
+                    stream = served.engine.generate(self._hold_id, self.prompt, self._options)
                     async with contextlib.aclosing(stream):
                         async for delta in stream:
                             if not produced and delta.num_tokens:
                                 self._call.first_token_at = time.perf_counter()
                             produced += delta.num_tokens
-                            if delta.finish_reason is not None:
+                            reasoning += delta.reasoning_tokens
+                            if self._whole:
+                                held.setdefault(delta.index, []).append(delta)
+                            if delta.is_last:
                                 last = delta
                                 break
-                            if self._whole:
-                                texts.append(delta.text)
-                            else:
+                            if not self._whole:
                                 yield delta
             finally:
                 # Reached however the stream ends, cancellation included.
                 charge = self._settle(produced, last)
             await service._make_durable()
         assert last is not None
-        if self._whole:
-            last = Delta("".join([*texts, last.text]), produced, last.finish_reason)
-        yield Finished(last, charge, served.rate_card_version)
+        deltas = [fold(held[i]) for i in sorted(held)] if self._whole else [last]
+        yield Finished(deltas, charge, served.rate_card_version, reasoning)
 
     def _settle(self, produced: int, last: Delta | None) -> Charged | None:
         """The engine's own prompt count is billed when it reports one (it tokenized what it
@@ -270,6 +315,32 @@ class ChatRun:
             cached_prompt_tokens=last.cached_prompt_tokens if last is not None else 0,
             finished=last is not None and last.finish_reason is not FinishReason.ABORT,
         )
+
+
+def fold(deltas: list[Delta]) -> Delta:
+    """One choice's deltas as one: texts joined, tool-call pieces merged by call, logprobs in
+    order, counts summed; the finish and stop reasons, and the request's prompt counts, of
+    the last."""
+    calls: dict[int, ToolCallDelta] = {}
+    for delta in deltas:
+        for piece in delta.tool_calls:
+            known = calls.get(piece.index)
+            calls[piece.index] = (
+                piece
+                if known is None
+                else msgspec.structs.replace(known, arguments=known.arguments + piece.arguments)
+            )
+    last = deltas[-1]
+    return msgspec.structs.replace(
+        last,
+        text="".join(d.text for d in deltas),
+        num_tokens=sum(d.num_tokens for d in deltas),
+        reasoning="".join(d.reasoning for d in deltas),
+        reasoning_tokens=sum(d.reasoning_tokens for d in deltas),
+        tool_calls=tuple(calls[i] for i in sorted(calls)),
+        logprobs=tuple(lp for d in deltas for lp in d.logprobs),
+        prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs), None),
+    )
 
 
 @contextlib.contextmanager

@@ -78,20 +78,8 @@ def to_rpc(parsed: ChatCompletionRequest) -> inference_pb2.ChatRequest:
     if parsed.seed is not None and not -(2**63) <= parsed.seed < 2**63:
         raise BadRequest("seed must fit in 64 bits.", param="seed")
     stop = [parsed.stop] if isinstance(parsed.stop, str) else (parsed.stop or [])
-    fields: dict[str, Any] = {
-        "model": parsed.model,
-        "messages": [
-            inference_pb2.ChatMessage(role=m.role, content=m.text(), name=m.name)
-            for m in parsed.messages
-        ],
-        "stop": stop,
-        "user": parsed.user or "",
-        "ignore_eos": parsed.ignore_eos,
-        # The edge sends a non-streaming answer in one piece, so the core folds it too.
-        "final_only": not parsed.stream,
-    }
+    sampling: dict[str, Any] = {"stop": stop, "ignore_eos": parsed.ignore_eos}
     for name, value in (
-        ("max_tokens", max_tokens),
         ("temperature", parsed.temperature),
         ("top_p", parsed.top_p),
         ("presence_penalty", parsed.presence_penalty),
@@ -99,7 +87,20 @@ def to_rpc(parsed: ChatCompletionRequest) -> inference_pb2.ChatRequest:
         ("seed", parsed.seed),
     ):
         if value is not None:
-            fields[name] = value
+            sampling[name] = value
+    fields: dict[str, Any] = {
+        "model": parsed.model,
+        "messages": [
+            inference_pb2.ChatMessage(role=m.role, content=m.text(), name=m.name)
+            for m in parsed.messages
+        ],
+        "user": parsed.user or "",
+        "sampling": inference_pb2.Sampling(**sampling),
+        # The edge sends a non-streaming answer in one piece, so the core folds it too.
+        "final_only": not parsed.stream,
+    }
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
     return inference_pb2.ChatRequest(**fields)
 
 

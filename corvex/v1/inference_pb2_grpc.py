@@ -40,6 +40,11 @@ class InferenceStub:
                 request_serializer=corvex_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
                 response_deserializer=corvex_dot_v1_dot_inference__pb2.ChatChunk.FromString,
                 _registered_method=True)
+        self.Complete = channel.unary_stream(
+                '/corvex.v1.Inference/Complete',
+                request_serializer=corvex_dot_v1_dot_inference__pb2.CompleteRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_inference__pb2.ChatChunk.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/corvex.v1.Inference/Embed',
                 request_serializer=corvex_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
@@ -65,6 +70,14 @@ class InferenceServicer:
         """/ Generates a chat completion as a stream of chunks. Each chunk carries the text produced
         / since the previous chunk; the last chunk carries the finish reason and the usage (with
         / its cost). The stream ends only after the request's charge is durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Complete(self, request, context):
+        """/ Generates a completion of a plain prompt (text or token ids, no chat template): the
+        / legacy `/v1/completions`. Streams ChatChunks exactly as Chat does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +110,11 @@ def add_InferenceServicer_to_server(servicer, server):
             'Chat': grpc.unary_stream_rpc_method_handler(
                     servicer.Chat,
                     request_deserializer=corvex_dot_v1_dot_inference__pb2.ChatRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_inference__pb2.ChatChunk.SerializeToString,
+            ),
+            'Complete': grpc.unary_stream_rpc_method_handler(
+                    servicer.Complete,
+                    request_deserializer=corvex_dot_v1_dot_inference__pb2.CompleteRequest.FromString,
                     response_serializer=corvex_dot_v1_dot_inference__pb2.ChatChunk.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
@@ -142,6 +160,33 @@ class Inference:
             target,
             '/corvex.v1.Inference/Chat',
             corvex_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+            corvex_dot_v1_dot_inference__pb2.ChatChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Complete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/corvex.v1.Inference/Complete',
+            corvex_dot_v1_dot_inference__pb2.CompleteRequest.SerializeToString,
             corvex_dot_v1_dot_inference__pb2.ChatChunk.FromString,
             options,
             channel_credentials,

@@ -47,6 +47,10 @@ class InferenceStub:
     / since the previous chunk; the last chunk carries the finish reason and the usage (with
     / its cost). The stream ends only after the request's charge is durable.
     """
+    Complete: _grpc.UnaryStreamMultiCallable[_inference_pb2.CompleteRequest, _inference_pb2.ChatChunk]
+    """/ Generates a completion of a plain prompt (text or token ids, no chat template): the
+    / legacy `/v1/completions`. Streams ChatChunks exactly as Chat does.
+    """
     Embed: _grpc.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
     """/ Embeds one or more inputs. Billed at the model's input price."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
@@ -63,6 +67,10 @@ class InferenceAsyncStub(InferenceStub):
     """/ Generates a chat completion as a stream of chunks. Each chunk carries the text produced
     / since the previous chunk; the last chunk carries the finish reason and the usage (with
     / its cost). The stream ends only after the request's charge is durable.
+    """
+    Complete: _aio.UnaryStreamMultiCallable[_inference_pb2.CompleteRequest, _inference_pb2.ChatChunk]  # type: ignore[assignment]
+    """/ Generates a completion of a plain prompt (text or token ids, no chat template): the
+    / legacy `/v1/completions`. Streams ChatChunks exactly as Chat does.
     """
     Embed: _aio.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
     """/ Embeds one or more inputs. Billed at the model's input price."""
@@ -83,6 +91,16 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         """/ Generates a chat completion as a stream of chunks. Each chunk carries the text produced
         / since the previous chunk; the last chunk carries the finish reason and the usage (with
         / its cost). The stream ends only after the request's charge is durable.
+        """
+
+    @_abc_1.abstractmethod
+    def Complete(
+        self,
+        request: _inference_pb2.CompleteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.ChatChunk], _abc.AsyncIterator[_inference_pb2.ChatChunk]]:
+        """/ Generates a completion of a plain prompt (text or token ids, no chat template): the
+        / legacy `/v1/completions`. Streams ChatChunks exactly as Chat does.
         """
 
     @_abc_1.abstractmethod

@@ -148,17 +148,13 @@ class ResponseFormat(msgspec.Struct, frozen=True):
     strict: bool = False
 
 
-class SamplingOptions(msgspec.Struct, frozen=True):
-    """Per-request generation settings, already validated and bounded by the core.
-
-    `max_tokens` is always set (per choice): the core resolves it from the request, the context,
-    the balance and the key's limits before the engine sees the request. `None` in the other
-    fields means the engine's default. The engine checks what only it can know (token ids
-    against its vocabulary, schemas it can serve) and raises EngineRequestError naming the
-    param.
+class Sampling(msgspec.Struct, frozen=True):
+    """What a request asks of generation, already validated and bounded by the core, but for
+    the completion bound, which admission decides (see `bounded`). `None` means the engine's
+    default. The engine checks what only it can know (token ids against its vocabulary,
+    schemas it can serve) and raises EngineRequestError naming the param.
     """
 
-    max_tokens: int
     temperature: float | None = None
     top_p: float | None = None
     stop: tuple[str, ...] = ()
@@ -184,6 +180,17 @@ class SamplingOptions(msgspec.Struct, frozen=True):
     # prompt_logprobs). None: none.
     prompt_logprobs: int | None = None
     response_format: ResponseFormat = ResponseFormat()
+
+    def bounded(self, max_tokens: int) -> SamplingOptions:
+        """The options an engine runs with, once admission resolved the bound."""
+        return SamplingOptions(max_tokens=max_tokens, **msgspec.structs.asdict(self))
+
+
+class SamplingOptions(Sampling, frozen=True, kw_only=True):
+    """Sampling with `max_tokens` (per choice) resolved from the request, the context, the
+    balance and the key's limits: what an engine's `generate` receives."""
+
+    max_tokens: int
 
 
 # -- what an engine answers ----------------------------------------------------------------------

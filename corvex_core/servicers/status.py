@@ -15,6 +15,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from corvex.quoting import bounded
 from corvex.v1 import errors_pb2
 from corvex_core import errors
 from corvex_core.errors import Reason
@@ -46,7 +47,7 @@ assert {r.value for r in Reason} == set(errors_pb2.ErrorReason.keys()) - {
 def rich_status(error: errors.CorvexError) -> status_pb2.Status:
     """The google.rpc.Status of a domain error."""
     status = status_pb2.Status(
-        code=_CODES[error.reason], message=errors.bounded(error.message, MAX_MESSAGE_CHARS)
+        code=_CODES[error.reason], message=bounded(error.message, MAX_MESSAGE_CHARS)
     )
     info = error_details_pb2.ErrorInfo(reason=error.reason.value, domain=DOMAIN)
     info.metadata.update(error.metadata)

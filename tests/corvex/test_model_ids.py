@@ -1,5 +1,5 @@
-"""Model ids and quoting: the one bound, the one sentence for an unknown model and the one
-quoting rule that edge and core share."""
+"""Model ids and quoting: the one bound, the one sentence for an unknown model (the core
+uses it) and the one quoting rule that edge and core share (corvex.quoting)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,6 @@ IDS = ["nope/nope", "m" * 9000, "é" * 3000, "evil\x00\nmodel"]
 @pytest.mark.parametrize("model", IDS, ids=["short", "long", "non-ascii", "unprintable"])
 def test_the_core_words_an_unknown_model_with_the_shared_sentence(model: str) -> None:
     assert errors.ModelNotFound(model).message == model_ids.not_served(model)
-
-
-@pytest.mark.parametrize("text", IDS, ids=["short", "long", "non-ascii", "unprintable"])
-def test_the_core_quotes_by_the_shared_rule(text: str) -> None:
-    assert errors.quote(text) == quoting.quote(text)
 
 
 def test_a_quote_is_bounded_in_backticks_and_printable() -> None:

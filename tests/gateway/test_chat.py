@@ -41,13 +41,11 @@ def test_a_chat_request_becomes_the_grpc_request() -> None:
             inference_pb2.ChatMessage(role="user", content="ab"),
         ],
         max_tokens=5,
-        temperature=0.0,
-        stop=["END"],
-        seed=-3,
+        sampling=inference_pb2.Sampling(temperature=0.0, stop=["END"], seed=-3),
         user="u1",
         final_only=True,
     )
-    assert rpc.HasField("temperature") and not rpc.HasField("top_p")
+    assert rpc.sampling.HasField("temperature") and not rpc.sampling.HasField("top_p")
 
 
 def test_a_streamed_request_is_not_folded() -> None:

@@ -39,10 +39,16 @@ def auth(secret: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {secret}"), ("x-request-id", "req-test-1"))
 
 
+SAMPLING_FIELDS = frozenset(inference_pb2.Sampling.DESCRIPTOR.fields_by_name)
+
+
 def chat(prompt: str = "hello", **fields: Any) -> inference_pb2.ChatRequest:
+    """A chat request; sampling fields (temperature, ignore_eos, n, ...) go in `sampling`."""
+    sampling = {k: fields.pop(k) for k in list(fields) if k in SAMPLING_FIELDS}
     return inference_pb2.ChatRequest(
         model=fields.pop("model", MODEL),
         messages=[inference_pb2.ChatMessage(role="user", content=prompt)],
+        sampling=inference_pb2.Sampling(**sampling),
         **fields,
     )
 
@@ -261,7 +267,7 @@ async def test_unexpected_failures_are_internal_without_details(
     secret = await make_key(channel)
     engine = core.catalogue.lookup(MODEL).engine
 
-    async def broken(messages: object) -> None:
+    async def broken(messages: object, context: object = None) -> None:
         raise RuntimeError("template cache at /srv/secret/path is corrupt")
 
     engine.render_chat = broken  # type: ignore[method-assign, assignment]
