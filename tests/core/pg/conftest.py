@@ -21,6 +21,7 @@ import pytest
 
 from corvex_core.pg import db, server
 from corvex_core.pg.accounts import AccountStore
+from corvex_core.pg.leases import Charge, LeaseStore
 from corvex_core.pg.migrate import migrate
 from corvex_core.pg.server import PgServer
 from corvex_core.records import KeyLimits
@@ -30,6 +31,7 @@ DATABASE = "corvex_test"
 START = dt.datetime(2026, 12, 31, 23, 58, tzinfo=dt.UTC)
 CENT = 10_000_000  # nano-USD
 _schema_numbers = itertools.count(1)
+_charge_numbers = itertools.count(1)
 
 
 class FakeClock:
@@ -109,6 +111,11 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
+def leases(pool: db.Pool, clock: FakeClock) -> LeaseStore:
+    return LeaseStore(pool, clock=clock)
+
+
+@pytest.fixture
 def accounts(pool: db.Pool, clock: FakeClock) -> AccountStore:
     return AccountStore(pool, clock=clock)
 
@@ -144,6 +151,30 @@ def make_workspace(accounts: AccountStore) -> MakeWorkspace:
         return workspace_id
 
     return make
+
+
+def charge(
+    workspace_id: str,
+    cost_nano: int,
+    *,
+    tokens: int = 10,
+    charge_id: str | None = None,
+    token_lease_id: int | None = None,
+) -> Charge:
+    """A charge on the workspace's key (see `make_workspace`)."""
+    return Charge(
+        charge_id=charge_id or f"ch_{next(_charge_numbers)}",
+        request_id=f"req_{next(_charge_numbers)}",
+        key_id=f"{workspace_id}-key",
+        model="org/model",
+        prompt_tokens=tokens // 2,
+        completion_tokens=tokens - tokens // 2,
+        cached_prompt_tokens=0,
+        cost_nano=cost_nano,
+        rate_card_version="2026-11-01",
+        at=dt.datetime(2026, 12, 31, 23, 58, tzinfo=dt.UTC),
+        token_lease_id=token_lease_id,
+    )
 
 
 CheckLedger = Callable[[], Awaitable[None]]
