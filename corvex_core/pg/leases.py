@@ -1,0 +1,542 @@
+"""Credit and token leases: how several cores spend one workspace without overdrawing it.
+
+A credit lease hands one core part of a workspace's money to admit requests against in memory.
+What may be leased is the workspace's spendable amount,
+
+    spendable = min(balance - leased, cap - month_spend - leased)    (the cap term only with a cap)
+
+so a lease counts against the balance and against the cap's headroom at once. Charges are
+paid out of a lease: each takes its cost from the lease's credit and from the balance, and
+adds it to the month's spend. Releasing a lease, or its expiry after its TTL, gives what is
+left of its credit back. A token lease does the same for a key's monthly token limit, with
+`limit - month_tokens - tokens_leased` leasable. Neither can be overdrawn, however the calls
+race: the balance never goes below zero, leases never exceed the balance, and a lease never
+grows the month's spend plus leases past the cap.
+
+How that holds. Every function is one transaction at READ COMMITTED; the CHECK constraints of
+migration 0001 are the last line, so a bug here fails a transaction instead of breaking an
+invariant. A grant locks the workspace (or key) row with `SELECT ... FOR NO KEY UPDATE`,
+computes what to grant from that locked, current row in Python (`Spendable`, the formula's one
+home), and writes it with a second statement. We lock, then update, instead of the bare
+guarded `UPDATE ... SET leased = leased + $g WHERE balance - leased >= $g`, because a grant is
+"up to `want`, at least `min`": the guarded form must name the amount before it sees the row,
+so it would refuse a smaller grant that fits, or loop. The price is round trips (five per
+acquire instead of one), paid once per lease, not per request; near $0, where each admission
+leases its own hold, that is the trade for exactness (phase 2 measures it). Locking and
+updating in one statement (a CTE that locks, then an UPDATE) would save them but deadlocks:
+the UPDATE rechecks from its statement snapshot's older row version and waits for a tuple
+lock that a concurrent `FOR NO KEY UPDATE` holds while it waits for us (test_races found it).
+Rows are always locked in one order (lease, token leases by id, workspace, keys by id), and
+the expiry sweep skips leases that others hold locked (they expire on the next sweep), so
+these transactions never deadlock one another.
+
+Time comes from the caller's clock (`expires_at` is computed here, never by now() in SQL), so
+tests can move it. A month rolls over on the first write in a later UTC month and never goes
+back, as in the single-core ledger. A lease past its TTL can no longer be renewed, but until
+a sweep has expired it, charges may still be paid from it: its credit is still set aside.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Final
+
+import msgspec
+
+from corvex_core.pg import db
+from corvex_core.pg.db import Clock, Connection, Pool, utc_month, utc_now
+
+# Bounds (TigerStyle: a limit on everything).
+MAX_LEASE_NANO: Final = 10**18
+MAX_LEASE_TOKENS: Final = 10**12
+MAX_TTL_S: Final = 3600.0
+MAX_CHARGES_PER_BATCH: Final = 1000
+MAX_EXPIRED_PER_SWEEP: Final = 1000
+
+
+class Lease(msgspec.Struct, frozen=True):
+    id: int
+    core_id: str
+    workspace_id: str
+    credit_nano: int
+    expires_at: dt.datetime
+
+
+class TokenLease(msgspec.Struct, frozen=True):
+    id: int
+    core_id: str
+    key_id: str
+    tokens: int
+    expires_at: dt.datetime
+
+
+class Charge(msgspec.Struct, frozen=True):
+    """One request's settlement. `token_lease_id` names the token lease its tokens come out of
+    (for a key with a monthly token limit); the credit lease is the batch's."""
+
+    charge_id: str
+    request_id: str
+    key_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    cost_nano: int
+    rate_card_version: str
+    at: dt.datetime
+    token_lease_id: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """What counts against the key's monthly token limit."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Spendable(msgspec.Struct, frozen=True):
+    free_nano: int
+    # None without a cap; may be negative once a cap was lowered below the month's spend.
+    cap_room_nano: int | None
+
+    @classmethod
+    def of(cls, row: Any, month: str) -> Spendable:
+        """From a workspace row, as of `month` (a later month's spend starts at zero)."""
+        spend_nano = row["month_spend_nano"] if month <= row["month"] else 0
+        cap_nano = row["spend_cap_nano"]
+        free_nano = row["balance_nano"] - row["leased_nano"]
+        if cap_nano is None:
+            return cls(free_nano, None)
+        return cls(free_nano, cap_nano - spend_nano - row["leased_nano"])
+
+    @property
+    def spendable_nano(self) -> int:
+        if self.cap_room_nano is None:
+            return self.free_nano
+        return min(self.free_nano, self.cap_room_nano)
+
+    @property
+    def capped(self) -> bool:
+        """True when the cap, not the balance, is what limits spending."""
+        return self.cap_room_nano is not None and self.cap_room_nano < self.free_nano
+
+
+class Expired(msgspec.Struct, frozen=True):
+    """What a sweep expired, with the credit and tokens each lease gave back."""
+
+    leases: list[Lease]
+    token_leases: list[TokenLease]
+
+
+class LeaseGone(Exception):
+    """The lease was released or expired (or never existed); acquire a new one."""
+
+
+class LeaseExceeded(Exception):
+    """Charges would take more than their lease holds: the caller admitted beyond its lease."""
+
+
+_LOCK_WORKSPACE = """
+SELECT balance_nano, leased_nano, month, month_spend_nano, spend_cap_nano
+FROM workspaces WHERE id = $1
+"""
+
+_LOCK_KEY = """
+SELECT revoked_at, limit_monthly_tokens, month, month_tokens, tokens_leased
+FROM keys WHERE id = $1
+"""
+
+_RELEASE = """
+WITH gone AS (DELETE FROM leases WHERE id = $1 RETURNING workspace_id, credit_nano)
+UPDATE workspaces AS w SET leased_nano = w.leased_nano - g.credit_nano
+FROM gone AS g WHERE w.id = g.workspace_id
+RETURNING g.credit_nano
+"""
+
+_RELEASE_TOKENS = """
+WITH gone AS (DELETE FROM token_leases WHERE id = $1 RETURNING key_id, tokens)
+UPDATE keys AS k SET tokens_leased = k.tokens_leased - g.tokens
+FROM gone AS g WHERE k.id = g.key_id
+RETURNING g.tokens
+"""
+
+_INSERT_CHARGES = """
+INSERT INTO charges (charge_id, request_id, workspace_id, key_id, core_id, model, prompt_tokens,
+                     completion_tokens, cached_prompt_tokens, cost_nano, rate_card_version, at)
+SELECT u.charge_id, u.request_id, $1, u.key_id, $2, u.model, u.prompt_tokens,
+       u.completion_tokens, u.cached_prompt_tokens, u.cost_nano, u.rate_card_version, u.at
+FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[],
+            $9::bigint[], $10::bigint[], $11::text[], $12::timestamptz[])
+     AS u(charge_id, request_id, key_id, model, prompt_tokens, completion_tokens,
+          cached_prompt_tokens, cost_nano, rate_card_version, at)
+ON CONFLICT (charge_id) DO NOTHING
+RETURNING charge_id
+"""
+
+_PAY_WORKSPACE = """
+UPDATE workspaces
+SET balance_nano = balance_nano - $2,
+    leased_nano = leased_nano - $2,
+    month_spend_nano = CASE WHEN $3 > month THEN 0 ELSE month_spend_nano END + $2,
+    month = GREATEST(month, $3)
+WHERE id = $1
+"""
+
+_COUNT_KEY_TOKENS = """
+UPDATE keys AS k
+SET month_tokens = CASE WHEN $4 > k.month THEN 0 ELSE k.month_tokens END + u.tokens,
+    month = GREATEST(k.month, $4),
+    tokens_leased = k.tokens_leased - u.leased
+FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(id, tokens, leased)
+WHERE k.id = u.id
+"""
+
+
+class LeaseStore:
+    """The lease operations of one core (or of a test), each one transaction."""
+
+    def __init__(self, pool: Pool, *, clock: Clock = utc_now) -> None:
+        self._pool = pool
+        self._clock = clock
+
+    # ---- credit leases ---------------------------------------------------------------------
+
+    async def acquire(
+        self, workspace_id: str, core_id: str, want_nano: int, min_nano: int, ttl_s: float
+    ) -> Lease | None:
+        """Leases up to `want_nano` of the workspace's spendable credit, or None if not even
+        `min_nano` is spendable. Rolls the month over first if a new UTC month has begun."""
+        assert 1 <= min_nano <= want_nano <= MAX_LEASE_NANO, (min_nano, want_nano)
+        now = self._now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            granted = await _grant_credit(conn, workspace_id, want_nano, min_nano, now)
+            if not granted:
+                return None
+            row = await conn.fetchrow(
+                "INSERT INTO leases (core_id, workspace_id, credit_nano, granted_at, expires_at)"
+                " VALUES ($1, $2, $3, $4, $5)"
+                " RETURNING id, core_id, workspace_id, credit_nano, expires_at",
+                *(core_id, workspace_id, granted, now, _expiry(now, ttl_s)),
+            )
+        assert row is not None
+        return Lease(**dict(row))
+
+    async def renew(self, lease_id: int, ttl_s: float, top_up_nano: int = 0) -> Lease:
+        """Extends a live lease to `ttl_s` from now and adds up to `top_up_nano` of spendable
+        credit to it (whatever fits, maybe nothing). Raises LeaseGone past its TTL."""
+        assert 0 <= top_up_nano <= MAX_LEASE_NANO, top_up_nano
+        now = self._now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            lease = await conn.fetchrow(
+                "SELECT workspace_id FROM leases WHERE id = $1 AND expires_at > $2"
+                " FOR NO KEY UPDATE",
+                lease_id,
+                now,
+            )
+            if lease is None:
+                raise LeaseGone(f"lease {lease_id} was released or has expired")
+            granted = 0
+            if top_up_nano:
+                granted = await _grant_credit(conn, lease["workspace_id"], top_up_nano, 1, now)
+            row = await conn.fetchrow(
+                "UPDATE leases SET credit_nano = credit_nano + $2, expires_at = $3 WHERE id = $1"
+                " RETURNING id, core_id, workspace_id, credit_nano, expires_at",
+                *(lease_id, granted, _expiry(now, ttl_s)),
+            )
+        assert row is not None
+        return Lease(**dict(row))
+
+    async def release(self, lease_id: int) -> int | None:
+        """Ends a lease and gives its unused credit back. Returns that credit, or None if the
+        lease was already gone (released twice, or expired): releasing is idempotent."""
+        async with self._pool.acquire() as conn:
+            returned: int | None = await conn.fetchval(_RELEASE, lease_id)
+        return returned
+
+    async def spendable(self, workspace_id: str) -> Spendable:
+        """What an acquire could lease now (for a refusal's message)."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(_LOCK_WORKSPACE, workspace_id)
+        if row is None:
+            raise db.no_workspace(workspace_id)
+        return Spendable.of(row, utc_month(self._now()))
+
+    # ---- charges ---------------------------------------------------------------------------
+
+    async def charge(self, lease_id: int, charges: Sequence[Charge]) -> list[str]:
+        """Records a batch of charges paid from one lease, in one transaction (group commit).
+
+        Each charge id is stored once: a retried batch pays only for charges not seen before.
+        For those, the cost comes out of the lease, the balance and into the month's spend,
+        and the tokens out of their token leases and into their keys' month. Returns the ids
+        that were new. Raises LeaseGone (storing nothing) if the lease is gone and some charge
+        is new, and LeaseExceeded if the new charges cost more than a lease holds.
+        """
+        assert len(charges) <= MAX_CHARGES_PER_BATCH, len(charges)
+        ids = [c.charge_id for c in charges]
+        assert len(set(ids)) == len(ids), "a charge id twice in one batch"
+        now = self._now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            lease = await conn.fetchrow(
+                "SELECT core_id, workspace_id FROM leases WHERE id = $1 FOR NO KEY UPDATE",
+                lease_id,
+            )
+            if lease is None:
+                known = await conn.fetchval(
+                    "SELECT count(*) FROM charges WHERE charge_id = ANY($1::text[])", ids
+                )
+                if known == len(ids):
+                    return []  # A retry of a batch that committed before the lease ended.
+                raise LeaseGone(f"lease {lease_id} was released or has expired")
+            rows = await conn.fetch(_INSERT_CHARGES, *_charge_columns(lease, charges))
+            new_ids = {row["charge_id"] for row in rows}
+            new = [c for c in charges if c.charge_id in new_ids]
+            if new:
+                await _pay(conn, lease_id, lease["workspace_id"], new, utc_month(now))
+        return [c.charge_id for c in new]
+
+    # ---- token leases ----------------------------------------------------------------------
+
+    async def acquire_tokens(
+        self, key_id: str, core_id: str, want_tokens: int, min_tokens: int, ttl_s: float
+    ) -> TokenLease | None:
+        """Leases up to `want_tokens` of the key's monthly token limit, or None if not even
+        `min_tokens` are left or the key is revoked. A key without a limit grants `want`."""
+        assert 1 <= min_tokens <= want_tokens <= MAX_LEASE_TOKENS, (min_tokens, want_tokens)
+        now = self._now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            granted = await _grant_tokens(conn, key_id, want_tokens, min_tokens, now)
+            if not granted:
+                return None
+            row = await conn.fetchrow(
+                "INSERT INTO token_leases (core_id, key_id, tokens, granted_at, expires_at)"
+                " VALUES ($1, $2, $3, $4, $5) RETURNING id, core_id, key_id, tokens, expires_at",
+                *(core_id, key_id, granted, now, _expiry(now, ttl_s)),
+            )
+        assert row is not None
+        return TokenLease(**dict(row))
+
+    async def renew_tokens(self, lease_id: int, ttl_s: float, top_up_tokens: int = 0) -> TokenLease:
+        """As `renew`, for a token lease."""
+        assert 0 <= top_up_tokens <= MAX_LEASE_TOKENS, top_up_tokens
+        now = self._now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            lease = await conn.fetchrow(
+                "SELECT key_id FROM token_leases WHERE id = $1 AND expires_at > $2"
+                " FOR NO KEY UPDATE",
+                lease_id,
+                now,
+            )
+            if lease is None:
+                raise LeaseGone(f"token lease {lease_id} was released or has expired")
+            granted = 0
+            if top_up_tokens:
+                granted = await _grant_tokens(conn, lease["key_id"], top_up_tokens, 1, now)
+            row = await conn.fetchrow(
+                "UPDATE token_leases SET tokens = tokens + $2, expires_at = $3 WHERE id = $1"
+                " RETURNING id, core_id, key_id, tokens, expires_at",
+                *(lease_id, granted, _expiry(now, ttl_s)),
+            )
+        assert row is not None
+        return TokenLease(**dict(row))
+
+    async def release_tokens(self, lease_id: int) -> int | None:
+        """As `release`, for a token lease."""
+        async with self._pool.acquire() as conn:
+            returned: int | None = await conn.fetchval(_RELEASE_TOKENS, lease_id)
+        return returned
+
+    # ---- expiry ----------------------------------------------------------------------------
+
+    async def expire(self, now: dt.datetime) -> Expired:
+        """Ends every lease whose TTL has passed at `now` and gives back what it held: a dead
+        core's credit returns to its workspace. Leases that another transaction holds locked
+        right now are left for the next sweep. Any core may sweep; sweeps may overlap."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            leases = [
+                Lease(**dict(row)) for row in await conn.fetch(_EXPIRE, now, MAX_EXPIRED_PER_SWEEP)
+            ]
+            back = Counter[str]()
+            for lease in leases:
+                back[lease.workspace_id] += lease.credit_nano
+            await _lock_rows(conn, "workspaces", back)
+            await conn.execute(
+                "UPDATE workspaces AS w SET leased_nano = w.leased_nano - u.credit_nano"
+                " FROM unnest($1::text[], $2::bigint[]) AS u(id, credit_nano) WHERE w.id = u.id",
+                list(back),
+                list(back.values()),
+            )
+            token_rows = await conn.fetch(_EXPIRE_TOKENS, now, MAX_EXPIRED_PER_SWEEP)
+            token_leases = [TokenLease(**dict(row)) for row in token_rows]
+            tokens_back = Counter[str]()
+            for token_lease in token_leases:
+                tokens_back[token_lease.key_id] += token_lease.tokens
+            await _lock_rows(conn, "keys", tokens_back)
+            await conn.execute(
+                "UPDATE keys AS k SET tokens_leased = k.tokens_leased - u.tokens"
+                " FROM unnest($1::text[], $2::bigint[]) AS u(id, tokens) WHERE k.id = u.id",
+                list(tokens_back),
+                list(tokens_back.values()),
+            )
+        return Expired(leases, token_leases)
+
+    def _now(self) -> dt.datetime:
+        now = self._clock()
+        assert now.tzinfo is not None, "the clock must give aware datetimes"
+        return now
+
+
+_EXPIRE = """
+DELETE FROM leases WHERE id IN (
+    SELECT id FROM leases WHERE expires_at <= $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
+)
+RETURNING id, core_id, workspace_id, credit_nano, expires_at
+"""
+
+_EXPIRE_TOKENS = """
+DELETE FROM token_leases WHERE id IN (
+    SELECT id FROM token_leases WHERE expires_at <= $1 ORDER BY id LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, core_id, key_id, tokens, expires_at
+"""
+
+
+def _expiry(now: dt.datetime, ttl_s: float) -> dt.datetime:
+    assert 0 < ttl_s <= MAX_TTL_S, ttl_s
+    return now + dt.timedelta(seconds=ttl_s)
+
+
+async def _grant_credit(
+    conn: Connection, workspace_id: str, want_nano: int, min_nano: int, now: dt.datetime
+) -> int:
+    """Adds up to `want_nano` of spendable credit to the workspace's leased total, under its
+    row lock, and returns it; 0 (changing nothing) if less than `min_nano` is spendable."""
+    row = await conn.fetchrow(_LOCK_WORKSPACE + " FOR NO KEY UPDATE", workspace_id)
+    if row is None:
+        raise db.no_workspace(workspace_id)
+    month = max(row["month"], utc_month(now))
+    room = Spendable.of(row, month)
+    grant_nano = min(want_nano, room.spendable_nano)
+    if grant_nano < max(min_nano, 1):
+        return 0
+    spend_nano = row["month_spend_nano"] if month == row["month"] else 0
+    await conn.execute(
+        "UPDATE workspaces SET leased_nano = leased_nano + $2, month = $3, month_spend_nano = $4"
+        " WHERE id = $1",
+        *(workspace_id, grant_nano, month, spend_nano),
+    )
+    return grant_nano
+
+
+async def _grant_tokens(
+    conn: Connection, key_id: str, want_tokens: int, min_tokens: int, now: dt.datetime
+) -> int:
+    """As `_grant_credit`, for a key's monthly token limit; 0 for a revoked key."""
+    row = await conn.fetchrow(_LOCK_KEY + " FOR NO KEY UPDATE", key_id)
+    if row is None:
+        raise db.no_key(key_id)
+    if row["revoked_at"] is not None:
+        return 0
+    month = max(row["month"], utc_month(now))
+    used = row["month_tokens"] if month == row["month"] else 0
+    limit = row["limit_monthly_tokens"]
+    room = want_tokens if limit is None else limit - used - row["tokens_leased"]
+    grant_tokens = min(want_tokens, room)
+    if grant_tokens < max(min_tokens, 1):
+        return 0
+    await conn.execute(
+        "UPDATE keys SET tokens_leased = tokens_leased + $2, month = $3, month_tokens = $4"
+        " WHERE id = $1",
+        *(key_id, grant_tokens, month, used),
+    )
+    return grant_tokens
+
+
+def _charge_columns(lease: Any, charges: Sequence[Charge]) -> list[object]:
+    """The arguments of _INSERT_CHARGES: the lease's workspace and core, then one array per
+    column."""
+    return [
+        lease["workspace_id"],
+        lease["core_id"],
+        [c.charge_id for c in charges],
+        [c.request_id for c in charges],
+        [c.key_id for c in charges],
+        [c.model for c in charges],
+        [c.prompt_tokens for c in charges],
+        [c.completion_tokens for c in charges],
+        [c.cached_prompt_tokens for c in charges],
+        [c.cost_nano for c in charges],
+        [c.rate_card_version for c in charges],
+        [c.at for c in charges],
+    ]
+
+
+async def _pay(
+    conn: Connection, lease_id: int, workspace_id: str, new: list[Charge], month: str
+) -> None:
+    """Moves the new charges' cost and tokens out of their leases (see `charge`)."""
+    by_token_lease = Counter[int]()
+    for c in new:
+        if c.token_lease_id is not None:
+            by_token_lease[c.token_lease_id] += c.tokens
+    await _take_tokens(conn, new, by_token_lease)
+    cost_nano = sum(c.cost_nano for c in new)
+    paid = await conn.fetchval(
+        "UPDATE leases SET credit_nano = credit_nano - $2 WHERE id = $1 AND credit_nano >= $2"
+        " RETURNING id",
+        lease_id,
+        cost_nano,
+    )
+    if paid is None:
+        raise LeaseExceeded(f"charges of {cost_nano} nano-USD exceed lease {lease_id}")
+    await conn.execute(_PAY_WORKSPACE, workspace_id, cost_nano, month)
+    tokens = Counter[str]()
+    leased = Counter[str]()
+    for c in new:
+        tokens[c.key_id] += c.tokens
+        leased[c.key_id] += c.tokens if c.token_lease_id is not None else 0
+    await _lock_rows(conn, "keys", tokens)
+    keys = list(tokens)
+    await conn.execute(
+        _COUNT_KEY_TOKENS, keys, [tokens[k] for k in keys], [leased[k] for k in keys], month
+    )
+
+
+async def _take_tokens(conn: Connection, new: list[Charge], by_lease: Counter[int]) -> None:
+    """Takes each token lease's share of the new charges' tokens out of it."""
+    if not by_lease:
+        return
+    ids = sorted(by_lease)
+    rows = await conn.fetch(
+        "SELECT id, key_id FROM token_leases WHERE id = ANY($1::bigint[]) ORDER BY id"
+        " FOR NO KEY UPDATE",
+        ids,
+    )
+    key_of = {row["id"]: row["key_id"] for row in rows}
+    for c in new:
+        if c.token_lease_id is None:
+            continue
+        if c.token_lease_id not in key_of:
+            raise LeaseGone(f"token lease {c.token_lease_id} was released or has expired")
+        if key_of[c.token_lease_id] != c.key_id:
+            raise LeaseExceeded(f"token lease {c.token_lease_id} is not of key {c.key_id}")
+    taken = await conn.fetch(
+        "UPDATE token_leases AS t SET tokens = t.tokens - u.tokens"
+        " FROM unnest($1::bigint[], $2::bigint[]) AS u(id, tokens)"
+        " WHERE t.id = u.id AND t.tokens >= u.tokens RETURNING t.id",
+        ids,
+        [by_lease[i] for i in ids],
+    )
+    if len(taken) != len(ids):
+        raise LeaseExceeded("charges take more tokens than their token lease holds")
+
+
+async def _lock_rows(conn: Connection, table: str, ids: Counter[str]) -> None:
+    """Locks rows in id order, the one order every transaction here uses."""
+    assert table in ("workspaces", "keys"), table
+    if ids:
+        await conn.execute(
+            f"SELECT 1 FROM {table} WHERE id = ANY($1::text[]) ORDER BY id FOR NO KEY UPDATE",
+            sorted(ids),
+        )
