@@ -17,10 +17,10 @@ import msgspec
 
 from corvex.money import format_usd
 from corvex_core import errors
-from corvex_core.ledger import AutoReload, Invoice
 from corvex_core.pg import db, notify
 from corvex_core.pg.db import Clock, Connection, Pool, utc_month, utc_now
-from corvex_core.records import KeyLimits
+from corvex_core.records import KeyLimits, TopUpMethod
+from corvex_core.state import AutoReload, Invoice
 
 TOPUP_METHODS: Final = ("manual", "starter", "auto_reload")
 MAX_ERROR_CHARS: Final = 500
@@ -297,7 +297,7 @@ def _invoice(row: Any) -> Invoice:
         workspace_id=row["workspace_id"],
         created_ms=(row["created_at"] - _EPOCH) // dt.timedelta(milliseconds=1),
         amount_nano=row["amount_nano"],
-        method=row["method"],
+        method=TopUpMethod(row["method"]),
         balance_after_nano=row["balance_after_nano"],
         idempotency_key=row["idempotency_key"],
     )

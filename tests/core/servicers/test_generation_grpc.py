@@ -82,11 +82,11 @@ async def test_a_required_tool_choice_answers_with_a_call_valid_for_its_schema(
         (
             lambda r: setattr(r.tool_choice, "mode", inference_pb2.TOOL_CHOICE_MODE_REQUIRED),
             "tool_choice",
-        ),  # fmt: skip
+        ),
         (
             lambda r: r.tools.add(name="f", parameters_json="{not json"),
             "tools[0].function.parameters",
-        ),  # fmt: skip
+        ),
         (lambda r: setattr(r.sampling, "logprobs", 21), "top_logprobs"),
         (lambda r: r.sampling.logit_bias.update({10**6: 5.0}), "logit_bias"),
         (lambda r: setattr(r.sampling, "n", 17), "n"),
