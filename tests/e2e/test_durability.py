@@ -91,14 +91,16 @@ def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path: Path) -> None:
 
 
 async def _traffic(
-    http_url: str, grpc_address: str, secret: str, workspace_id: str, kill_after_s: float, kill: Any
+    http_url: str, grpc_address: str, secret: str, workspace_id: str, kill_after: int, kill: Any
 ) -> tuple[dict[str, Decimal], set[str], set[str], set[str]]:
-    """Streams and top-ups until the kill. Returns (costs seen by clients, acknowledged top-up
-    keys, started request ids, cut request ids)."""
+    """Streams and top-ups until the kill, which comes once `kill_after` streams have finished
+    (a point in the traffic, not a time: a loaded machine only moves it later). Returns (costs
+    seen by clients, acknowledged top-up keys, started request ids, cut request ids)."""
     costs: dict[str, Decimal] = {}
     started: set[str] = set()
     acknowledged: set[str] = set()
     stop = asyncio.Event()
+    enough = asyncio.Event()
 
     async def request(client: openai.AsyncOpenAI, rid: str, max_tokens: int) -> None:
         started.add(rid)
@@ -115,6 +117,8 @@ async def _traffic(
             async for chunk in stream:
                 if chunk.usage:
                     costs[rid] = Decimal((chunk.usage.model_extra or {})["cost"])
+                    if len(costs) >= kill_after:
+                        enough.set()
         except (openai.APIError, openai.APIConnectionError):
             pass
 
@@ -135,14 +139,14 @@ async def _traffic(
                     return
                 await asyncio.sleep(0.005)
 
-    rng = random.Random(kill_after_s)
+    rng = random.Random(kill_after)
     async with openai.AsyncOpenAI(
         base_url=http_url + "/v1", api_key=secret, max_retries=0, timeout=30
     ) as client:
         tasks = [asyncio.create_task(topups())]
         for i in range(150):
             tasks.append(asyncio.create_task(request(client, f"r{i}", rng.randrange(20, 400))))
-        await asyncio.sleep(kill_after_s)
+        await asyncio.wait_for(enough.wait(), timeout=120)
         kill()
         stop.set()
         await asyncio.gather(*tasks)
@@ -153,7 +157,7 @@ async def _traffic(
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_kill_9_loses_nothing_acknowledged(tmp_path: Path, seed: int) -> None:
     data_dir = tmp_path / "data"
-    kill_after = random.Random(seed).uniform(1.0, 2.5)
+    kill_after = random.Random(seed).randrange(3, 40)  # streams finished before the kill
     with running_stack(config=config(tpot_ms=5), data_dir=data_dir) as stack:
         admin = Client(stack.grpc_address, ADMIN_TOKEN)
         account = new_account(admin, credits_cents=50_000)
@@ -170,7 +174,7 @@ def test_kill_9_loses_nothing_acknowledged(tmp_path: Path, seed: int) -> None:
         )
         assert stack.core.popen.wait(10) == -signal.SIGKILL
     assert len(started) == 150
-    assert costs, "some requests should have finished before the kill"
+    assert len(costs) >= kill_after
 
     # Restart on the same data directory: the ledger must be exactly what was acknowledged.
     with running_stack(config=config(), data_dir=data_dir, edge_port=None) as stack:
