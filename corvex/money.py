@@ -40,6 +40,16 @@ def cents_from_usd(text: str) -> int:
     return int(cents)
 
 
+def usd_to_nano(text: str) -> int:
+    """Nano-USD of a USD text ("2.52" → 2_520_000_000), exactly or not at all."""
+    nano = _decimal(text) * NANO_PER_USD
+    if nano != nano.to_integral_value():
+        raise MoneyError(f"${text.strip()} is not a whole number of nano-USD (9 decimal places)")
+    if nano < 0:
+        raise MoneyError(f"${text.strip()} is negative")
+    return int(nano)
+
+
 def per_million_to_nano_per_token(text: str) -> int:
     """Nano-USD per token of a price in USD per 1M tokens ("0.35" → 350), exactly or not at all."""
     per_token = _decimal(text) * NANO_PER_TOKEN_PER_USD_PER_MILLION
