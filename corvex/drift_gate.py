@@ -1,6 +1,7 @@
-"""The tier-0 drift gate: the rate card, the pricing page's table and the served /v1/models agree.
+"""The tier-0 drift gate: the rate card, the pricing page's tables and the served /v1/models agree.
 
-It owns the three-way comparison (each difference named by source, model and field) and
+It owns the three-way comparison (each difference named by source, model or reserved offering,
+and field; per-token prices and reserved offerings alike) and
 reading the served catalogue over HTTP. It only reports: it never edits the page or the rate
 card, and it never decides which price is right (the rate card always is).
 """
@@ -20,8 +21,15 @@ from typing import Any
 
 import msgspec
 
-from corvex.pricing_docs import PageRow, PricingPageError, parse_table
-from corvex.ratecard import ModelRate, RateCard, RateCardError, load_rate_card
+from corvex.pricing_docs import (
+    PageRow,
+    PricingPageError,
+    ReservedRow,
+    ReservedTable,
+    parse_reserved_table,
+    parse_table,
+)
+from corvex.ratecard import ModelRate, RateCard, RateCardError, ReservedOffering, load_rate_card
 
 # The catalogue is a few kilobytes; anything near this is not our edge answering.
 _MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -46,13 +54,18 @@ class Field(StrEnum):
     MISSING = "missing"
     EXTRA = "extra"
     MALFORMED = "malformed"
+    MODEL = "model"
+    GPUS = "GPUs per replica"
+    HOURLY_PRICE = "price per replica-hour"
+    MINIMUM_TERM = "minimum term"
 
 
 class Drift(msgspec.Struct, frozen=True):
     """One disagreement with the rate card, in one source, about one model (or the whole list)."""
 
     source: str
-    # The display name on the page side, the model id on the served side, "" for the list.
+    # The display name on the page side, the model id on the served side, the offering id
+    # for a reserved offering, "" for the list.
     model: str
     field: Field
     detail: str
@@ -74,16 +87,56 @@ def compare(
     page_version: str | None = None,
     page_source: str = "docs/pricing.md",
     served_source: str = "/v1/models",
+    page_reserved: ReservedTable | None = None,
 ) -> list[Drift]:
-    """Every way the page's rows (and version) and the served catalogue differ from the card."""
+    """Every way the page's rows (and version), its reserved table (when given) and the served
+    catalogue differ from the card."""
     drifts = []
     if page_version is not None and page_version != rate_card.version:
         version = rate_card.version
         drifts.append(_mismatch(page_source, _PAGE, "", Field.VERSION, page_version, version))
     drifts.extend(_page_drifts(rate_card, page_rows, page_source))
+    if page_reserved is not None:
+        drifts.extend(_page_reserved_drifts(rate_card, page_reserved, page_source))
     if served is not None:
         drifts.extend(_served_drifts(rate_card, served, served_source))
     return drifts
+
+
+def _page_reserved_drifts(card: RateCard, table: ReservedTable, source: str) -> list[Drift]:
+    drifts = []
+    if table.version != card.version:
+        where = f"{_PAGE} (reserved table)"
+        drifts.append(_mismatch(source, where, "", Field.VERSION, table.version, card.version))
+    rows = {row.offering: row for row in table.rows}
+    for offering in card.reserved:
+        row = rows.pop(offering.id, None)
+        if row is None:
+            detail = "on the rate card but missing from the page's reserved table"
+            drifts.append(Drift(source, offering.id, Field.MISSING, detail))
+        else:
+            drifts.extend(_reserved_row_drifts(card, offering, row, source))
+    for offering_id in rows:
+        detail = "on the page's reserved table but not on the rate card"
+        drifts.append(Drift(source, offering_id, Field.EXTRA, detail))
+    return drifts
+
+
+def _reserved_row_drifts(
+    card: RateCard, offering: ReservedOffering, row: ReservedRow, source: str
+) -> Iterator[Drift]:
+    name = card.by_id[offering.model].name
+    if row.model_name != name:
+        yield _mismatch(source, _PAGE, offering.id, Field.MODEL, f'"{row.model_name}"', f'"{name}"')
+    if row.gpus_per_replica != offering.gpus_per_replica:
+        found, expected = str(row.gpus_per_replica), str(offering.gpus_per_replica)
+        yield _mismatch(source, _PAGE, offering.id, Field.GPUS, found, expected)
+    if not _same_price(row.usd_per_replica_hour, offering.usd_per_replica_hour):
+        found, expected = f"${row.usd_per_replica_hour}", f"${offering.usd_per_replica_hour}"
+        yield _mismatch(source, _PAGE, offering.id, Field.HOURLY_PRICE, found, expected)
+    if row.minimum_hours != offering.minimum_hours:
+        found, expected = f"{row.minimum_hours} h", f"{offering.minimum_hours} h"
+        yield _mismatch(source, _PAGE, offering.id, Field.MINIMUM_TERM, found, expected)
 
 
 def _mismatch(
@@ -157,6 +210,8 @@ def _served_drifts(card: RateCard, served: dict[str, Any], source: str) -> list[
     drifts = list(_text_drifts(source, "", version_check))
     entries: dict[str, dict[str, Any]] = {}
     for entry in data:
+        if isinstance(entry, dict) and "reserved_endpoint" in entry:
+            continue  # a workspace's own endpoint (listed for its keys), not a card model
         model_id = entry.get("id") if isinstance(entry, dict) else None
         if not isinstance(model_id, str):
             detail = f"an entry without a string `id`: {json.dumps(entry)[:200]}"
@@ -206,6 +261,49 @@ def _served_model_drifts(
             yield Drift(source, model.id, field, detail)
         elif not _same_price(found, expected):
             yield _mismatch(source, _SERVED, model.id, field, f"${found}", f"${expected}")
+    yield from _served_offering_drifts(card, model, entry.get("reserved"), source)
+
+
+def _served_offering_drifts(
+    card: RateCard, model: ModelRate, served: Any, source: str
+) -> Iterator[Drift]:
+    """A served entry's `reserved` list against the card's offerings of that model."""
+    if not isinstance(served, list) or not all(isinstance(o, dict) for o in served):
+        detail = "the entry has no `reserved` list of offerings"
+        yield Drift(source, model.id, Field.MALFORMED, detail)
+        return
+    by_id = {o.get("id"): o for o in served}
+    for offering in card.offerings_of(model.id):
+        found = by_id.pop(offering.id, None)
+        if found is None:
+            detail = f"reserved offering {offering.id} is on the rate card but not served"
+            yield Drift(source, offering.id, Field.MISSING, detail)
+            continue
+        yield from _text_drifts(
+            source,
+            offering.id,
+            ((Field.MODEL, found, "model", offering.model),),
+        )
+        for field, key, number in (
+            (Field.GPUS, "gpus_per_replica", offering.gpus_per_replica),
+            (Field.MINIMUM_TERM, "minimum_hours", offering.minimum_hours),
+        ):
+            value = found.get(key)
+            if value != number or isinstance(value, bool):
+                shown = json.dumps(value)
+                yield _mismatch(source, _SERVED, offering.id, field, shown, str(number))
+        price = found.get("usd_per_replica_hour")
+        if not isinstance(price, str) or _PRICE_TEXT.match(price) is None:
+            detail = (
+                f"{Field.HOURLY_PRICE} served as {json.dumps(price)}; it must be a decimal string"
+            )
+            yield Drift(source, offering.id, Field.HOURLY_PRICE, detail)
+        elif not _same_price(price, offering.usd_per_replica_hour):
+            found_text, expected = f"${price}", f"${offering.usd_per_replica_hour}"
+            yield _mismatch(source, _SERVED, offering.id, Field.HOURLY_PRICE, found_text, expected)
+    for extra in by_id:
+        detail = f"reserved offering {json.dumps(extra)} is served but not on the rate card"
+        yield Drift(source, str(extra), Field.EXTRA, detail)
 
 
 def _text_drifts(
@@ -255,7 +353,9 @@ def run(*, rate_card: Path, page: Path, served_url: str | None) -> int:
     served_source = models_url(served_url) if served_url is not None else "/v1/models"
     try:
         card = load_rate_card(rate_card)
-        table = parse_table(page.read_text(encoding="utf-8"), source=page_source)
+        page_text = page.read_text(encoding="utf-8")
+        table = parse_table(page_text, source=page_source)
+        reserved = parse_reserved_table(page_text, source=page_source)
         served = fetch_served(served_url) if served_url is not None else None
     except (RateCardError, PricingPageError, ServedCatalogueError) as exc:
         print(f"drift gate: error: {exc}", file=sys.stderr)
@@ -270,6 +370,7 @@ def run(*, rate_card: Path, page: Path, served_url: str | None) -> int:
         page_version=table.version,
         page_source=page_source,
         served_source=served_source,
+        page_reserved=reserved,
     )
     for drift in drifts:
         print(drift)
@@ -280,7 +381,8 @@ def run(*, rate_card: Path, page: Path, served_url: str | None) -> int:
         f" and {served_source}" if served is not None else " (served catalogue not checked)"
     )
     print(
-        f"drift gate OK: rate card {card.version} ({len(card.models)} models) matches "
+        f"drift gate OK: rate card {card.version} ({len(card.models)} models, "
+        f"{len(card.reserved)} reserved offerings) matches "
         f"{page_source}{served_note}"
     )
     return 0

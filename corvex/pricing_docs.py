@@ -1,8 +1,9 @@
-"""The rate table of the pricing page (docs/pricing.md): generated from the rate card, read back.
+"""The rate tables of the pricing page (docs/pricing.md): generated from the rate card, read back.
 
-It owns the table's format: it writes only the text between the rate-table markers and parses
-that text back, strictly. It never touches the hand-written prose around the markers, and it
-never writes a price down that the rate card did not give it.
+It owns the tables' format: the per-token rate table and the reserved-endpoint table. It writes
+only the text between each table's markers and parses that text back, strictly. It never
+touches the hand-written prose around the markers, and it never writes a price down that the
+rate card did not give it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ _VERSION_LINE = re.compile(
 )
 _PRICE_CELL = re.compile(r"^\$(?P<amount>\d+(?:\.\d+)?) / 1M$")
 _CARD_CELL = re.compile(r"^/models/[^\s|/]+/[^\s|/]+$")
+RESERVED_BEGIN_MARKER = "<!-- reserved-table:begin"
+RESERVED_END_MARKER = "<!-- reserved-table:end -->"
+RESERVED_HEADER = "| Offering | Model | GPUs per replica | Per replica-hour | Minimum term |"
+RESERVED_RULE = "|---|---|---|---|---|"
+_RESERVED_COLUMNS = 5
+_RESERVED_VERSION_LINE = re.compile(
+    r"^Rate card version `(?P<version>[^`]+)`; prices are in USD per replica-hour, "
+    r"accrued by the minute\.$"
+)
+_OFFERING_CELL = re.compile(r"^`(?P<id>[a-z0-9.-]+)`$")
+_HOURLY_CELL = re.compile(r"^\$(?P<amount>\d+(?:\.\d+)?)$")
+_TERM_CELL = re.compile(r"^(?:none|(?P<hours>[1-9]\d*) hours?)$")
 
 
 class PricingPageError(ValueError):
@@ -46,6 +59,23 @@ class RateTable(msgspec.Struct, frozen=True):
 
     version: str
     rows: list[PageRow]
+
+
+class ReservedRow(msgspec.Struct, frozen=True):
+    """One row of the page's reserved-endpoint table, as written."""
+
+    offering: str
+    model_name: str
+    gpus_per_replica: int
+    usd_per_replica_hour: str
+    minimum_hours: int
+
+
+class ReservedTable(msgspec.Struct, frozen=True):
+    """What the reserved block of a page says: the rate-card version and the rows in order."""
+
+    version: str
+    rows: list[ReservedRow]
 
 
 def render_block(card: RateCard) -> list[str]:
@@ -70,13 +100,44 @@ def render_block(card: RateCard) -> list[str]:
     return lines
 
 
-def _find_markers(lines: list[str], source: str) -> tuple[int, int]:
+def render_reserved_block(card: RateCard) -> list[str]:
+    """The lines that belong between the reserved markers, in rate-card order."""
+    lines = [
+        "",
+        f"Rate card version `{card.version}`; prices are in USD per replica-hour, accrued by the "
+        "minute.",
+        "",
+        RESERVED_HEADER,
+        RESERVED_RULE,
+    ]
+    for offering in card.reserved:
+        model = card.by_id[offering.model]
+        if "|" in model.name or "\n" in model.name:
+            raise PricingPageError(f"model {model.id}: its name cannot go in a table cell")
+        term = _term(offering.minimum_hours)
+        lines.append(
+            f"| `{offering.id}` | {model.name} | {offering.gpus_per_replica} "
+            f"| ${offering.usd_per_replica_hour} | {term} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _term(hours: int) -> str:
+    if hours == 0:
+        return "none"
+    return f"{hours} hour" if hours == 1 else f"{hours} hours"
+
+
+def _find_markers(
+    lines: list[str], source: str, begin_marker: str = BEGIN_MARKER, end_marker: str = END_MARKER
+) -> tuple[int, int]:
     """Indexes of the begin and end marker lines; exactly one of each, in that order."""
-    begins = [i for i, line in enumerate(lines) if line.startswith(BEGIN_MARKER)]
-    ends = [i for i, line in enumerate(lines) if line.strip() == END_MARKER]
+    begins = [i for i, line in enumerate(lines) if line.startswith(begin_marker)]
+    ends = [i for i, line in enumerate(lines) if line.strip() == end_marker]
     if len(begins) != 1 or len(ends) != 1:
         raise PricingPageError(
-            f"{source}: expected one `{BEGIN_MARKER} ... -->` line and one `{END_MARKER}` line, "
+            f"{source}: expected one `{begin_marker} ... -->` line and one `{end_marker}` line, "
             f"found {len(begins)} and {len(ends)}"
         )
     begin, end = begins[0], ends[0]
@@ -151,12 +212,81 @@ def _parse_row(line: str, where: str) -> PageRow:
     return PageRow(name, prices[0], prices[1], card)
 
 
+def parse_reserved_table(page_text: str, *, source: str = "docs/pricing.md") -> ReservedTable:
+    """Reads the reserved block: the version line, the header, the rule, the rows."""
+    lines = page_text.splitlines()
+    begin, end = _find_markers(lines, source, RESERVED_BEGIN_MARKER, RESERVED_END_MARKER)
+    body = [(i + 1, lines[i].strip()) for i in range(begin + 1, end) if lines[i].strip()]
+    preamble = ("`Rate card version ...`", f"`{RESERVED_HEADER}`", f"`{RESERVED_RULE}`")
+    if len(body) < len(preamble):
+        missing = preamble[len(body)]
+        raise PricingPageError(f"{source}:{end + 1}: the reserved block has no {missing} line")
+    (version_number, version_line), *table = body
+    version = _RESERVED_VERSION_LINE.match(version_line)
+    if version is None:
+        raise PricingPageError(
+            f"{source}:{version_number}: expected the reserved version line, not `{version_line}`"
+        )
+    for (number, line), expected in zip(table[:2], (RESERVED_HEADER, RESERVED_RULE), strict=True):
+        if line != expected:
+            raise PricingPageError(f"{source}:{number}: expected `{expected}`, found `{line}`")
+    rows: list[ReservedRow] = []
+    first_line: dict[str, int] = {}
+    for number, line in table[2:]:
+        row = _parse_reserved_row(line, f"{source}:{number}")
+        if row.offering in first_line:
+            raise PricingPageError(
+                f"{source}:{number}: {row.offering} is listed twice "
+                f"(first on line {first_line[row.offering]})"
+            )
+        first_line[row.offering] = number
+        rows.append(row)
+    return ReservedTable(version=version["version"], rows=rows)
+
+
+def _parse_reserved_row(line: str, where: str) -> ReservedRow:
+    if not (line.startswith("|") and line.endswith("|")):
+        raise PricingPageError(f"{where}: a table row must start and end with `|`: `{line}`")
+    cells = [cell.strip() for cell in line[1:-1].split("|")]
+    if len(cells) != _RESERVED_COLUMNS:
+        raise PricingPageError(
+            f"{where}: expected {_RESERVED_COLUMNS} cells (Offering | Model | GPUs per replica "
+            f"| Per replica-hour | Minimum term), found {len(cells)}: `{line}`"
+        )
+    offering_cell, name, gpus, price_cell, term_cell = cells
+    offering = _OFFERING_CELL.match(offering_cell)
+    if offering is None:
+        raise PricingPageError(
+            f"{where}: the offering must look like `` `deepseek-v4-flash-1gpu` ``, "
+            f"not `{offering_cell}`"
+        )
+    if not name:
+        raise PricingPageError(f"{where}: {offering['id']}: the model name is empty")
+    if not (gpus.isascii() and gpus.isdigit()):
+        raise PricingPageError(f"{where}: {offering['id']}: GPUs per replica must be a number")
+    price = _HOURLY_CELL.match(price_cell)
+    if price is None:
+        raise PricingPageError(
+            f"{where}: {offering['id']}: the price must look like `$2.52`, not `{price_cell}`"
+        )
+    term = _TERM_CELL.match(term_cell)
+    if term is None:
+        raise PricingPageError(
+            f"{where}: {offering['id']}: the minimum term must be `none` or `N hours`, "
+            f"not `{term_cell}`"
+        )
+    hours = int(term["hours"]) if term["hours"] else 0
+    return ReservedRow(offering["id"], name, int(gpus), price["amount"], hours)
+
+
 def regenerate(page_text: str, card: RateCard, *, source: str = "docs/pricing.md") -> str:
-    """The page with the text between its markers replaced by the block for `card`."""
+    """The page with the text between each pair of markers replaced by its block for `card`."""
     lines = page_text.splitlines()
     begin, end = _find_markers(lines, source)
-    new_lines = [*lines[: begin + 1], *render_block(card), *lines[end:]]
-    return "\n".join(new_lines) + "\n"
+    lines = [*lines[: begin + 1], *render_block(card), *lines[end:]]
+    begin, end = _find_markers(lines, source, RESERVED_BEGIN_MARKER, RESERVED_END_MARKER)
+    lines = [*lines[: begin + 1], *render_reserved_block(card), *lines[end:]]
+    return "\n".join(lines) + "\n"
 
 
 def _check_report(page_text: str, expected_text: str, card: RateCard, source: str) -> list[str]:
@@ -168,10 +298,18 @@ def _check_report(page_text: str, expected_text: str, card: RateCard, source: st
     report: list[str] = []
     try:
         table = parse_table(page_text, source=source)
+        reserved = parse_reserved_table(page_text, source=source)
     except PricingPageError as exc:
         report.append(f"error: {exc}")
     else:
-        drifts = compare(card, table.rows, None, page_version=table.version, page_source=source)
+        drifts = compare(
+            card,
+            table.rows,
+            None,
+            page_version=table.version,
+            page_source=source,
+            page_reserved=reserved,
+        )
         report.extend(str(drift) for drift in drifts)
     diff = difflib.unified_diff(
         page_text.splitlines(),
@@ -202,7 +340,7 @@ def run(*, rate_card: Path, page: Path, check: bool) -> int:
         print(f"error: {source}: cannot read the pricing page: {exc.strerror}", file=sys.stderr)
         return 2
     if expected_text == page_text:
-        print(f"{source}: rate table is current (rate card {card.version})")
+        print(f"{source}: rate tables are current (rate card {card.version})")
         return 0
     if check:
         for line in _check_report(page_text, expected_text, card, source):
@@ -210,5 +348,5 @@ def run(*, rate_card: Path, page: Path, check: bool) -> int:
         print(f"{source} is stale: run `corvex docs pricing` and commit the result")
         return 1
     page.write_text(expected_text, encoding="utf-8")
-    print(f"{source}: rate table written from rate card {card.version}")
+    print(f"{source}: rate tables written from rate card {card.version}")
     return 0

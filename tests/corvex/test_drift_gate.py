@@ -16,7 +16,7 @@ import pytest
 
 from corvex import drift_gate
 from corvex.drift_gate import Drift, Field, ServedCatalogueError, compare, fetch_served
-from corvex.pricing_docs import parse_table
+from corvex.pricing_docs import parse_reserved_table, parse_table
 from corvex.ratecard import RateCard, load_rate_card
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,6 +26,8 @@ DEEPSEEK_ID = "deepseek-ai/DeepSeek-V4-Flash"
 DEEPSEEK_ROW = (
     "| DeepSeek V4 Flash | $0.35 / 1M | $1.40 / 1M | /models/deepseek-ai/DeepSeek-V4-Flash |"
 )
+FLASH_OFFERING = "deepseek-v4-flash-1gpu"
+FLASH_RESERVED_ROW = "| `deepseek-v4-flash-1gpu` | DeepSeek V4 Flash | 1 | $2.52 | none |"
 
 Catalogue = dict[str, Any]
 
@@ -52,6 +54,17 @@ def _catalogue(card: RateCard) -> Catalogue:
                     "input": m.input_usd_per_million,
                     "output": m.output_usd_per_million,
                 },
+                "reserved": [
+                    {
+                        "id": o.id,
+                        "model": o.model,
+                        "gpus_per_replica": o.gpus_per_replica,
+                        "usd_per_replica_hour": o.usd_per_replica_hour,
+                        "minimum_hours": o.minimum_hours,
+                        "accrual": "per minute",
+                    }
+                    for o in card.offerings_of(m.id)
+                ],
                 "rate_card_version": card.version,
             }
             for m in card.models
@@ -115,7 +128,15 @@ def page(tmp_path: Path) -> Path:
 
 def _page_drifts(card: RateCard, page_text: str) -> list[tuple[str, str, Field]]:
     table = parse_table(page_text, source="page.md")
-    drifts = compare(card, table.rows, None, page_version=table.version, page_source="page.md")
+    reserved = parse_reserved_table(page_text, source="page.md")
+    drifts = compare(
+        card,
+        table.rows,
+        None,
+        page_version=table.version,
+        page_source="page.md",
+        page_reserved=reserved,
+    )
     return [(d.source, d.model, d.field) for d in drifts]
 
 
@@ -134,7 +155,7 @@ def test_committed_page_rate_card_and_catalogue_agree(
 
     out = capsys.readouterr().out
     assert "drift:" not in out
-    assert out.startswith("drift gate OK: rate card 2026-11-01 (4 models)")
+    assert out.startswith("drift gate OK: rate card 2026-11-01 (4 models, 4 reserved offerings)")
     assert f"{url}/v1/models" in out
 
 
@@ -178,10 +199,52 @@ def test_committed_page_rate_card_and_catalogue_agree(
             id="card",
         ),
         pytest.param(
-            "Rate card version `2026-11-01`",
-            "Rate card version `2026-10-01`",
+            "Rate card version `2026-11-01`; prices are in USD per 1M",
+            "Rate card version `2026-10-01`; prices are in USD per 1M",
             [("page.md", "", Field.VERSION)],
             id="version",
+        ),
+        pytest.param(
+            FLASH_RESERVED_ROW,
+            FLASH_RESERVED_ROW.replace("$2.52", "$2.49"),
+            [("page.md", FLASH_OFFERING, Field.HOURLY_PRICE)],
+            id="reserved-price",
+        ),
+        pytest.param(
+            FLASH_RESERVED_ROW,
+            FLASH_RESERVED_ROW.replace("| 1 |", "| 2 |"),
+            [("page.md", FLASH_OFFERING, Field.GPUS)],
+            id="reserved-gpus",
+        ),
+        pytest.param(
+            FLASH_RESERVED_ROW,
+            FLASH_RESERVED_ROW.replace("none", "2 hours"),
+            [("page.md", FLASH_OFFERING, Field.MINIMUM_TERM)],
+            id="reserved-term",
+        ),
+        pytest.param(
+            FLASH_RESERVED_ROW,
+            FLASH_RESERVED_ROW.replace("| DeepSeek V4 Flash |", "| DeepSeek |"),
+            [("page.md", FLASH_OFFERING, Field.MODEL)],
+            id="reserved-model",
+        ),
+        pytest.param(
+            FLASH_RESERVED_ROW + "\n",
+            "",
+            [("page.md", FLASH_OFFERING, Field.MISSING)],
+            id="reserved-missing",
+        ),
+        pytest.param(
+            FLASH_RESERVED_ROW,
+            FLASH_RESERVED_ROW + "\n| `flash-8gpu` | DeepSeek V4 Flash | 8 | $20.16 | none |",
+            [("page.md", "flash-8gpu", Field.EXTRA)],
+            id="reserved-extra",
+        ),
+        pytest.param(
+            "Rate card version `2026-11-01`; prices are in USD per replica-hour",
+            "Rate card version `2026-10-01`; prices are in USD per replica-hour",
+            [("page.md", "", Field.VERSION)],
+            id="reserved-version",
         ),
     ],
 )
@@ -232,6 +295,18 @@ def _add_extra(catalogue: Catalogue) -> None:
 
 def _set_entry(catalogue: Catalogue, model_id: str, key: str, value: object) -> None:
     next(e for e in catalogue["data"] if e["id"] == model_id)[key] = value
+
+
+def _set_offering(catalogue: Catalogue, key: str, value: object) -> None:
+    entry = next(e for e in catalogue["data"] if e["id"] == DEEPSEEK_ID)
+    entry["reserved"][0][key] = value
+
+
+def _add_endpoint(catalogue: Catalogue) -> None:
+    """A workspace's own endpoint, as the edge lists it for that workspace's keys."""
+    endpoint = copy.deepcopy(catalogue["data"][0])
+    endpoint.update(id="acme-bb343abb/prod", reserved=[], reserved_endpoint={"id": "ep_1"})
+    catalogue["data"].append(endpoint)
 
 
 Mutation = Callable[[Catalogue], None]
@@ -295,6 +370,37 @@ Mutation = Callable[[Catalogue], None]
         pytest.param(
             lambda c: _set_pricing(c, DEEPSEEK_ID, "input", "0.350"), [], id="0.350-agrees"
         ),
+        pytest.param(
+            lambda c: _set_offering(c, "usd_per_replica_hour", "2.49"),
+            [(FLASH_OFFERING, Field.HOURLY_PRICE)],
+            id="reserved-price",
+        ),
+        pytest.param(
+            lambda c: _set_offering(c, "usd_per_replica_hour", 2.52),
+            [(FLASH_OFFERING, Field.HOURLY_PRICE)],
+            id="reserved-price-as-json-number",
+        ),
+        pytest.param(
+            lambda c: _set_offering(c, "gpus_per_replica", 2),
+            [(FLASH_OFFERING, Field.GPUS)],
+            id="reserved-gpus",
+        ),
+        pytest.param(
+            lambda c: _set_offering(c, "minimum_hours", 1),
+            [(FLASH_OFFERING, Field.MINIMUM_TERM)],
+            id="reserved-term",
+        ),
+        pytest.param(
+            lambda c: _set_offering(c, "id", "flash-8gpu"),
+            [(FLASH_OFFERING, Field.MISSING), ("flash-8gpu", Field.EXTRA)],
+            id="reserved-renamed",
+        ),
+        pytest.param(
+            lambda c: _set_entry(c, DEEPSEEK_ID, "reserved", None),
+            [(DEEPSEEK_ID, Field.MALFORMED)],
+            id="reserved-not-a-list",
+        ),
+        pytest.param(_add_endpoint, [], id="a-workspace-endpoint-is-not-a-card-model"),
     ],
 )
 def test_gate_names_each_kind_of_served_drift(

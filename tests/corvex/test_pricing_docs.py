@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from corvex import drift_gate, pricing_docs
-from corvex.pricing_docs import PageRow, PricingPageError, parse_table
+from corvex.pricing_docs import (
+    PageRow,
+    PricingPageError,
+    ReservedRow,
+    parse_reserved_table,
+    parse_table,
+)
 from corvex.ratecard import load_rate_card
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,21 +70,28 @@ def test_generation_is_idempotent(page: Path) -> None:
     assert page.read_text(encoding="utf-8") == once == PAGE.read_text(encoding="utf-8")
 
 
-def test_generation_rewrites_only_the_marked_block(tmp_path: Path) -> None:
+def test_generation_rewrites_only_the_marked_blocks(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
     before = "# Title\n\nHand-written | prose with $9.99 / 1M in it.\n\n"
     begin = "<!-- rate-table:begin (generated; do not edit) -->\n"
-    after = "<!-- rate-table:end -->\n\nMore prose.\n"
-    page.write_text(before + begin + "stale text\n| old | row |\n" + after, encoding="utf-8")
+    between = "<!-- rate-table:end -->\n\nMore prose, $2.52 an hour.\n"
+    reserved_begin = "<!-- reserved-table:begin (generated) -->\n"
+    after = "<!-- reserved-table:end -->\n\nThe end.\n"
+    stale = "stale text\n| old | row |\n"
+    page.write_text(
+        before + begin + stale + between + reserved_begin + stale + after, encoding="utf-8"
+    )
 
     assert pricing_docs.run(rate_card=RATE_CARD, page=page, check=False) == 0
 
     text = page.read_text(encoding="utf-8")
+    card = load_rate_card(RATE_CARD)
     assert text.startswith(before + begin)
     assert text.endswith(after)
     assert "stale text" not in text
-    block = text[len(before + begin) : -len(after)]
-    assert block.splitlines() == pricing_docs.render_block(load_rate_card(RATE_CARD))
+    rates, reserved = text[len(before + begin) : -len(after)].split(between + reserved_begin)
+    assert rates.splitlines() == pricing_docs.render_block(card)
+    assert reserved.splitlines() == pricing_docs.render_reserved_block(card)
 
 
 def test_check_names_model_and_field_and_leaves_the_page(
@@ -214,3 +227,87 @@ def test_parser_names_the_line_of_a_malformed_table(
 def test_parser_needs_one_pair_of_markers_in_order(text: str) -> None:
     with pytest.raises(PricingPageError, match=r"^page\.md:"):
         parse_table(text, source="page.md")
+
+
+def test_committed_reserved_table_lists_the_offerings_in_order() -> None:
+    card = load_rate_card(RATE_CARD)
+    table = parse_reserved_table(PAGE.read_text(encoding="utf-8"))
+    assert table.version == card.version
+    assert table.rows == [
+        ReservedRow(
+            o.id,
+            card.by_id[o.model].name,
+            o.gpus_per_replica,
+            o.usd_per_replica_hour,
+            o.minimum_hours,
+        )
+        for o in card.reserved
+    ]
+    text = PAGE.read_text(encoding="utf-8")
+    assert "| `glm-5.1-fp8-8gpu` | GLM 5.1 FP8 | 8 | $20.16 | 1 hour |" in text
+    assert "accrued by the minute" in text
+
+
+def test_check_names_a_stale_reserved_price(
+    page: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    row = "| `deepseek-v4-flash-1gpu` | DeepSeek V4 Flash | 1 | $2.52 | none |"
+    page.write_text(
+        _replace_once(page.read_text(encoding="utf-8"), row, row.replace("$2.52", "$2.40")),
+        encoding="utf-8",
+    )
+
+    assert pricing_docs.run(rate_card=RATE_CARD, page=page, check=True) == 1
+
+    out = capsys.readouterr().out
+    assert (
+        f"drift: {page}: deepseek-v4-flash-1gpu: price per replica-hour $2.40 on the page, "
+        "$2.52 on the rate card"
+    ) in out
+
+
+def _reserved_block(*lines: str) -> str:
+    body = "\n".join(lines)
+    return (
+        "# Pricing\n\n<!-- reserved-table:begin (generated) -->\n"
+        f"{body}\n<!-- reserved-table:end -->\n"
+    )
+
+
+_RESERVED_VERSION = (
+    "Rate card version `2026-11-01`; prices are in USD per replica-hour, accrued by the minute."
+)
+_RESERVED_HEAD = (
+    "| Offering | Model | GPUs per replica | Per replica-hour | Minimum term |",
+    "|---|---|---|---|---|",
+)
+_FLASH = "| `deepseek-v4-flash-1gpu` | DeepSeek V4 Flash | 1 | $2.52 | none |"
+
+
+def test_reserved_parser_reads_terms() -> None:
+    glm = "| `glm-5.1-fp8-8gpu` | GLM 5.1 FP8 | 8 | $20.16 | 2 hours |"
+    table = parse_reserved_table(_reserved_block(_RESERVED_VERSION, *_RESERVED_HEAD, _FLASH, glm))
+    assert table.rows == [
+        ReservedRow("deepseek-v4-flash-1gpu", "DeepSeek V4 Flash", 1, "2.52", 0),
+        ReservedRow("glm-5.1-fp8-8gpu", "GLM 5.1 FP8", 8, "20.16", 2),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "words"),
+    [
+        ("| deepseek-v4-flash-1gpu | DeepSeek V4 Flash | 1 | $2.52 | none |", "offering"),
+        ("| `deepseek-v4-flash-1gpu` |  | 1 | $2.52 | none |", "name is empty"),
+        ("| `deepseek-v4-flash-1gpu` | DeepSeek V4 Flash | one | $2.52 | none |", "GPUs"),
+        ("| `deepseek-v4-flash-1gpu` | DeepSeek V4 Flash | 1 | 2.52 | none |", "price"),
+        ("| `deepseek-v4-flash-1gpu` | DeepSeek V4 Flash | 1 | $2.52 | 1 day |", "minimum term"),
+        ("| `deepseek-v4-flash-1gpu` | DeepSeek V4 Flash | 1 | $2.52 |", "5 cells"),
+        (_FLASH + "\n" + _FLASH, "listed twice"),
+    ],
+)
+def test_reserved_parser_names_the_line_of_a_malformed_row(row: str, words: str) -> None:
+    with pytest.raises(PricingPageError) as raised:
+        parse_reserved_table(
+            _reserved_block(_RESERVED_VERSION, *_RESERVED_HEAD, row), source="page.md"
+        )
+    assert "page.md:" in str(raised.value) and words in str(raised.value)
