@@ -1,4 +1,5 @@
-"""The ledger: workspaces, prepaid balances, spend caps, holds, keys, invoices and usage.
+"""The ledger: workspaces, prepaid balances, spend caps, holds, keys, invoices, usage and the
+money of reserved endpoints (their periods, each held before it starts and charged once).
 
 It is a single-threaded state machine. Every method is synchronous and runs to completion on
 the event loop with no `await` inside, so no two mutations interleave; each asserts the money
@@ -20,6 +21,7 @@ from typing import Final
 import msgspec
 
 from corvex.money import NANO_PER_CENT, format_usd
+from corvex.quoting import quote
 from corvex.ratecard import ModelRate
 from corvex_core import errors, state
 from corvex_core.records import (
@@ -28,18 +30,27 @@ from corvex_core.records import (
     AutoReloadSet,
     Charged,
     CreditsAdded,
+    EndpointCreated,
+    EndpointDeleted,
+    EndpointPeriodCharged,
+    EndpointResized,
+    EndpointResumed,
+    EndpointSuspended,
     KeyCreated,
     KeyLimits,
     KeyLimitsSet,
     KeyRevoked,
     Record,
     SpendCapSet,
+    SuspendedBy,
     TopUpMethod,
     WorkspaceCreated,
 )
 from corvex_core.state import (
     ApiKey,
     AutoReload,
+    Endpoint,
+    EndpointStatus,
     Invoice,
     LedgerState,
     Workspace,
@@ -55,6 +66,8 @@ MAX_NAME_CHARS: Final = 100
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 200
 # $1B in nano-USD: far beyond any real top-up, far below int64 overflow.
 MAX_AMOUNT_NANO: Final = 10**18
+# Replicas of one reserved endpoint: far beyond any pool, and what keeps its money in bounds.
+MAX_REPLICAS: Final = 1024
 # Key secrets: 43 characters of 62 carry 256 bits of entropy, and copy-paste cleanly.
 _SECRET_ALPHABET: Final = string.ascii_letters + string.digits
 
@@ -71,6 +84,9 @@ class UsageRow(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     cost_nano: int
+    # Set on a reserved endpoint's replica-time row (key_id "", no tokens).
+    endpoint_id: str = ""
+    replica_seconds: int = 0
 
 
 class Hold(msgspec.Struct):
@@ -87,6 +103,24 @@ class Hold(msgspec.Struct):
     resolved: bool = False
     # Set when the ledger fell back to the durable state (a failed journal write): the
     # money this hold held is gone with the state it was placed in, so it settles to nothing.
+    voided: bool = False
+
+
+class FixedHold(msgspec.Struct):
+    """Money reserved for a reserved endpoint's next period (a fixed amount, like a request's
+    hold in every other way: it counts against the balance and the spend cap, and it resolves
+    exactly once, charged or released)."""
+
+    id: str
+    workspace_id: str
+    endpoint_id: str
+    amount_nano: int
+    # What it covers: accrual periods (more than one for a minimum term) of `replicas`.
+    periods: int
+    replicas: int
+    rate_card_version: str
+    resolved: bool = False
+    # As for a request's hold: a rollback to the disk voids it, and it then resolves to nothing.
     voided: bool = False
 
 
@@ -110,11 +144,12 @@ class Ledger:
         self._clock = clock
         self._sink = sink
         self._holds: dict[str, Hold] = {}
+        self._fixed_holds: dict[str, FixedHold] = {}
         self.restore(state or LedgerState())
 
     def restore(self, state: LedgerState) -> None:
         """Replaces the whole state with a recovered one (a snapshot). Only before serving."""
-        assert not self._holds, "restore with requests in flight"
+        assert not self._holds and not self._fixed_holds, "restore with holds in place"
         self._install(state)
 
     def rollback(self, state: LedgerState, records: list[Record]) -> None:
@@ -123,7 +158,10 @@ class Ledger:
         to nothing, since no charge can be recorded any more."""
         for hold in self._holds.values():
             hold.voided = True
+        for fixed in self._fixed_holds.values():
+            fixed.voided = True
         self._holds.clear()
+        self._fixed_holds.clear()
         self._install(state)
         for record in records:
             self.apply(record)
@@ -204,11 +242,20 @@ class Ledger:
             if (since and day < since) or (until and day > until):
                 continue
             rows.append(UsageRow(day, row_key, model, *msgspec.structs.astuple(totals)))
-        rows.sort(key=lambda r: (r.day, r.key_id, r.model))
+        for bucket, used in self._state.endpoint_usage.get(workspace_id, {}).items():
+            day, endpoint_id = bucket.split("|", 1)
+            if key_id or (since and day < since) or (until and day > until):
+                continue
+            model = self._state.endpoints[endpoint_id].model_id
+            rows.append(
+                UsageRow(day, "", model, 0, 0, 0, used.cost_nano, endpoint_id, used.replica_s)
+            )
+        rows.sort(key=lambda r: (r.day, r.key_id, r.model, r.endpoint_id))
         return rows
 
     def held_total_nano(self) -> int:
-        return sum(h.amount_nano for h in self._holds.values())
+        held = sum(h.amount_nano for h in self._holds.values())
+        return held + sum(h.amount_nano for h in self._fixed_holds.values())
 
     # ---- account changes (each emits one record) -----------------------------------------
 
@@ -437,6 +484,248 @@ class Ledger:
         )
         self._commit(record)
         return record
+
+    # ---- reserved endpoints (issue 17) ----------------------------------------------------
+
+    def endpoint(self, endpoint_id: str) -> Endpoint:
+        endpoint = self._state.endpoints.get(endpoint_id)
+        if endpoint is None:
+            raise errors.NotFound(f"No reserved endpoint {quote(endpoint_id)}.")
+        return endpoint
+
+    def endpoints(self, workspace_id: str | None = None) -> list[Endpoint]:
+        """Endpoints not deleted, of one workspace or all, oldest first."""
+        if workspace_id is not None:
+            self.workspace(workspace_id)
+        return [
+            e
+            for e in self._state.endpoints.values()
+            if e.status is not EndpointStatus.DELETED
+            and (workspace_id is None or e.workspace_id == workspace_id)
+        ]
+
+    def create_endpoint(
+        self,
+        workspace_id: str,
+        *,
+        name: str,
+        model_id: str,
+        offering_id: str,
+        base_model: str,
+        replicas: int,
+        hold_nano: int,
+        hold_periods: int,
+        rate_card_version: str,
+        what: str,
+    ) -> tuple[Endpoint, FixedHold]:
+        """Records a new endpoint and holds its first period, or raises (InsufficientCredits,
+        InvalidRequest for a name in use) having changed nothing. The caller checked the name's
+        form, the offering and the capacity."""
+        ws = self.workspace(workspace_id)
+        _check_name(name)
+        assert 1 <= replicas <= MAX_REPLICAS
+        if any(e.model_id == model_id for e in self.endpoints(workspace_id)):
+            raise errors.InvalidRequest(
+                f"The workspace already has an endpoint named {quote(name)}.", param="name"
+            )
+        self._check_fixed_affordable(ws, hold_nano, what)
+        endpoint_id = "ep_" + secrets.token_hex(8)
+        self._commit(
+            EndpointCreated(
+                at_ms=self.now_ms(),
+                endpoint_id=endpoint_id,
+                workspace_id=workspace_id,
+                name=name,
+                model_id=model_id,
+                offering_id=offering_id,
+                base_model=base_model,
+                replicas=replicas,
+            )
+        )
+        endpoint = self.endpoint(endpoint_id)
+        hold = self._place_fixed(endpoint, hold_nano, hold_periods, replicas, rate_card_version)
+        return endpoint, hold
+
+    def hold_fixed(
+        self,
+        endpoint: Endpoint,
+        amount_nano: int,
+        *,
+        periods: int,
+        replicas: int,
+        rate_card_version: str,
+        what: str,
+    ) -> FixedHold:
+        """Holds an endpoint's next period. Raises InsufficientCredits (saying `what` could not
+        be covered, by the balance or by the spend cap) if the workspace cannot."""
+        self._check_fixed_affordable(self.workspace(endpoint.workspace_id), amount_nano, what)
+        return self._place_fixed(endpoint, amount_nano, periods, replicas, rate_card_version)
+
+    def _place_fixed(
+        self,
+        endpoint: Endpoint,
+        amount_nano: int,
+        periods: int,
+        replicas: int,
+        rate_card_version: str,
+    ) -> FixedHold:
+        assert 1 <= amount_nano <= MAX_AMOUNT_NANO and periods >= 1 and replicas >= 1
+        assert endpoint.status is not EndpointStatus.DELETED
+        ws = self.workspace(endpoint.workspace_id)
+        hold = FixedHold(
+            id="fhold_" + secrets.token_hex(12),
+            workspace_id=ws.id,
+            endpoint_id=endpoint.id,
+            amount_nano=amount_nano,
+            periods=periods,
+            replicas=replicas,
+            rate_card_version=rate_card_version,
+        )
+        ws.held_nano += amount_nano
+        self._fixed_holds[hold.id] = hold
+        check(ws)
+        cap_room = _cap_room_nano(ws)
+        assert cap_room is None or cap_room >= 0, "a fixed hold passed the spend cap"
+        return hold
+
+    def release_fixed(self, hold: FixedHold) -> None:
+        """Gives a fixed hold back uncharged (the endpoint was deleted, resized or stopped)."""
+        if hold.voided:
+            return
+        self._resolve_fixed(hold)
+        check(self.workspace(hold.workspace_id))
+
+    def charge_period(self, hold: FixedHold, *, start_ms: int, period_ms: int) -> Endpoint:
+        """Charges the held period: `hold.periods` accrual periods of `period_ms` from
+        `start_ms`, as the endpoint's next period id. Returns the endpoint."""
+        assert not hold.voided, "a voided hold cannot be charged"
+        endpoint = self.endpoint(hold.endpoint_id)
+        assert endpoint.replicas == hold.replicas, "the hold is for another replica count"
+        self._resolve_fixed(hold)
+        self._commit(
+            EndpointPeriodCharged(
+                at_ms=self.now_ms(),
+                endpoint_id=endpoint.id,
+                workspace_id=endpoint.workspace_id,
+                period=endpoint.period + 1,
+                start_ms=start_ms,
+                end_ms=start_ms + hold.periods * period_ms,
+                replicas=hold.replicas,
+                cost_nano=hold.amount_nano,
+                rate_card_version=hold.rate_card_version,
+            )
+        )
+        return endpoint
+
+    def resize_endpoint(
+        self,
+        endpoint_id: str,
+        replicas: int,
+        *,
+        charge_nano: int,
+        charged_replica_s: int,
+        hold: FixedHold | None,
+        what: str,
+    ) -> FixedHold | None:
+        """Records a new replica count, charging `charge_nano` for added replicas, and moves
+        `hold` (the next period's) to the new count. Raises InsufficientCredits, changing
+        nothing, if the workspace cannot pay the charge and the larger hold. Returns the new
+        hold (None when there was none)."""
+        endpoint = self.endpoint(endpoint_id)
+        ws = self.workspace(endpoint.workspace_id)
+        assert 1 <= replicas <= MAX_REPLICAS and 0 <= charge_nano <= MAX_AMOUNT_NANO
+        new_amount = 0
+        if hold is not None:
+            assert not hold.voided and hold.amount_nano % hold.replicas == 0
+            new_amount = hold.amount_nano // hold.replicas * replicas
+        released = hold.amount_nano if hold is not None else 0
+        if charge_nano + new_amount > released:
+            self._check_fixed_affordable(ws, charge_nano + new_amount, what, releasing=released)
+        if hold is not None:
+            self._resolve_fixed(hold)
+        self._commit(
+            EndpointResized(
+                at_ms=self.now_ms(),
+                endpoint_id=endpoint_id,
+                workspace_id=endpoint.workspace_id,
+                replicas=replicas,
+                charge_nano=charge_nano,
+                charged_replica_s=charged_replica_s,
+            )
+        )
+        if hold is None:
+            return None
+        return self._place_fixed(
+            endpoint, new_amount, hold.periods, replicas, hold.rate_card_version
+        )
+
+    def suspend_endpoint(self, endpoint_id: str, by: SuspendedBy) -> Endpoint:
+        endpoint = self.endpoint(endpoint_id)
+        self._commit(
+            EndpointSuspended(
+                at_ms=self.now_ms(),
+                endpoint_id=endpoint_id,
+                workspace_id=endpoint.workspace_id,
+                by=by,
+            )
+        )
+        return endpoint
+
+    def resume_endpoint(self, endpoint_id: str) -> Endpoint:
+        endpoint = self.endpoint(endpoint_id)
+        self._commit(
+            EndpointResumed(
+                at_ms=self.now_ms(), endpoint_id=endpoint_id, workspace_id=endpoint.workspace_id
+            )
+        )
+        return endpoint
+
+    def delete_endpoint(self, endpoint_id: str) -> Endpoint:
+        endpoint = self.endpoint(endpoint_id)
+        self._commit(
+            EndpointDeleted(
+                at_ms=self.now_ms(), endpoint_id=endpoint_id, workspace_id=endpoint.workspace_id
+            )
+        )
+        return endpoint
+
+    def _resolve_fixed(self, hold: FixedHold) -> None:
+        assert not hold.resolved, f"fixed hold {hold.id} resolved twice"
+        assert self._fixed_holds.pop(hold.id) is hold
+        hold.resolved = True
+        ws = self.workspace(hold.workspace_id)
+        ws.held_nano -= hold.amount_nano
+        assert ws.held_nano >= 0
+
+    def _check_fixed_affordable(
+        self, ws: Workspace, amount_nano: int, what: str, *, releasing: int = 0
+    ) -> None:
+        """Raises InsufficientCredits unless `amount_nano` fits the balance and the spend cap
+        once `releasing` (a hold about to be given back) is free again."""
+        available = ws.available_nano + releasing
+        cap_room = _cap_room_nano(ws)
+        if cap_room is not None:
+            cap_room += releasing
+        if amount_nano <= available and (cap_room is None or amount_nano <= cap_room):
+            return
+        by_cap = cap_room is not None and cap_room < available
+        if by_cap:
+            assert ws.spend_cap_nano is not None and cap_room is not None
+            reason = (
+                f"the monthly spend cap of ${format_usd(ws.spend_cap_nano)} leaves "
+                f"${format_usd(max(cap_room, 0))} in {ws.month}"
+            )
+        else:
+            held = f", ${format_usd(ws.held_nano)} of it held" if ws.held_nano else ""
+            reason = f"the balance is ${format_usd(ws.balance_nano)}{held}"
+        raise errors.InsufficientCredits(
+            f"{what} costs ${format_usd(amount_nano)}, but {reason}.",
+            metadata={
+                "limit": "spend_cap" if by_cap else "balance",
+                "available_nano_usd": str(max(_spendable_nano(ws), 0)),
+                "needed_nano_usd": str(amount_nano),
+            },
+        )
 
     def needs_auto_reload(self, workspace_id: str) -> AutoReload | None:
         ws = self.workspace(workspace_id)

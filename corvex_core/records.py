@@ -105,6 +105,72 @@ class Charged(_Record, tag="charge", frozen=True):
     rate_card_version: str
 
 
+# ---- Reserved endpoints (issue 17) -----------------------------------------------------------
+# An endpoint's life and its money. Every period an endpoint is billed for is one
+# EndpointPeriodCharged, numbered 1, 2, 3, ... per endpoint: recovery sees exactly which periods
+# were charged, so none is charged twice and none that was served is lost.
+
+
+class SuspendedBy(enum.StrEnum):
+    """What could not cover an endpoint's next period."""
+
+    BALANCE = "balance"
+    SPEND_CAP = "spend_cap"
+
+
+class EndpointCreated(_Record, tag="ep", frozen=True):
+    endpoint_id: str
+    workspace_id: str
+    name: str
+    # What the workspace's keys send: `<workspace-slug>/<name>`.
+    model_id: str
+    offering_id: str
+    base_model: str
+    replicas: int
+
+
+class EndpointPeriodCharged(_Record, tag="ep_period", frozen=True):
+    """One billing period of an endpoint, prepaid at its start: [start_ms, end_ms)."""
+
+    endpoint_id: str
+    workspace_id: str
+    period: int
+    start_ms: int
+    end_ms: int
+    replicas: int
+    cost_nano: int
+    rate_card_version: str
+
+
+class EndpointResized(_Record, tag="ep_resize", frozen=True):
+    """A new replica count. `charge_nano` bills added replicas for the rest of the period."""
+
+    endpoint_id: str
+    workspace_id: str
+    replicas: int
+    charge_nano: int
+    # Replica-seconds that charge pays for (for usage).
+    charged_replica_s: int
+
+
+class EndpointSuspended(_Record, tag="ep_suspend", frozen=True):
+    endpoint_id: str
+    workspace_id: str
+    by: SuspendedBy
+
+
+class EndpointResumed(_Record, tag="ep_resume", frozen=True):
+    endpoint_id: str
+    workspace_id: str
+
+
+class EndpointDeleted(_Record, tag="ep_delete", frozen=True):
+    endpoint_id: str
+    workspace_id: str
+
+
+# ---- end of reserved endpoints ---------------------------------------------------------------
+
 Record = (
     WorkspaceCreated
     | CreditsAdded
@@ -115,6 +181,12 @@ Record = (
     | KeyRevoked
     | KeyLimitsSet
     | Charged
+    | EndpointCreated
+    | EndpointPeriodCharged
+    | EndpointResized
+    | EndpointSuspended
+    | EndpointResumed
+    | EndpointDeleted
 )
 
 _encoder = msgspec.msgpack.Encoder()

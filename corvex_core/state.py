@@ -1,13 +1,15 @@
 """The ledger's durable state, and the one way it changes: applying a journal record.
 
 What a snapshot holds and recovery rebuilds: workspaces (balance, cap, month spend, auto-reload),
-keys, invoices, idempotency keys and usage totals. `apply` is a pure state transition, the
-same live and during recovery; it asserts the money invariants of every workspace it touches.
-It knows nothing of holds, validation or the journal: that is the ledger's.
+keys, invoices, idempotency keys, usage totals, and reserved endpoints with their billing.
+`apply` is a pure state transition, the same live and during recovery; it asserts the money
+invariants of every workspace (and endpoint) it touches. It knows nothing of holds, validation
+or the journal: that is the ledger's.
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,12 +21,19 @@ from corvex_core.records import (
     AutoReloadSet,
     Charged,
     CreditsAdded,
+    EndpointCreated,
+    EndpointDeleted,
+    EndpointPeriodCharged,
+    EndpointResized,
+    EndpointResumed,
+    EndpointSuspended,
     KeyCreated,
     KeyLimits,
     KeyLimitsSet,
     KeyRevoked,
     Record,
     SpendCapSet,
+    SuspendedBy,
     TopUpMethod,
     WorkspaceCreated,
 )
@@ -104,6 +113,38 @@ class UsageTotals(msgspec.Struct):
     cost_nano: int = 0
 
 
+class EndpointStatus(enum.StrEnum):
+    """The durable part of a reserved endpoint's life (running or starting is the core's)."""
+
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    DELETED = "deleted"
+
+
+class Endpoint(msgspec.Struct):
+    """A reserved endpoint: what it rents, and how far it is billed."""
+
+    id: str
+    workspace_id: str
+    name: str
+    model_id: str
+    offering_id: str
+    base_model: str
+    replicas: int
+    created_ms: int
+    status: EndpointStatus = EndpointStatus.ACTIVE
+    suspended_by: SuspendedBy | None = None
+    # The last period charged (0: none yet) and where it ends.
+    period: int = 0
+    paid_until_ms: int = 0
+    charged_nano: int = 0
+
+
+class EndpointUsage(msgspec.Struct):
+    replica_s: int = 0
+    cost_nano: int = 0
+
+
 class LedgerState(msgspec.Struct):
     """Everything durable: what a snapshot holds. Holds are not part of it."""
 
@@ -116,6 +157,10 @@ class LedgerState(msgspec.Struct):
     usage: dict[str, dict[str, UsageTotals]] = msgspec.field(default_factory=dict)
     next_invoice: int = 1
     charges: int = 0
+    # Reserved endpoints by id, in creation order, and their replica time:
+    # workspace id → "day|endpoint id" → totals.
+    endpoints: dict[str, Endpoint] = msgspec.field(default_factory=dict)
+    endpoint_usage: dict[str, dict[str, EndpointUsage]] = msgspec.field(default_factory=dict)
 
 
 def idempotency_slot(workspace_id: str, key: str) -> str:
@@ -236,6 +281,89 @@ def _key_limits_set(state: LedgerState, record: KeyLimitsSet) -> None:
     state.keys[record.key_id].limits = record.limits
 
 
+# ---- reserved endpoints (issue 17) -----------------------------------------------------------
+
+
+def _spend(
+    state: LedgerState, endpoint: Endpoint, at_ms: int, cost_nano: int, replica_s: int
+) -> None:
+    """Takes an endpoint's charge from its workspace, into the month's spend and its usage."""
+    ws = state.workspaces[endpoint.workspace_id]
+    roll_month(ws, at_ms)
+    assert 0 <= cost_nano <= ws.balance_nano, "an endpoint charge would overdraw"
+    assert replica_s >= 0
+    ws.balance_nano -= cost_nano
+    ws.month_spend_nano += cost_nano
+    endpoint.charged_nano += cost_nano
+    cost = cost_nano
+    bucket = f"{day_of(at_ms)}|{endpoint.id}"
+    totals = state.endpoint_usage.setdefault(ws.id, {}).setdefault(bucket, EndpointUsage())
+    totals.replica_s += replica_s
+    totals.cost_nano += cost
+
+
+def _endpoint_created(state: LedgerState, record: EndpointCreated) -> None:
+    assert record.endpoint_id not in state.endpoints
+    assert record.workspace_id in state.workspaces
+    assert record.replicas >= 1
+    assert not any(
+        e.workspace_id == record.workspace_id
+        and e.model_id == record.model_id
+        and e.status is not EndpointStatus.DELETED
+        for e in state.endpoints.values()
+    ), "two live endpoints of one workspace share a model id"
+    state.endpoints[record.endpoint_id] = Endpoint(
+        id=record.endpoint_id,
+        workspace_id=record.workspace_id,
+        name=record.name,
+        model_id=record.model_id,
+        offering_id=record.offering_id,
+        base_model=record.base_model,
+        replicas=record.replicas,
+        created_ms=record.at_ms,
+    )
+
+
+def _endpoint_period_charged(state: LedgerState, record: EndpointPeriodCharged) -> None:
+    endpoint = state.endpoints[record.endpoint_id]
+    assert endpoint.workspace_id == record.workspace_id
+    assert endpoint.status is EndpointStatus.ACTIVE, "a period charged while not active"
+    assert record.period == endpoint.period + 1, "a period charged twice or skipped"
+    assert record.start_ms >= endpoint.paid_until_ms, "periods overlap"
+    assert record.end_ms > record.start_ms and record.replicas == endpoint.replicas
+    replica_s = record.replicas * (record.end_ms - record.start_ms) // 1000
+    _spend(state, endpoint, record.at_ms, record.cost_nano, replica_s)
+    endpoint.period = record.period
+    endpoint.paid_until_ms = record.end_ms
+
+
+def _endpoint_resized(state: LedgerState, record: EndpointResized) -> None:
+    endpoint = state.endpoints[record.endpoint_id]
+    assert endpoint.workspace_id == record.workspace_id
+    assert endpoint.status is not EndpointStatus.DELETED and record.replicas >= 1
+    assert record.charge_nano == 0 or record.replicas > endpoint.replicas
+    _spend(state, endpoint, record.at_ms, record.charge_nano, record.charged_replica_s)
+    endpoint.replicas = record.replicas
+
+
+def _endpoint_suspended(state: LedgerState, record: EndpointSuspended) -> None:
+    endpoint = state.endpoints[record.endpoint_id]
+    assert endpoint.status is EndpointStatus.ACTIVE, "suspended while not active"
+    endpoint.status, endpoint.suspended_by = EndpointStatus.SUSPENDED, record.by
+
+
+def _endpoint_resumed(state: LedgerState, record: EndpointResumed) -> None:
+    endpoint = state.endpoints[record.endpoint_id]
+    assert endpoint.status is EndpointStatus.SUSPENDED, "resumed while not suspended"
+    endpoint.status, endpoint.suspended_by = EndpointStatus.ACTIVE, None
+
+
+def _endpoint_deleted(state: LedgerState, record: EndpointDeleted) -> None:
+    endpoint = state.endpoints[record.endpoint_id]
+    assert endpoint.status is not EndpointStatus.DELETED, "deleted twice"
+    endpoint.status, endpoint.suspended_by = EndpointStatus.DELETED, None
+
+
 _APPLY: dict[type[Any], Callable[[LedgerState, Any], None]] = {
     Charged: _charged,
     CreditsAdded: _credits_added,
@@ -246,5 +374,11 @@ _APPLY: dict[type[Any], Callable[[LedgerState, Any], None]] = {
     KeyCreated: _key_created,
     KeyRevoked: _key_revoked,
     KeyLimitsSet: _key_limits_set,
+    EndpointCreated: _endpoint_created,
+    EndpointPeriodCharged: _endpoint_period_charged,
+    EndpointResized: _endpoint_resized,
+    EndpointSuspended: _endpoint_suspended,
+    EndpointResumed: _endpoint_resumed,
+    EndpointDeleted: _endpoint_deleted,
 }
 assert set(_APPLY) == set(Record.__args__), "every record type needs its transition"
