@@ -23,6 +23,15 @@ class Served(msgspec.Struct, frozen=True):
     rate: ModelRate
     rate_card_version: str
     engine: Engine
+    # A reserved endpoint's replica: the endpoint's id, and the bounded label its calls get in
+    # metrics (its base model, not its own model id). Empty on the shared fleet.
+    endpoint_id: str = ""
+    metric_model: str = ""
+
+    @property
+    def label(self) -> str:
+        """The model its calls are counted under in metrics: a catalogue id or a reserved one."""
+        return self.metric_model or self.rate.id
 
 
 class Catalogue:

@@ -93,6 +93,37 @@ class EnginesConfig(msgspec.Struct, forbid_unknown_fields=True):
         return self.models.get(model_id, self.default)
 
 
+class ReservedPoolConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The capacity of one reserved offering on this core: how many replicas can exist at once.
+
+    Simulated engines: `replicas` new engine instances. vLLM: `devices`, the GPUs of each
+    replica (one list per replica, each as long as the offering's gpus_per_replica), which the
+    shared engines must not use; their number is the pool's size.
+    """
+
+    replicas: int = 0
+    devices: list[list[int]] | None = None
+    # What each replica runs. Unset: the model's engine in `core.engines`.
+    engine: EngineConfig | None = None
+
+
+class ReservedConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Reserved endpoints: the capacity pool per offering and the billing period."""
+
+    # Offering id (from the rate card's `reserved:`) → its capacity on this core. An offering
+    # without a pool cannot be rented here.
+    pools: dict[str, ReservedPoolConfig] = msgspec.field(default_factory=dict)
+    # Seconds per billing period. 60 is the pricing page's accrual by the minute; a shorter
+    # divisor of 60 is for tests and demos (every offering's price must split into whole
+    # nano-USD periods, or the core refuses to start).
+    period_s: int = 60
+    # How often the billing loop looks at every endpoint; a top-up or a cap change wakes it
+    # at once, so a suspended endpoint resumes within this bound.
+    tick_s: float = 1.0
+    # How long CreateEndpoint waits for the replicas to be ready before it answers STARTING.
+    create_wait_s: float = 10.0
+
+
 class AccountsConfig(msgspec.Struct, forbid_unknown_fields=True):
     """Money rules that are policy rather than code."""
 
@@ -156,3 +187,4 @@ class CoreConfig(msgspec.Struct, forbid_unknown_fields=True):
     accounts: AccountsConfig = msgspec.field(default_factory=AccountsConfig)
     journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
     engines: EnginesConfig = msgspec.field(default_factory=EnginesConfig)
+    reserved: ReservedConfig = msgspec.field(default_factory=ReservedConfig)

@@ -28,6 +28,7 @@ class Reason(enum.Enum):
     INVALID_ADMIN_TOKEN = "INVALID_ADMIN_TOKEN"
     NOT_FOUND = "NOT_FOUND"
     SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
+    CAPACITY_UNAVAILABLE = "CAPACITY_UNAVAILABLE"
 
 
 class CorvexError(Exception):
@@ -122,3 +123,9 @@ class ServiceUnavailable(CorvexError):
     """The core cannot take work: it is draining or its journal cannot write."""
 
     reason = Reason.SERVICE_UNAVAILABLE
+
+
+class CapacityUnavailable(CorvexError):
+    """A reserved offering's capacity pool cannot give an endpoint the replicas it asks for."""
+
+    reason = Reason.CAPACITY_UNAVAILABLE

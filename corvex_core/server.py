@@ -25,6 +25,7 @@ from corvex.money import NANO_PER_USD, cents_from_usd
 from corvex.ratecard import ModelRate, RateCard, RateCardError, load_rate_card
 from corvex.v1 import accounts_pb2, accounts_pb2_grpc, inference_pb2, inference_pb2_grpc
 from corvex_core import ops_http
+from corvex_core.capacity import CapacityError, CapacityPool
 from corvex_core.catalogue import Catalogue
 from corvex_core.config import CoreConfig
 from corvex_core.engines.base import Engine, EngineError
@@ -36,8 +37,10 @@ from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter, Metering, UnmeteredMeter
 from corvex_core.payments import AutoReloader, PaymentProvider, make_provider
 from corvex_core.records import Record
+from corvex_core.reserved import ReservedEndpoints
 from corvex_core.servicers import accounts, inference
 from corvex_core.servicers.accounts import AccountsServicer
+from corvex_core.servicers.authorization import Authorizer
 from corvex_core.servicers.inference import InferenceServicer
 from corvex_core.servicers.interceptor import CallInterceptor
 from corvex_core.serving import Service
@@ -133,8 +136,9 @@ class Core:
         self.health = health.aio.HealthServicer()
         self.telemetry = Telemetry()
         secure_data_dir(self.data_dir)
+        self._admin_token = admin_token(config, self.data_dir)
         interceptor = CallInterceptor(
-            admin_token=admin_token(config, self.data_dir),
+            admin_token=self._admin_token,
             telemetry=self.telemetry,
             lifecycle=self.lifecycle,
             kinds={**inference.CALL_KINDS, **accounts.CALL_KINDS},
@@ -174,7 +178,24 @@ class Core:
             if config.benchmark_unmetered
             else Meter(self.ledger, self.limiter, reloader=self.reloader)
         )
-        self.service = Service(self.catalogue, self.meter, self.lifecycle, self.durable)
+        try:
+            self.pool = CapacityPool.from_config(config, rate_card)
+        except CapacityError as exc:
+            raise StartupError(str(exc)) from exc
+        self.reserved = ReservedEndpoints(
+            self.ledger,
+            self.catalogue,
+            self.pool,
+            period_s=config.reserved.period_s,
+            engine_factory=lambda model, engine, context: build_engine(
+                model, engine, context_length=context
+            ),
+            after_charge=self.reloader.check,
+            accepting=lambda: self.lifecycle.accepting,
+        )
+        self.service = Service(
+            self.catalogue, self.meter, self.lifecycle, self.durable, reserved=self.reserved
+        )
         self.port = 0
         self.metrics_port = 0
         self.last_reload_error = ""
@@ -197,6 +218,9 @@ class Core:
                 durable=self.durable,
                 starter_credits_cents=cents_from_usd(accounts.starter_credits_usd),
                 min_topup_cents=cents_from_usd(accounts.min_topup_usd),
+                reserved=self.reserved,
+                authorizer=Authorizer(self._admin_token),
+                create_wait_s=self.config.reserved.create_wait_s,
             ),
             self.server,
         )
@@ -216,6 +240,10 @@ class Core:
         log.info("core listening on %s:%d (not serving until ready)", self.config.host, self.port)
         await self._start_ops()
         await self._recover()
+        try:
+            self.reserved.recover()
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
         engines = self.catalogue.engines
         try:
             await asyncio.gather(*(engine.start() for engine in engines))
@@ -224,6 +252,7 @@ class Core:
         for engine in engines:
             log.info("engine ready", extra={"model": engine.model_id, "engine": engine.kind})
         self._background(self._housekeeping())
+        self._background(self.reserved.run(self.config.reserved.tick_s))
         self.lifecycle.serving()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("core serving %d models", len(engines))
@@ -239,7 +268,13 @@ class Core:
             log.warning("benchmark_unmetered is on: no key, limit or charge is checked")
         if self.journal is None:
             log.warning("the journal is disabled (benchmark mode): nothing survives a restart")
-            self.ledger.set_sink(self.telemetry.on_record)
+            telemetry_record, reserved_record = self.telemetry.on_record, self.reserved.on_record
+
+            def memory_sink(record: Record) -> None:
+                telemetry_record(record)
+                reserved_record(record)
+
+            self.ledger.set_sink(memory_sink)
             return
         recovery = await asyncio.to_thread(self.journal.recover)
         if recovery.state is not None:
@@ -258,10 +293,12 @@ class Core:
         self.journal.on_batch = self.telemetry.on_journal_batch
         self.journal.on_failure = self._on_journal_failure
         journal_append, on_record = self.journal.append, self.telemetry.on_record
+        reserved_record = self.reserved.on_record
 
         def sink(record: Record) -> None:
             journal_append(record)
             on_record(record)
+            reserved_record(record)
 
         self.ledger.set_sink(sink)
         state = self.ledger.state
@@ -364,6 +401,7 @@ class Core:
     def health_details(self) -> dict[str, Any]:
         card = self.catalogue.rate_card
         journal = self.journal
+        reserved_engines = self.reserved.engines()
         return {
             "serving": self.lifecycle.accepting,
             "reason": self.lifecycle.refusal,
@@ -391,6 +429,18 @@ class Core:
                 else {"enabled": False}
             ),
             "active_streams": self.lifecycle.active_streams,
+            "reserved": {
+                view.endpoint.id: {
+                    "model": view.endpoint.model_id,
+                    "status": view.status.value,
+                    "replicas": view.endpoint.replicas,
+                    "engines": [
+                        {"state": e.state.value, "running": e.stats().running}
+                        for e in reserved_engines.get(view.endpoint.id, [])
+                    ],
+                }
+                for view in self.reserved.views()
+            },
         }
 
     async def reload_rate_card(self) -> bool:
@@ -409,6 +459,8 @@ class Core:
                         f"{self.config.rate_card}: the card changed but its version is still "
                         f"{card.version}; give every change a new version"
                     )
+                CapacityPool.from_config(self.config, card)  # the pool still fits the card
+                self.reserved.check_card(card)
                 added = build_engines(
                     self.config, [m for m in card.models if not self.catalogue.has_engine(m.id)]
                 )
@@ -467,6 +519,7 @@ class Core:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.reloader.close()
+        await self.reserved.close()
         await asyncio.gather(*(e.shutdown() for e in self.catalogue.engines))
         if self.journal is not None:
             await self.journal.close()

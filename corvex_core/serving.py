@@ -1,6 +1,7 @@
 """Serving: the life of one request, from the caller's key to its durable charge.
 
-It authenticates the key, finds the served model, renders and counts the prompt, admits the
+It authenticates the key, finds the served model (the key's workspace's own reserved endpoint,
+or the shared fleet's catalogue model), renders and counts the prompt, admits the
 request (metering), runs it on the engine, settles it exactly once however it ends (finished,
 aborted, failed, client gone), and makes the charge durable before the result is final. It
 records what it learns on the call's telemetry record. Servicers only convert wire ⇄ the types
@@ -41,6 +42,7 @@ from corvex_core.lifecycle import Lifecycle
 from corvex_core.limits import LimitState
 from corvex_core.metering import Metering, Ticket
 from corvex_core.records import Charged
+from corvex_core.reserved import EndpointView, ReservedEndpoints
 from corvex_core.state import ApiKey
 from corvex_core.telemetry import CallRecord
 
@@ -98,26 +100,42 @@ class Service:
     """What the Inference servicer calls. One per core."""
 
     def __init__(
-        self, catalogue: Catalogue, meter: Metering, lifecycle: Lifecycle, durable: Durable
+        self,
+        catalogue: Catalogue,
+        meter: Metering,
+        lifecycle: Lifecycle,
+        durable: Durable,
+        reserved: ReservedEndpoints | None = None,
     ) -> None:
         self._catalogue = catalogue
         self._meter = meter
         self._lifecycle = lifecycle
         self._durable = durable
+        self._reserved = reserved
 
     def authenticate(self, secret: str | None, call: CallRecord) -> ApiKey:
         key = self._meter.authenticate(secret)
         call.key_id, call.workspace_id = key.id, key.workspace_id
         return key
 
-    def lookup(self, model: str, call: CallRecord) -> Served:
-        served = self._catalogue.lookup(model)
-        call.model = served.rate.id  # only catalogue ids become metric labels
+    def endpoints_of(self, key: ApiKey) -> list[EndpointView]:
+        """The key's workspace's reserved endpoints (what its model list adds)."""
+        return self._reserved.views(key.workspace_id) if self._reserved is not None else []
+
+    def lookup(self, key: ApiKey, model: str, call: CallRecord) -> Served:
+        """The key's workspace's own reserved endpoint by that id, else the shared fleet's
+        model. Another workspace's endpoint id is not found, like any unknown model."""
+        served = None
+        if self._reserved is not None:
+            served = self._reserved.lookup(key.workspace_id, model)
+        if served is None:
+            served = self._catalogue.lookup(model)
+        call.model = served.label  # only catalogue ids become metric labels
         return served
 
     async def admit_chat(self, key: ApiKey, params: ChatParams, call: CallRecord) -> Generation:
         """Renders, counts and admits a chat request; raises the error that refuses it."""
-        served = self.lookup(params.model, call)
+        served = self.lookup(key, params.model, call)
         with engine_errors():
             prompt = await served.engine.render_chat(params.messages, params.context)
         return self._admit(
@@ -128,7 +146,7 @@ class Service:
         self, key: ApiKey, params: CompletionParams, call: CallRecord
     ) -> Generation:
         """Tokenizes and admits a completions request; raises the error that refuses it."""
-        served = self.lookup(params.model, call)
+        served = self.lookup(key, params.model, call)
         with engine_errors():
             prompt = await served.engine.render_completion(params.prompt)
         return self._admit(
@@ -166,7 +184,7 @@ class Service:
         dimensions: int | None,
         call: CallRecord,
     ) -> EmbedResult:
-        served = self.lookup(model, call)
+        served = self.lookup(key, model, call)
         engine = served.engine
         if not engine.supports_embeddings:
             raise errors.InvalidRequest(
@@ -199,7 +217,7 @@ class Service:
     ) -> tuple[int, int]:
         """Tokens of a conversation (after the chat template) or of a text, and the context
         length. Not charged, but counted against the key's requests per minute."""
-        served = self.lookup(model, call)
+        served = self.lookup(key, model, call)
         self._meter.count_call(key)
         with engine_errors():
             if messages:

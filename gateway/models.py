@@ -1,6 +1,8 @@
 """GET /v1/models and /v1/models/{id}: OpenAI's model list, with Corvex's prices on each entry.
 
-Read from the core on every call, so a rate-card reload shows in the very next response.
+Read from the core on every call, so a rate-card reload shows in the very next response. Each
+entry lists the model's reserved offerings; with an API key, the key's workspace also sees its
+own reserved endpoints (the core decides which: the key travels as on every other call).
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ from aiohttp import web
 
 from corvex import model_ids
 from corvex.v1 import errors_pb2, inference_pb2
+from gateway import upstream
 from gateway.errors import BY_REASON, ApiError
-from gateway.state import EDGE
+from gateway.state import EDGE, REQUEST_ID
 
 _encoder = msgspec.json.Encoder()
 
 
 def model_json(model: inference_pb2.Model, version: str) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "id": model.id,
         "object": "model",
         "created": model.created,
@@ -35,14 +38,37 @@ def model_json(model: inference_pb2.Model, version: str) -> dict[str, Any]:
             "input": model.input_usd_per_million,
             "output": model.output_usd_per_million,
         },
+        "reserved": [
+            {
+                "id": offering.id,
+                "model": offering.model,
+                "gpus_per_replica": offering.gpus_per_replica,
+                "usd_per_replica_hour": offering.usd_per_replica_hour,
+                "minimum_hours": offering.minimum_hours,
+                "accrual": "per minute",
+            }
+            for offering in model.reserved_offerings
+        ],
         "rate_card_version": version,
     }
+    if model.HasField("reserved_endpoint"):
+        endpoint = model.reserved_endpoint
+        body["reserved_endpoint"] = {
+            "id": endpoint.endpoint_id,
+            "offering": endpoint.offering,
+            "base_model": endpoint.base_model,
+            "replicas": endpoint.replicas,
+            "status": endpoint.status,
+        }
+    return body
 
 
 async def _catalogue(request: web.Request) -> inference_pb2.ListModelsResponse:
     edge = request.app[EDGE]
     result: inference_pb2.ListModelsResponse = await edge.inference.ListModels(
-        inference_pb2.ListModelsRequest(), timeout=10
+        inference_pb2.ListModelsRequest(),
+        metadata=upstream.metadata(request.headers.get("Authorization"), request[REQUEST_ID]),
+        timeout=10,
     )
     return result
 

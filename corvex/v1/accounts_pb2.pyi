@@ -8,9 +8,14 @@ API keys and their limits, usage and invoices. Every call needs the admin creden
 
 Money is integer nano-USD (1e-9 USD). Top-ups, caps and auto-reload amounts are whole cents,
 so their nano-USD values are multiples of 10,000,000.
+
+Reserved endpoints (the block at the end of the service) are rented by a workspace: the
+calls on one workspace's endpoints take the admin credential (and, with the dashboard, the
+workspace owner's session).
 """
 
 from collections import abc as _abc
+from corvex.v1 import inference_pb2 as _inference_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
@@ -79,6 +84,54 @@ INVOICE_FORMAT_JSON: InvoiceFormat.ValueType  # 1
 INVOICE_FORMAT_HTML: InvoiceFormat.ValueType  # 2
 """/ Printable HTML ("text/html")."""
 Global___InvoiceFormat: _TypeAlias = InvoiceFormat  # noqa: Y015
+
+class _EndpointStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EndpointStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EndpointStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENDPOINT_STATUS_UNSPECIFIED: _EndpointStatus.ValueType  # 0
+    """/ Not used."""
+    ENDPOINT_STATUS_STARTING: _EndpointStatus.ValueType  # 1
+    """/ Its replicas are loading; not billed yet. Requests get ENGINE_UNAVAILABLE (retry)."""
+    ENDPOINT_STATUS_RUNNING: _EndpointStatus.ValueType  # 2
+    """/ Serving and billed by the period."""
+    ENDPOINT_STATUS_SUSPENDED: _EndpointStatus.ValueType  # 3
+    """/ The balance or spend cap could not cover the next period: replicas released, nothing
+    / billed, requests get INSUFFICIENT_CREDITS. A top-up or cap raise resumes it.
+    """
+    ENDPOINT_STATUS_WAITING_FOR_CAPACITY: _EndpointStatus.ValueType  # 4
+    """/ Rented, but this core's pool has too few free replicas for it (after a restart with a
+    / smaller pool, or on resuming); not billed. It starts when capacity frees.
+    """
+    ENDPOINT_STATUS_FAILED: _EndpointStatus.ValueType  # 5
+    """/ Its engines failed to start (see `status_reason`); not billed. Resize or delete it."""
+    ENDPOINT_STATUS_DELETED: _EndpointStatus.ValueType  # 6
+    """/ Deleted; kept for its history."""
+
+class EndpointStatus(_EndpointStatus, metaclass=_EndpointStatusEnumTypeWrapper):
+    """/ Where an endpoint is in its life."""
+
+ENDPOINT_STATUS_UNSPECIFIED: EndpointStatus.ValueType  # 0
+"""/ Not used."""
+ENDPOINT_STATUS_STARTING: EndpointStatus.ValueType  # 1
+"""/ Its replicas are loading; not billed yet. Requests get ENGINE_UNAVAILABLE (retry)."""
+ENDPOINT_STATUS_RUNNING: EndpointStatus.ValueType  # 2
+"""/ Serving and billed by the period."""
+ENDPOINT_STATUS_SUSPENDED: EndpointStatus.ValueType  # 3
+"""/ The balance or spend cap could not cover the next period: replicas released, nothing
+/ billed, requests get INSUFFICIENT_CREDITS. A top-up or cap raise resumes it.
+"""
+ENDPOINT_STATUS_WAITING_FOR_CAPACITY: EndpointStatus.ValueType  # 4
+"""/ Rented, but this core's pool has too few free replicas for it (after a restart with a
+/ smaller pool, or on resuming); not billed. It starts when capacity frees.
+"""
+ENDPOINT_STATUS_FAILED: EndpointStatus.ValueType  # 5
+"""/ Its engines failed to start (see `status_reason`); not billed. Resize or delete it."""
+ENDPOINT_STATUS_DELETED: EndpointStatus.ValueType  # 6
+"""/ Deleted; kept for its history."""
+Global___EndpointStatus: _TypeAlias = EndpointStatus  # noqa: Y015
 
 @_typing.final
 class CreateWorkspaceRequest(_message.Message):
@@ -703,6 +756,8 @@ class UsageRow(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     COST_NANO_USD_FIELD_NUMBER: _builtins.int
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_SECONDS_FIELD_NUMBER: _builtins.int
     day: _builtins.str
     """/ "YYYY-MM-DD" (UTC)."""
     key_id: _builtins.str
@@ -717,6 +772,13 @@ class UsageRow(_message.Message):
     """/ Completion tokens."""
     cost_nano_usd: _builtins.int
     """/ Cost, nano-USD."""
+    endpoint_id: _builtins.str
+    """/ Reserved endpoints (issue 17): set on the row of an endpoint's replica time, whose
+    / `key_id` is empty, `model` the endpoint's model id and counts of tokens zero. (Tokens
+    / through an endpoint are on the rows of the keys that sent them, with cost 0.)
+    """
+    replica_seconds: _builtins.int
+    """/ Replica-seconds billed on that row (a replica for a minute is 60)."""
     def __init__(
         self,
         *,
@@ -727,10 +789,12 @@ class UsageRow(_message.Message):
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
         cost_nano_usd: _builtins.int = ...,
+        endpoint_id: _builtins.str = ...,
+        replica_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "cost_nano_usd", b"cost_nano_usd", "day", b"day", "key_id", b"key_id", "model", b"model", "prompt_tokens", b"prompt_tokens", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "cost_nano_usd", b"cost_nano_usd", "day", b"day", "endpoint_id", b"endpoint_id", "key_id", b"key_id", "model", b"model", "prompt_tokens", b"prompt_tokens", "replica_seconds", b"replica_seconds", "requests", b"requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -911,3 +975,325 @@ class InvoiceDocument(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InvoiceDocument: _TypeAlias = InvoiceDocument  # noqa: Y015
+
+@_typing.final
+class CreateEndpointRequest(_message.Message):
+    """---- Reserved endpoints (issue 17) --------------------------------------------------------
+
+    / Rents a reserved endpoint.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_ID_FIELD_NUMBER: _builtins.int
+    OFFERING_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    workspace_id: _builtins.str
+    """/ Workspace id; the endpoint bills its balance and spend cap."""
+    offering: _builtins.str
+    """/ Offering id of the rate card, for example "deepseek-v4-flash-1gpu"."""
+    replicas: _builtins.int
+    """/ Replicas, from 1 to the offering's capacity on this core."""
+    name: _builtins.str
+    """/ 1 to 40 of a-z, 0-9 and "-", starting and ending with a letter or digit; unique among
+    / the workspace's endpoints that are not deleted. The model id is `<workspace-slug>/<name>`.
+    """
+    def __init__(
+        self,
+        *,
+        workspace_id: _builtins.str = ...,
+        offering: _builtins.str = ...,
+        replicas: _builtins.int = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "offering", b"offering", "replicas", b"replicas", "workspace_id", b"workspace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateEndpointRequest: _TypeAlias = CreateEndpointRequest  # noqa: Y015
+
+@_typing.final
+class Endpoint(_message.Message):
+    """/ A reserved endpoint and its billing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    WORKSPACE_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    OFFERING_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_REASON_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    PERIODS_BILLED_FIELD_NUMBER: _builtins.int
+    PAID_UNTIL_FIELD_NUMBER: _builtins.int
+    CHARGED_NANO_USD_FIELD_NUMBER: _builtins.int
+    HELD_NANO_USD_FIELD_NUMBER: _builtins.int
+    USD_PER_REPLICA_HOUR_FIELD_NUMBER: _builtins.int
+    PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    SUSPENDED_BY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """/ Endpoint id ("ep_...")."""
+    workspace_id: _builtins.str
+    """/ Workspace that rents it."""
+    name: _builtins.str
+    """/ Its name."""
+    model: _builtins.str
+    """/ The model id its workspace's keys send: `<workspace-slug>/<name>`."""
+    offering: _builtins.str
+    """/ The offering it rents."""
+    base_model: _builtins.str
+    """/ Catalogue id of the model its replicas run."""
+    replicas: _builtins.int
+    """/ Replicas rented."""
+    status: Global___EndpointStatus.ValueType
+    """/ Where it is in its life."""
+    status_reason: _builtins.str
+    """/ Why it is suspended, waiting or failed, as a sentence; empty otherwise."""
+    periods_billed: _builtins.int
+    """/ Billing periods charged so far; period ids run 1, 2, 3, ... without gaps."""
+    charged_nano_usd: _builtins.int
+    """/ Everything charged for its replicas so far, nano-USD."""
+    held_nano_usd: _builtins.int
+    """/ Held from the balance for the next period, nano-USD (0 when nothing is held)."""
+    usd_per_replica_hour: _builtins.str
+    """/ The offering's price per replica-hour, USD, exact decimal text."""
+    period_seconds: _builtins.int
+    """/ Length of one billing period on this core, seconds (60: by the minute)."""
+    suspended_by: _builtins.str
+    """/ When SUSPENDED: "balance" or "spend_cap", what could not cover the next period."""
+    @_builtins.property
+    def created(self) -> _timestamp_pb2.Timestamp:
+        """/ When it was created."""
+
+    @_builtins.property
+    def paid_until(self) -> _timestamp_pb2.Timestamp:
+        """/ End of the last charged period. Unset before the first."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        workspace_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        model: _builtins.str = ...,
+        offering: _builtins.str = ...,
+        base_model: _builtins.str = ...,
+        replicas: _builtins.int = ...,
+        status: Global___EndpointStatus.ValueType = ...,
+        status_reason: _builtins.str = ...,
+        created: _timestamp_pb2.Timestamp | None = ...,
+        periods_billed: _builtins.int = ...,
+        paid_until: _timestamp_pb2.Timestamp | None = ...,
+        charged_nano_usd: _builtins.int = ...,
+        held_nano_usd: _builtins.int = ...,
+        usd_per_replica_hour: _builtins.str = ...,
+        period_seconds: _builtins.int = ...,
+        suspended_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "paid_until", b"paid_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "charged_nano_usd", b"charged_nano_usd", "created", b"created", "held_nano_usd", b"held_nano_usd", "id", b"id", "model", b"model", "name", b"name", "offering", b"offering", "paid_until", b"paid_until", "period_seconds", b"period_seconds", "periods_billed", b"periods_billed", "replicas", b"replicas", "status", b"status", "status_reason", b"status_reason", "suspended_by", b"suspended_by", "usd_per_replica_hour", b"usd_per_replica_hour", "workspace_id", b"workspace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Endpoint: _TypeAlias = Endpoint  # noqa: Y015
+
+@_typing.final
+class ListEndpointsRequest(_message.Message):
+    """/ Lists endpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_ID_FIELD_NUMBER: _builtins.int
+    workspace_id: _builtins.str
+    """/ Workspace id. Empty: every workspace (admin only)."""
+    def __init__(
+        self,
+        *,
+        workspace_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workspace_id", b"workspace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEndpointsRequest: _TypeAlias = ListEndpointsRequest  # noqa: Y015
+
+@_typing.final
+class ListEndpointsResponse(_message.Message):
+    """/ The endpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Endpoint]:
+        """/ Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        endpoints: _abc.Iterable[Global___Endpoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEndpointsResponse: _TypeAlias = ListEndpointsResponse  # noqa: Y015
+
+@_typing.final
+class GetEndpointRequest(_message.Message):
+    """/ Names an endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """/ Endpoint id."""
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEndpointRequest: _TypeAlias = GetEndpointRequest  # noqa: Y015
+
+@_typing.final
+class ResizeEndpointRequest(_message.Message):
+    """/ Resizes an endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """/ Endpoint id."""
+    replicas: _builtins.int
+    """/ The new number of replicas, at least 1."""
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+        replicas: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id", "replicas", b"replicas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResizeEndpointRequest: _TypeAlias = ResizeEndpointRequest  # noqa: Y015
+
+@_typing.final
+class DeleteEndpointRequest(_message.Message):
+    """/ Deletes an endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """/ Endpoint id."""
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteEndpointRequest: _TypeAlias = DeleteEndpointRequest  # noqa: Y015
+
+@_typing.final
+class ListReservedCapacityRequest(_message.Message):
+    """/ Asks for the reserved capacity of this core."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReservedCapacityRequest: _TypeAlias = ListReservedCapacityRequest  # noqa: Y015
+
+@_typing.final
+class ReservedCapacity(_message.Message):
+    """/ One offering and this core's capacity for it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFERING_FIELD_NUMBER: _builtins.int
+    REPLICAS_TOTAL_FIELD_NUMBER: _builtins.int
+    REPLICAS_FREE_FIELD_NUMBER: _builtins.int
+    replicas_total: _builtins.int
+    """/ Replicas this core's pool can run at once (0: not offered on this core)."""
+    replicas_free: _builtins.int
+    """/ Replicas not rented now."""
+    @_builtins.property
+    def offering(self) -> _inference_pb2.ReservedOffering:
+        """/ The offering, as on the rate card."""
+
+    def __init__(
+        self,
+        *,
+        offering: _inference_pb2.ReservedOffering | None = ...,
+        replicas_total: _builtins.int = ...,
+        replicas_free: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["offering", b"offering"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offering", b"offering", "replicas_free", b"replicas_free", "replicas_total", b"replicas_total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReservedCapacity: _TypeAlias = ReservedCapacity  # noqa: Y015
+
+@_typing.final
+class ListReservedCapacityResponse(_message.Message):
+    """/ The offerings and their capacity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFERINGS_FIELD_NUMBER: _builtins.int
+    PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    period_seconds: _builtins.int
+    """/ Length of one billing period on this core, seconds."""
+    @_builtins.property
+    def offerings(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReservedCapacity]:
+        """/ In rate-card order."""
+
+    def __init__(
+        self,
+        *,
+        offerings: _abc.Iterable[Global___ReservedCapacity] | None = ...,
+        period_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offerings", b"offerings", "period_seconds", b"period_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReservedCapacityResponse: _TypeAlias = ListReservedCapacityResponse  # noqa: Y015

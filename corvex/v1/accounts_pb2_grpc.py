@@ -100,6 +100,36 @@ class AccountsStub:
                 request_serializer=corvex_dot_v1_dot_accounts__pb2.GetInvoiceRequest.SerializeToString,
                 response_deserializer=corvex_dot_v1_dot_accounts__pb2.InvoiceDocument.FromString,
                 _registered_method=True)
+        self.CreateEndpoint = channel.unary_unary(
+                '/corvex.v1.Accounts/CreateEndpoint',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.CreateEndpointRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.Endpoint.FromString,
+                _registered_method=True)
+        self.ListEndpoints = channel.unary_unary(
+                '/corvex.v1.Accounts/ListEndpoints',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.ListEndpointsRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.ListEndpointsResponse.FromString,
+                _registered_method=True)
+        self.GetEndpoint = channel.unary_unary(
+                '/corvex.v1.Accounts/GetEndpoint',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.GetEndpointRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.Endpoint.FromString,
+                _registered_method=True)
+        self.ResizeEndpoint = channel.unary_unary(
+                '/corvex.v1.Accounts/ResizeEndpoint',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.ResizeEndpointRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.Endpoint.FromString,
+                _registered_method=True)
+        self.DeleteEndpoint = channel.unary_unary(
+                '/corvex.v1.Accounts/DeleteEndpoint',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.DeleteEndpointRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.Endpoint.FromString,
+                _registered_method=True)
+        self.ListReservedCapacity = channel.unary_unary(
+                '/corvex.v1.Accounts/ListReservedCapacity',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.ListReservedCapacityRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.ListReservedCapacityResponse.FromString,
+                _registered_method=True)
 
 
 class AccountsServicer:
@@ -198,6 +228,61 @@ class AccountsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateEndpoint(self, request, context):
+        """---- Reserved endpoints (issue 17) ------------------------------------------------------
+        / Rents a reserved endpoint: dedicated replicas of an offering from this core's capacity
+        / pool, serving the workspace alone under the model id `<workspace-slug>/<name>`. The first
+        / period (one minute, or the offering's minimum term) is held from the balance and spend cap
+        / at once and charged when the replicas are ready. Fails with INSUFFICIENT_CREDITS when the
+        / balance or cap cannot cover it and CAPACITY_UNAVAILABLE when the pool is short; then
+        / nothing is created or billed. Returns once the replicas are ready, or after a few seconds
+        / with status STARTING (engines that load weights).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEndpoints(self, request, context):
+        """/ Lists the endpoints of one workspace, or of every workspace (admin only), oldest first.
+        / Deleted endpoints are not listed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEndpoint(self, request, context):
+        """/ Returns one endpoint, deleted ones included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResizeEndpoint(self, request, context):
+        """/ Changes the number of replicas. More replicas need free capacity, and are billed for what
+        / is left of the current period (whole minutes, rounded up) at once; fewer take effect at
+        / once, without a refund of the started period. Fails like CreateEndpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteEndpoint(self, request, context):
+        """/ Deletes an endpoint: its replicas stop at once (requests in flight end with finish reason
+        / "abort"), its billing stops, and its capacity returns to the pool. The started period is
+        / not refunded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReservedCapacity(self, request, context):
+        """/ The reserved offerings of the rate card with this core's capacity for each (admin only).
+        ---- end of reserved endpoints ----------------------------------------------------------
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -265,6 +350,36 @@ def add_AccountsServicer_to_server(servicer, server):
                     servicer.GetInvoice,
                     request_deserializer=corvex_dot_v1_dot_accounts__pb2.GetInvoiceRequest.FromString,
                     response_serializer=corvex_dot_v1_dot_accounts__pb2.InvoiceDocument.SerializeToString,
+            ),
+            'CreateEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEndpoint,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.CreateEndpointRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.Endpoint.SerializeToString,
+            ),
+            'ListEndpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEndpoints,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.ListEndpointsRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.ListEndpointsResponse.SerializeToString,
+            ),
+            'GetEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEndpoint,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.GetEndpointRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.Endpoint.SerializeToString,
+            ),
+            'ResizeEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResizeEndpoint,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.ResizeEndpointRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.Endpoint.SerializeToString,
+            ),
+            'DeleteEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteEndpoint,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.DeleteEndpointRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.Endpoint.SerializeToString,
+            ),
+            'ListReservedCapacity': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReservedCapacity,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.ListReservedCapacityRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.ListReservedCapacityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -619,6 +734,168 @@ class Accounts:
             '/corvex.v1.Accounts/GetInvoice',
             corvex_dot_v1_dot_accounts__pb2.GetInvoiceRequest.SerializeToString,
             corvex_dot_v1_dot_accounts__pb2.InvoiceDocument.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/CreateEndpoint',
+            corvex_dot_v1_dot_accounts__pb2.CreateEndpointRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.Endpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEndpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/ListEndpoints',
+            corvex_dot_v1_dot_accounts__pb2.ListEndpointsRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.ListEndpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/GetEndpoint',
+            corvex_dot_v1_dot_accounts__pb2.GetEndpointRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.Endpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResizeEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/ResizeEndpoint',
+            corvex_dot_v1_dot_accounts__pb2.ResizeEndpointRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.Endpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/DeleteEndpoint',
+            corvex_dot_v1_dot_accounts__pb2.DeleteEndpointRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.Endpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReservedCapacity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/ListReservedCapacity',
+            corvex_dot_v1_dot_accounts__pb2.ListReservedCapacityRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.ListReservedCapacityResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,6 +8,10 @@ API keys and their limits, usage and invoices. Every call needs the admin creden
 
 Money is integer nano-USD (1e-9 USD). Top-ups, caps and auto-reload amounts are whole cents,
 so their nano-USD values are multiples of 10,000,000.
+
+Reserved endpoints (the block at the end of the service) are rented by a workspace: the
+calls on one workspace's endpoints take the admin credential (and, with the dashboard, the
+workspace owner's session).
 """
 
 from collections import abc as _abc
@@ -68,6 +72,36 @@ class AccountsStub:
     """/ Lists a workspace's invoices, oldest first."""
     GetInvoice: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.GetInvoiceRequest, _accounts_pb2.InvoiceDocument]
     """/ Returns one invoice as a document (JSON or printable HTML)."""
+    CreateEndpoint: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.CreateEndpointRequest, _accounts_pb2.Endpoint]
+    """---- Reserved endpoints (issue 17) ------------------------------------------------------
+    / Rents a reserved endpoint: dedicated replicas of an offering from this core's capacity
+    / pool, serving the workspace alone under the model id `<workspace-slug>/<name>`. The first
+    / period (one minute, or the offering's minimum term) is held from the balance and spend cap
+    / at once and charged when the replicas are ready. Fails with INSUFFICIENT_CREDITS when the
+    / balance or cap cannot cover it and CAPACITY_UNAVAILABLE when the pool is short; then
+    / nothing is created or billed. Returns once the replicas are ready, or after a few seconds
+    / with status STARTING (engines that load weights).
+    """
+    ListEndpoints: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.ListEndpointsRequest, _accounts_pb2.ListEndpointsResponse]
+    """/ Lists the endpoints of one workspace, or of every workspace (admin only), oldest first.
+    / Deleted endpoints are not listed.
+    """
+    GetEndpoint: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.GetEndpointRequest, _accounts_pb2.Endpoint]
+    """/ Returns one endpoint, deleted ones included."""
+    ResizeEndpoint: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.ResizeEndpointRequest, _accounts_pb2.Endpoint]
+    """/ Changes the number of replicas. More replicas need free capacity, and are billed for what
+    / is left of the current period (whole minutes, rounded up) at once; fewer take effect at
+    / once, without a refund of the started period. Fails like CreateEndpoint.
+    """
+    DeleteEndpoint: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.DeleteEndpointRequest, _accounts_pb2.Endpoint]
+    """/ Deletes an endpoint: its replicas stop at once (requests in flight end with finish reason
+    / "abort"), its billing stops, and its capacity returns to the pool. The started period is
+    / not refunded.
+    """
+    ListReservedCapacity: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.ListReservedCapacityRequest, _accounts_pb2.ListReservedCapacityResponse]
+    """/ The reserved offerings of the rate card with this core's capacity for each (admin only).
+    ---- end of reserved endpoints ----------------------------------------------------------
+    """
 
 @_typing.type_check_only
 class AccountsAsyncStub(AccountsStub):
@@ -102,6 +136,36 @@ class AccountsAsyncStub(AccountsStub):
     """/ Lists a workspace's invoices, oldest first."""
     GetInvoice: _aio.UnaryUnaryMultiCallable[_accounts_pb2.GetInvoiceRequest, _accounts_pb2.InvoiceDocument]  # type: ignore[assignment]
     """/ Returns one invoice as a document (JSON or printable HTML)."""
+    CreateEndpoint: _aio.UnaryUnaryMultiCallable[_accounts_pb2.CreateEndpointRequest, _accounts_pb2.Endpoint]  # type: ignore[assignment]
+    """---- Reserved endpoints (issue 17) ------------------------------------------------------
+    / Rents a reserved endpoint: dedicated replicas of an offering from this core's capacity
+    / pool, serving the workspace alone under the model id `<workspace-slug>/<name>`. The first
+    / period (one minute, or the offering's minimum term) is held from the balance and spend cap
+    / at once and charged when the replicas are ready. Fails with INSUFFICIENT_CREDITS when the
+    / balance or cap cannot cover it and CAPACITY_UNAVAILABLE when the pool is short; then
+    / nothing is created or billed. Returns once the replicas are ready, or after a few seconds
+    / with status STARTING (engines that load weights).
+    """
+    ListEndpoints: _aio.UnaryUnaryMultiCallable[_accounts_pb2.ListEndpointsRequest, _accounts_pb2.ListEndpointsResponse]  # type: ignore[assignment]
+    """/ Lists the endpoints of one workspace, or of every workspace (admin only), oldest first.
+    / Deleted endpoints are not listed.
+    """
+    GetEndpoint: _aio.UnaryUnaryMultiCallable[_accounts_pb2.GetEndpointRequest, _accounts_pb2.Endpoint]  # type: ignore[assignment]
+    """/ Returns one endpoint, deleted ones included."""
+    ResizeEndpoint: _aio.UnaryUnaryMultiCallable[_accounts_pb2.ResizeEndpointRequest, _accounts_pb2.Endpoint]  # type: ignore[assignment]
+    """/ Changes the number of replicas. More replicas need free capacity, and are billed for what
+    / is left of the current period (whole minutes, rounded up) at once; fewer take effect at
+    / once, without a refund of the started period. Fails like CreateEndpoint.
+    """
+    DeleteEndpoint: _aio.UnaryUnaryMultiCallable[_accounts_pb2.DeleteEndpointRequest, _accounts_pb2.Endpoint]  # type: ignore[assignment]
+    """/ Deletes an endpoint: its replicas stop at once (requests in flight end with finish reason
+    / "abort"), its billing stops, and its capacity returns to the pool. The started period is
+    / not refunded.
+    """
+    ListReservedCapacity: _aio.UnaryUnaryMultiCallable[_accounts_pb2.ListReservedCapacityRequest, _accounts_pb2.ListReservedCapacityResponse]  # type: ignore[assignment]
+    """/ The reserved offerings of the rate card with this core's capacity for each (admin only).
+    ---- end of reserved endpoints ----------------------------------------------------------
+    """
 
 class AccountsServicer(metaclass=_abc_1.ABCMeta):
     """/ Workspaces, credits, caps, keys, usage and invoices."""
@@ -211,5 +275,71 @@ class AccountsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_accounts_pb2.InvoiceDocument, _abc.Awaitable[_accounts_pb2.InvoiceDocument]]:
         """/ Returns one invoice as a document (JSON or printable HTML)."""
+
+    @_abc_1.abstractmethod
+    def CreateEndpoint(
+        self,
+        request: _accounts_pb2.CreateEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.Endpoint, _abc.Awaitable[_accounts_pb2.Endpoint]]:
+        """---- Reserved endpoints (issue 17) ------------------------------------------------------
+        / Rents a reserved endpoint: dedicated replicas of an offering from this core's capacity
+        / pool, serving the workspace alone under the model id `<workspace-slug>/<name>`. The first
+        / period (one minute, or the offering's minimum term) is held from the balance and spend cap
+        / at once and charged when the replicas are ready. Fails with INSUFFICIENT_CREDITS when the
+        / balance or cap cannot cover it and CAPACITY_UNAVAILABLE when the pool is short; then
+        / nothing is created or billed. Returns once the replicas are ready, or after a few seconds
+        / with status STARTING (engines that load weights).
+        """
+
+    @_abc_1.abstractmethod
+    def ListEndpoints(
+        self,
+        request: _accounts_pb2.ListEndpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.ListEndpointsResponse, _abc.Awaitable[_accounts_pb2.ListEndpointsResponse]]:
+        """/ Lists the endpoints of one workspace, or of every workspace (admin only), oldest first.
+        / Deleted endpoints are not listed.
+        """
+
+    @_abc_1.abstractmethod
+    def GetEndpoint(
+        self,
+        request: _accounts_pb2.GetEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.Endpoint, _abc.Awaitable[_accounts_pb2.Endpoint]]:
+        """/ Returns one endpoint, deleted ones included."""
+
+    @_abc_1.abstractmethod
+    def ResizeEndpoint(
+        self,
+        request: _accounts_pb2.ResizeEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.Endpoint, _abc.Awaitable[_accounts_pb2.Endpoint]]:
+        """/ Changes the number of replicas. More replicas need free capacity, and are billed for what
+        / is left of the current period (whole minutes, rounded up) at once; fewer take effect at
+        / once, without a refund of the started period. Fails like CreateEndpoint.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteEndpoint(
+        self,
+        request: _accounts_pb2.DeleteEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.Endpoint, _abc.Awaitable[_accounts_pb2.Endpoint]]:
+        """/ Deletes an endpoint: its replicas stop at once (requests in flight end with finish reason
+        / "abort"), its billing stops, and its capacity returns to the pool. The started period is
+        / not refunded.
+        """
+
+    @_abc_1.abstractmethod
+    def ListReservedCapacity(
+        self,
+        request: _accounts_pb2.ListReservedCapacityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.ListReservedCapacityResponse, _abc.Awaitable[_accounts_pb2.ListReservedCapacityResponse]]:
+        """/ The reserved offerings of the rate card with this core's capacity for each (admin only).
+        ---- end of reserved endpoints ----------------------------------------------------------
+        """
 
 def add_AccountsServicer_to_server(servicer: AccountsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -60,6 +60,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """/ NOT_FOUND: the workspace, key or invoice does not exist (Accounts service)."""
     SERVICE_UNAVAILABLE: _ErrorReason.ValueType  # 11
     """/ UNAVAILABLE: the core is draining or its journal cannot write; nothing was charged."""
+    CAPACITY_UNAVAILABLE: _ErrorReason.ValueType  # 12
+    """/ RESOURCE_EXHAUSTED: the capacity pool of a reserved offering has no free replicas for a
+    / new or larger endpoint (Accounts service); nothing was billed. Metadata: "offering",
+    / "replicas_free".
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """/ ErrorInfo.reason values. The enum exists to document them; the wire carries the name."""
@@ -98,4 +103,9 @@ NOT_FOUND: ErrorReason.ValueType  # 10
 """/ NOT_FOUND: the workspace, key or invoice does not exist (Accounts service)."""
 SERVICE_UNAVAILABLE: ErrorReason.ValueType  # 11
 """/ UNAVAILABLE: the core is draining or its journal cannot write; nothing was charged."""
+CAPACITY_UNAVAILABLE: ErrorReason.ValueType  # 12
+"""/ RESOURCE_EXHAUSTED: the capacity pool of a reserved offering has no free replicas for a
+/ new or larger endpoint (Accounts service); nothing was billed. Metadata: "offering",
+/ "replicas_free".
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -1037,6 +1037,8 @@ class Model(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     ENGINE_FIELD_NUMBER: _builtins.int
     SUPPORTS_EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    RESERVED_OFFERINGS_FIELD_NUMBER: _builtins.int
+    RESERVED_ENDPOINT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """/ Catalogue id, for example "deepseek-ai/DeepSeek-V4-Flash"."""
     display_name: _builtins.str
@@ -1059,6 +1061,20 @@ class Model(_message.Message):
     """/ The engine kind serving the model: "simulated" or "vllm"."""
     supports_embeddings: _builtins.bool
     """/ Whether Embed works for this model."""
+    @_builtins.property
+    def reserved_offerings(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReservedOffering]:
+        """---- Reserved endpoints (issue 17) ------------------------------------------------------
+        / The model's reserved offerings on the rate card, in rate-card order. Empty on the entry
+        / of a reserved endpoint.
+        """
+
+    @_builtins.property
+    def reserved_endpoint(self) -> Global___ReservedEndpointInfo:
+        """/ Set only on the entries of the calling workspace's own reserved endpoints (whose `id` is
+        / the endpoint's model id and whose per-token prices are "0.00").
+        ---- end of reserved endpoints ----------------------------------------------------------
+        """
+
     def __init__(
         self,
         *,
@@ -1073,12 +1089,16 @@ class Model(_message.Message):
         context_length: _builtins.int = ...,
         engine: _builtins.str = ...,
         supports_embeddings: _builtins.bool = ...,
+        reserved_offerings: _abc.Iterable[Global___ReservedOffering] | None = ...,
+        reserved_endpoint: Global___ReservedEndpointInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reserved_endpoint", b"_reserved_endpoint", "reserved_endpoint", b"reserved_endpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_path", b"card_path", "context_length", b"context_length", "created", b"created", "currency", b"currency", "display_name", b"display_name", "engine", b"engine", "id", b"id", "input_usd_per_million", b"input_usd_per_million", "output_usd_per_million", b"output_usd_per_million", "owned_by", b"owned_by", "supports_embeddings", b"supports_embeddings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reserved_endpoint", b"_reserved_endpoint", "card_path", b"card_path", "context_length", b"context_length", "created", b"created", "currency", b"currency", "display_name", b"display_name", "engine", b"engine", "id", b"id", "input_usd_per_million", b"input_usd_per_million", "output_usd_per_million", b"output_usd_per_million", "owned_by", b"owned_by", "reserved_endpoint", b"reserved_endpoint", "reserved_offerings", b"reserved_offerings", "supports_embeddings", b"supports_embeddings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__reserved_endpoint: _TypeAlias = _typing.Literal["reserved_endpoint"]  # noqa: Y015
+    _WhichOneofArgType__reserved_endpoint: _TypeAlias = _typing.Literal["_reserved_endpoint", b"_reserved_endpoint"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reserved_endpoint) -> _WhichOneofReturnType__reserved_endpoint | None: ...
 
 Global___Model: _TypeAlias = Model  # noqa: Y015
 
@@ -1167,3 +1187,85 @@ class TokenizeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TokenizeResponse: _TypeAlias = TokenizeResponse  # noqa: Y015
+
+@_typing.final
+class ReservedOffering(_message.Message):
+    """---- Reserved endpoints (issue 17) --------------------------------------------------------
+
+    / A reserved offering of the rate card: dedicated replicas of one model, rented by the
+    / replica-hour and accrued by the minute.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    GPUS_PER_REPLICA_FIELD_NUMBER: _builtins.int
+    USD_PER_REPLICA_HOUR_FIELD_NUMBER: _builtins.int
+    MINIMUM_HOURS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """/ Offering id, for example "deepseek-v4-flash-1gpu"."""
+    model: _builtins.str
+    """/ Catalogue id of the model its replicas run."""
+    gpus_per_replica: _builtins.int
+    """/ GPUs of one replica."""
+    usd_per_replica_hour: _builtins.str
+    """/ Price of one replica for one hour, USD, as an exact decimal string ("2.52"). Each started
+    / minute costs a sixtieth of it.
+    """
+    minimum_hours: _builtins.int
+    """/ Shortest first period a new endpoint pays for, hours (0: none)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        gpus_per_replica: _builtins.int = ...,
+        usd_per_replica_hour: _builtins.str = ...,
+        minimum_hours: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus_per_replica", b"gpus_per_replica", "id", b"id", "minimum_hours", b"minimum_hours", "model", b"model", "usd_per_replica_hour", b"usd_per_replica_hour"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReservedOffering: _TypeAlias = ReservedOffering  # noqa: Y015
+
+@_typing.final
+class ReservedEndpointInfo(_message.Message):
+    """/ What a ListModels entry says about the caller's own reserved endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    OFFERING_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """/ Endpoint id ("ep_...")."""
+    offering: _builtins.str
+    """/ The offering it rents."""
+    base_model: _builtins.str
+    """/ Catalogue id of the model its replicas run."""
+    replicas: _builtins.int
+    """/ Replicas it rents."""
+    status: _builtins.str
+    """/ "starting", "running", "suspended", "waiting_for_capacity" or "failed"."""
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+        offering: _builtins.str = ...,
+        base_model: _builtins.str = ...,
+        replicas: _builtins.int = ...,
+        status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "endpoint_id", b"endpoint_id", "offering", b"offering", "replicas", b"replicas", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReservedEndpointInfo: _TypeAlias = ReservedEndpointInfo  # noqa: Y015

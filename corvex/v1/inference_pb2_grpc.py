@@ -91,7 +91,9 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """/ Lists the models this core serves, with their prices from the rate card. No key needed.
+        """/ Lists the models this core serves, with their prices and reserved offerings from the rate
+        / card. No key needed; with a key, the calling workspace's reserved endpoints are listed
+        / too (an unknown or revoked key fails with INVALID_API_KEY).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

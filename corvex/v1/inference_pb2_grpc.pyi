@@ -54,7 +54,10 @@ class InferenceStub:
     Embed: _grpc.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
     """/ Embeds one or more inputs. Billed at the model's input price."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
-    """/ Lists the models this core serves, with their prices from the rate card. No key needed."""
+    """/ Lists the models this core serves, with their prices and reserved offerings from the rate
+    / card. No key needed; with a key, the calling workspace's reserved endpoints are listed
+    / too (an unknown or revoked key fails with INVALID_API_KEY).
+    """
     Tokenize: _grpc.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]
     """/ Counts the tokens of a chat conversation (after the model's chat template) or a text."""
 
@@ -75,7 +78,10 @@ class InferenceAsyncStub(InferenceStub):
     Embed: _aio.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
     """/ Embeds one or more inputs. Billed at the model's input price."""
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """/ Lists the models this core serves, with their prices from the rate card. No key needed."""
+    """/ Lists the models this core serves, with their prices and reserved offerings from the rate
+    / card. No key needed; with a key, the calling workspace's reserved endpoints are listed
+    / too (an unknown or revoked key fails with INVALID_API_KEY).
+    """
     Tokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]  # type: ignore[assignment]
     """/ Counts the tokens of a chat conversation (after the model's chat template) or a text."""
 
@@ -117,7 +123,10 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ListModelsResponse, _abc.Awaitable[_inference_pb2.ListModelsResponse]]:
-        """/ Lists the models this core serves, with their prices from the rate card. No key needed."""
+        """/ Lists the models this core serves, with their prices and reserved offerings from the rate
+        / card. No key needed; with a key, the calling workspace's reserved endpoints are listed
+        / too (an unknown or revoked key fails with INVALID_API_KEY).
+        """
 
     @_abc_1.abstractmethod
     def Tokenize(

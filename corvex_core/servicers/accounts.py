@@ -2,7 +2,8 @@
 
 Every change is made by one synchronous ledger call and acknowledged only after the journal
 has it on disk. The admin credential is checked by the status interceptor before any of
-these methods runs.
+these methods runs; the reserved-endpoint calls (mixed in from `servicers.endpoints`) are
+authorized by the workspace they touch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from corvex_core.journal import JournalError
 from corvex_core.ledger import Ledger
 from corvex_core.lifecycle import CallKind
 from corvex_core.records import KEY_LIMIT_FIELDS, KeyLimits, TopUpMethod
+from corvex_core.reserved import ReservedEndpoints
+from corvex_core.servicers.authorization import Authorizer
+from corvex_core.servicers.endpoints import EndpointRpcs
 from corvex_core.serving import Durable
 from corvex_core.state import ApiKey, Invoice, Workspace
 
@@ -40,13 +44,20 @@ CALL_KINDS = {
     "GetUsage": CallKind.READ,
     "ListInvoices": CallKind.READ,
     "GetInvoice": CallKind.READ,
+    # Reserved endpoints (issue 17).
+    "CreateEndpoint": CallKind.WRITE,
+    "ListEndpoints": CallKind.READ,
+    "GetEndpoint": CallKind.READ,
+    "ResizeEndpoint": CallKind.WRITE,
+    "DeleteEndpoint": CallKind.WRITE,
+    "ListReservedCapacity": CallKind.READ,
 }
 # The wire's enum names each domain method TOP_UP_METHOD_<NAME>.
 _METHODS = {m: accounts_pb2.TopUpMethod.Value(f"TOP_UP_METHOD_{m.name}") for m in TopUpMethod}
 _MAX_INVOICE_DIGITS = 12
 
 
-class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
+class AccountsServicer(EndpointRpcs, accounts_pb2_grpc.AccountsServicer):
     def __init__(
         self,
         ledger: Ledger,
@@ -54,11 +65,17 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
         durable: Durable,
         starter_credits_cents: int,
         min_topup_cents: int,
+        reserved: ReservedEndpoints,
+        authorizer: Authorizer,
+        create_wait_s: float,
     ) -> None:
         self._ledger = ledger
         self._durable = durable
         self._starter_cents = starter_credits_cents
         self._min_topup_cents = min_topup_cents
+        self._reserved = reserved
+        self._authorizer = authorizer
+        self._create_wait_s = create_wait_s
 
     async def CreateWorkspace(
         self, request: accounts_pb2.CreateWorkspaceRequest, context: Context
@@ -202,6 +219,8 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
                     prompt_tokens=r.prompt_tokens,
                     completion_tokens=r.completion_tokens,
                     cost_nano_usd=r.cost_nano,
+                    endpoint_id=r.endpoint_id,
+                    replica_seconds=r.replica_seconds,
                 )
                 for r in rows
             ]

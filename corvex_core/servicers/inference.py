@@ -13,12 +13,15 @@ import asyncio
 import secrets
 from typing import Any, Final, TypeAlias
 
+from corvex.ratecard import RateCard
 from corvex.v1 import inference_pb2, inference_pb2_grpc
 from corvex_core import errors, telemetry
 from corvex_core.catalogue import Catalogue, Served
 from corvex_core.engines.base import EmbedInput
 from corvex_core.lifecycle import CallKind
+from corvex_core.reserved import EndpointView
 from corvex_core.servicers import credentials, wire
+from corvex_core.servicers.endpoints import offering_pb
 from corvex_core.servicers.metadata import response_metadata
 from corvex_core.serving import MAX_EMBED_INPUTS, Finished, Generation, Service
 from corvex_core.telemetry import CallRecord
@@ -86,10 +89,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Context
     ) -> inference_pb2.ListModelsResponse:
-        return inference_pb2.ListModelsResponse(
-            models=[_model(served) for served in self._catalogue.served()],
-            rate_card_version=self._catalogue.rate_card.version,
-        )
+        card = self._catalogue.rate_card
+        models = [_model(served, card) for served in self._catalogue.served()]
+        secret = _secret(context)
+        if secret is not None:
+            # With a key, the workspace's own reserved endpoints too (and only its own).
+            key = self._service.authenticate(secret, _call())
+            models.extend(_endpoint_model(view) for view in self._service.endpoints_of(key))
+        return inference_pb2.ListModelsResponse(models=models, rate_card_version=card.version)
 
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: Context
@@ -165,7 +172,7 @@ def embed_inputs(request: inference_pb2.EmbedRequest) -> list[EmbedInput]:
 # ---- domain → wire ---------------------------------------------------------------------------
 
 
-def _model(served: Served) -> inference_pb2.Model:
+def _model(served: Served, card: RateCard) -> inference_pb2.Model:
     rate = served.rate
     return inference_pb2.Model(
         id=rate.id,
@@ -179,4 +186,30 @@ def _model(served: Served) -> inference_pb2.Model:
         context_length=rate.context_length,
         engine=served.engine.kind,
         supports_embeddings=served.engine.supports_embeddings,
+        reserved_offerings=[offering_pb(o) for o in card.offerings_of(rate.id)],
+    )
+
+
+def _endpoint_model(view: EndpointView) -> inference_pb2.Model:
+    """A workspace's reserved endpoint as a model of its list: free per token."""
+    endpoint = view.endpoint
+    return inference_pb2.Model(
+        id=endpoint.model_id,
+        display_name=endpoint.name,
+        owned_by=endpoint.model_id.split("/", 1)[0],
+        created=endpoint.created_ms // 1000,
+        card_path=view.card_path,
+        input_usd_per_million="0.00",
+        output_usd_per_million="0.00",
+        currency="USD",
+        context_length=view.context_length,
+        engine=view.engine_kind,
+        supports_embeddings=view.supports_embeddings,
+        reserved_endpoint=inference_pb2.ReservedEndpointInfo(
+            endpoint_id=endpoint.id,
+            offering=endpoint.offering_id,
+            base_model=endpoint.base_model,
+            replicas=endpoint.replicas,
+            status=view.status.value,
+        ),
     )

@@ -4,7 +4,9 @@
    invalid UTF-8 in a string) is refused as INVALID_ARGUMENT, like any bad request.
 2. The lifecycle admits the call for what it does (nothing while the ledger recovers, no
    generation while draining, no writes while the journal cannot write).
-3. Accounts calls must carry the admin credential.
+3. Accounts calls must carry the admin credential, except the calls on one workspace's own
+   things (`authorization.WORKSPACE_SCOPED`), which the servicer authorizes through
+   `authorization.Authorizer.workspace` once it knows the workspace.
 4. The method runs; a domain error ends it with its rich status, a journal failure with
    SERVICE_UNAVAILABLE, a cancelled call quietly, and anything else with INTERNAL and no
    internals (logged with the request id).
@@ -27,6 +29,7 @@ from corvex_core import errors
 from corvex_core.journal import JournalError
 from corvex_core.lifecycle import CallKind, Lifecycle
 from corvex_core.servicers import credentials, status
+from corvex_core.servicers.authorization import WORKSPACE_SCOPED
 from corvex_core.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -100,7 +103,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
     def _guard(self, method: str, behavior: Behavior) -> Behavior:
         rpc = method.rsplit("/", 1)[-1]
         kind = self._kinds[rpc]
-        admin_token = self._admin_token if method.startswith(ACCOUNTS_PREFIX) else None
+        admin_only = method.startswith(ACCOUNTS_PREFIX) and rpc not in WORKSPACE_SCOPED
+        admin_token = self._admin_token if admin_only else None
         telemetry, lifecycle = self._telemetry, self._lifecycle
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

@@ -36,6 +36,7 @@ _CODES: Final = {
     Reason.INVALID_ADMIN_TOKEN: code_pb2.PERMISSION_DENIED,
     Reason.NOT_FOUND: code_pb2.NOT_FOUND,
     Reason.SERVICE_UNAVAILABLE: code_pb2.UNAVAILABLE,
+    Reason.CAPACITY_UNAVAILABLE: code_pb2.RESOURCE_EXHAUSTED,
 }
 assert set(_CODES) == set(Reason), "every reason needs a status code"
 # The proto enum is the source of the reasons; the domain's enum must name the same ones.

@@ -248,9 +248,7 @@ def test_committed_reserved_table_lists_the_offerings_in_order() -> None:
     assert "accrued by the minute" in text
 
 
-def test_check_names_a_stale_reserved_price(
-    page: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_check_names_a_stale_reserved_price(page: Path, capsys: pytest.CaptureFixture[str]) -> None:
     row = "| `deepseek-v4-flash-1gpu` | DeepSeek V4 Flash | 1 | $2.52 | none |"
     page.write_text(
         _replace_once(page.read_text(encoding="utf-8"), row, row.replace("$2.52", "$2.40")),

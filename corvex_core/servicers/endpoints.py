@@ -1,0 +1,139 @@
+"""The reserved-endpoint calls of the Accounts service: wire → corvex_core.reserved → wire.
+
+Each call first asks `Authorizer.workspace` whether the caller may act on the workspace it
+touches (the interceptor leaves these calls to it), and acknowledges a change only once the
+journal has it on disk. The lifecycle and the money are `corvex_core.reserved`'s.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, TypeAlias
+
+from google.protobuf import timestamp_pb2
+
+from corvex.quoting import quote
+from corvex.ratecard import ReservedOffering
+from corvex.v1 import accounts_pb2, inference_pb2
+from corvex_core import errors
+from corvex_core.reserved import EndpointView, ReservedEndpoints, Status
+from corvex_core.servicers.authorization import Authorizer
+
+Context: TypeAlias = Any
+
+# The wire's enum names each status ENDPOINT_STATUS_<NAME>.
+STATUSES: Final = {
+    s: accounts_pb2.EndpointStatus.Value(f"ENDPOINT_STATUS_{s.name}") for s in Status
+}
+
+
+class EndpointRpcs:
+    """Mixed into the Accounts servicer, which provides these attributes and `_sync`."""
+
+    _reserved: ReservedEndpoints
+    _authorizer: Authorizer
+    _create_wait_s: float
+
+    async def _sync(self) -> None:
+        raise NotImplementedError
+
+    async def CreateEndpoint(
+        self, request: accounts_pb2.CreateEndpointRequest, context: Context
+    ) -> accounts_pb2.Endpoint:
+        self._authorizer.workspace(context, request.workspace_id)
+        view = self._reserved.create(
+            request.workspace_id, request.offering, request.replicas, request.name
+        )
+        await self._sync()
+        await self._reserved.wait_started(view.endpoint.id, self._create_wait_s)
+        return endpoint_pb(self._reserved.view(view.endpoint.id))
+
+    async def ListEndpoints(
+        self, request: accounts_pb2.ListEndpointsRequest, context: Context
+    ) -> accounts_pb2.ListEndpointsResponse:
+        self._authorizer.workspace(context, request.workspace_id or None)
+        views = self._reserved.views(request.workspace_id or None)
+        return accounts_pb2.ListEndpointsResponse(endpoints=[endpoint_pb(v) for v in views])
+
+    async def GetEndpoint(
+        self, request: accounts_pb2.GetEndpointRequest, context: Context
+    ) -> accounts_pb2.Endpoint:
+        self._authorize_endpoint(context, request.endpoint_id)
+        return endpoint_pb(self._reserved.view(request.endpoint_id))
+
+    async def ResizeEndpoint(
+        self, request: accounts_pb2.ResizeEndpointRequest, context: Context
+    ) -> accounts_pb2.Endpoint:
+        self._authorize_endpoint(context, request.endpoint_id)
+        view = self._reserved.resize(request.endpoint_id, request.replicas)
+        await self._sync()
+        return endpoint_pb(view)
+
+    async def DeleteEndpoint(
+        self, request: accounts_pb2.DeleteEndpointRequest, context: Context
+    ) -> accounts_pb2.Endpoint:
+        self._authorize_endpoint(context, request.endpoint_id)
+        view = self._reserved.delete(request.endpoint_id)
+        await self._sync()
+        return endpoint_pb(view)
+
+    async def ListReservedCapacity(
+        self, request: accounts_pb2.ListReservedCapacityRequest, context: Context
+    ) -> accounts_pb2.ListReservedCapacityResponse:
+        return accounts_pb2.ListReservedCapacityResponse(
+            offerings=[
+                accounts_pb2.ReservedCapacity(
+                    offering=offering_pb(offering), replicas_total=total, replicas_free=free
+                )
+                for offering, total, free in self._reserved.capacity()
+            ],
+            period_seconds=self._reserved.period_s,
+        )
+
+    def _authorize_endpoint(self, context: Context, endpoint_id: str) -> None:
+        """Authorizes a call on an endpoint by its workspace; an unknown id is checked as no
+        workspace, so a caller without rights cannot learn whether it exists."""
+        endpoint = self._reserved.find(endpoint_id)
+        self._authorizer.workspace(context, endpoint.workspace_id if endpoint else None)
+        if endpoint is None:
+            raise errors.NotFound(f"No reserved endpoint {quote(endpoint_id)}.")
+
+
+def _timestamp(at_ms: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMilliseconds(at_ms)
+    return ts
+
+
+def endpoint_pb(view: EndpointView) -> accounts_pb2.Endpoint:
+    endpoint = view.endpoint
+    message = accounts_pb2.Endpoint(
+        id=endpoint.id,
+        workspace_id=endpoint.workspace_id,
+        name=endpoint.name,
+        model=endpoint.model_id,
+        offering=endpoint.offering_id,
+        base_model=endpoint.base_model,
+        replicas=endpoint.replicas,
+        status=STATUSES[view.status],
+        status_reason=view.reason,
+        created=_timestamp(endpoint.created_ms),
+        periods_billed=endpoint.period,
+        charged_nano_usd=endpoint.charged_nano,
+        held_nano_usd=view.held_nano,
+        usd_per_replica_hour=view.usd_per_replica_hour,
+        period_seconds=view.period_s,
+        suspended_by=endpoint.suspended_by.value if endpoint.suspended_by else "",
+    )
+    if endpoint.period:
+        message.paid_until.CopyFrom(_timestamp(endpoint.paid_until_ms))
+    return message
+
+
+def offering_pb(offering: ReservedOffering) -> inference_pb2.ReservedOffering:
+    return inference_pb2.ReservedOffering(
+        id=offering.id,
+        model=offering.model,
+        gpus_per_replica=offering.gpus_per_replica,
+        usd_per_replica_hour=offering.usd_per_replica_hour,
+        minimum_hours=offering.minimum_hours,
+    )
