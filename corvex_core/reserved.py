@@ -631,6 +631,11 @@ class ReservedEndpoints:
         """Each endpoint's engines (for health and tests)."""
         return {r.id: list(r.engines) for r in self._runtimes.values()}
 
+    async def wait_background(self) -> None:
+        """Returns once every engine start and stop begun so far has finished."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self) -> None:
         tasks = list(self._tasks)
         for task in tasks:

@@ -1,5 +1,8 @@
 """`corvex admin`: the operator's command line over the core's Accounts service.
 
+Workspaces, credits, caps, auto-reload, keys, usage, invoices, and reserved endpoints
+(`corvex admin endpoint create|list|show|resize|delete|offerings`).
+
 Every command prints JSON (usage can print CSV), with money as exact decimal USD strings, so
 scripts can rely on it. Amounts are typed in dollars ("25.00") and sent in whole cents.
 The core address and admin token come from flags, CORVEX_ADMIN_CORE / CORVEX_ADMIN_TOKEN, or
@@ -73,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-token", help="admin credential ($CORVEX_ADMIN_TOKEN)")
     sub = parser.add_subparsers(dest="admin_command", required=True, metavar="OBJECT")
     for add in (_workspace_args, _credits_args, _cap_args, _reload_args, _key_args,
-                _usage_args, _invoice_args):  # fmt: skip
+                _usage_args, _invoice_args, _endpoint_args):  # fmt: skip
         add(sub)
 
 
@@ -161,6 +164,35 @@ def _invoice_args(sub: Subparsers) -> None:
     get.add_argument("number", help="e.g. INV-000001")
     get.add_argument("--format", choices=["json", "html"], default="json")
     get.add_argument("--output", "-o", metavar="FILE", help="write to FILE")
+
+
+def _replicas(text: str) -> int:
+    """argparse type: a replica count."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("a positive number of replicas")
+    return int(text)
+
+
+def _endpoint_args(sub: Subparsers) -> None:
+    actions = _actions(
+        sub, "endpoint", "rent, list, resize and delete reserved endpoints", _endpoint
+    )
+    create = actions.add_parser(
+        "create",
+        help="rent a reserved endpoint (dedicated replicas; its first period is held at once)",
+    )
+    create.add_argument("workspace")
+    create.add_argument("--offering", required=True, help="e.g. deepseek-v4-flash-1gpu")
+    create.add_argument("--name", required=True, help="its model id is <workspace-slug>/NAME")
+    create.add_argument("--replicas", type=_replicas, default=1)
+    listing = actions.add_parser("list", help="a workspace's endpoints (all without WORKSPACE)")
+    listing.add_argument("workspace", nargs="?", default="")
+    actions.add_parser("show", help="one endpoint and its billing").add_argument("endpoint")
+    resize = actions.add_parser("resize", help="change the number of replicas")
+    resize.add_argument("endpoint")
+    resize.add_argument("replicas", type=_replicas)
+    actions.add_parser("delete", help="stop it and its billing now").add_argument("endpoint")
+    actions.add_parser("offerings", help="the reserved offerings and this core's capacity")
 
 
 # ---- connection ------------------------------------------------------------------------------
@@ -279,7 +311,39 @@ _USAGE_COLUMNS = (
     "prompt_tokens",
     "completion_tokens",
     "cost_usd",
+    "endpoint_id",
+    "replica_seconds",
 )
+# The wire's names: ENDPOINT_STATUS_WAITING_FOR_CAPACITY → "waiting_for_capacity".
+_ENDPOINT_STATUSES = {
+    number: name.removeprefix("ENDPOINT_STATUS_").lower()
+    for name, number in accounts_pb2.EndpointStatus.items()
+    if number
+}
+
+
+def endpoint_json(endpoint: accounts_pb2.Endpoint) -> dict[str, Any]:
+    return {
+        "id": endpoint.id,
+        "workspace_id": endpoint.workspace_id,
+        "name": endpoint.name,
+        "model": endpoint.model,
+        "offering": endpoint.offering,
+        "base_model": endpoint.base_model,
+        "replicas": endpoint.replicas,
+        "status": _ENDPOINT_STATUSES.get(endpoint.status, "unknown"),
+        "status_reason": endpoint.status_reason or None,
+        "suspended_by": endpoint.suspended_by or None,
+        "created": endpoint.created.ToJsonString(),
+        "usd_per_replica_hour": endpoint.usd_per_replica_hour,
+        "period_seconds": endpoint.period_seconds,
+        "periods_billed": endpoint.periods_billed,
+        "paid_until": (
+            endpoint.paid_until.ToJsonString() if endpoint.HasField("paid_until") else None
+        ),
+        "charged_usd": format_usd(endpoint.charged_nano_usd),
+        "held_usd": format_usd(endpoint.held_nano_usd),
+    }
 
 
 def usage_rows(response: accounts_pb2.GetUsageResponse) -> list[dict[str, Any]]:
@@ -292,6 +356,8 @@ def usage_rows(response: accounts_pb2.GetUsageResponse) -> list[dict[str, Any]]:
             "prompt_tokens": r.prompt_tokens,
             "completion_tokens": r.completion_tokens,
             "cost_usd": format_usd(r.cost_nano_usd),
+            "endpoint_id": r.endpoint_id or None,
+            "replica_seconds": r.replica_seconds,
         }
         for r in response.rows
     ]
@@ -415,6 +481,45 @@ def _key(client: Client, args: argparse.Namespace) -> Any:
             pb.SetKeyLimitsRequest(key_id=args.key, limits=limits, update_mask=mask)
         )
     )
+
+
+def _endpoint(client: Client, args: argparse.Namespace) -> Any:
+    pb = accounts_pb2
+    if args.action == "create":
+        request = pb.CreateEndpointRequest(
+            workspace_id=args.workspace,
+            offering=args.offering,
+            replicas=args.replicas,
+            name=args.name,
+        )
+        return endpoint_json(client.CreateEndpoint(request))
+    if args.action == "list":
+        listed = client.ListEndpoints(pb.ListEndpointsRequest(workspace_id=args.workspace))
+        return [endpoint_json(e) for e in listed.endpoints]
+    if args.action == "show":
+        return endpoint_json(client.GetEndpoint(pb.GetEndpointRequest(endpoint_id=args.endpoint)))
+    if args.action == "resize":
+        request_resize = pb.ResizeEndpointRequest(endpoint_id=args.endpoint, replicas=args.replicas)
+        return endpoint_json(client.ResizeEndpoint(request_resize))
+    if args.action == "delete":
+        request_delete = pb.DeleteEndpointRequest(endpoint_id=args.endpoint)
+        return endpoint_json(client.DeleteEndpoint(request_delete))
+    capacity = client.ListReservedCapacity(pb.ListReservedCapacityRequest())
+    return {
+        "period_seconds": capacity.period_seconds,
+        "offerings": [
+            {
+                "id": c.offering.id,
+                "model": c.offering.model,
+                "gpus_per_replica": c.offering.gpus_per_replica,
+                "usd_per_replica_hour": c.offering.usd_per_replica_hour,
+                "minimum_hours": c.offering.minimum_hours,
+                "replicas_total": c.replicas_total,
+                "replicas_free": c.replicas_free,
+            }
+            for c in capacity.offerings
+        ],
+    }
 
 
 def run(args: argparse.Namespace) -> int:
