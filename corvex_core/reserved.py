@@ -391,7 +391,12 @@ class ReservedEndpoints:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), tick_s)
             self._wake.clear()
-            self.tick()
+            try:
+                self.tick()
+            except Exception:
+                # A bug, never a user's error: said loudly, and the next tick tries again (every
+                # change asserts its invariants before it is applied).
+                log.exception("reserved billing tick failed")
 
     def on_record(self, record: Record) -> None:
         """Sees every committed record: money that arrives wakes the billing loop."""

@@ -484,3 +484,14 @@ async def test_engines_stop_with_their_endpoint(world: World) -> None:
     world.reserved.delete(endpoint_id)
     await world.reserved.wait_background()
     assert engine.state is EngineState.STOPPED
+
+
+async def test_a_snapshot_keeps_the_endpoints(world: World) -> None:
+    ws = world.workspace(10_000)
+    endpoint_id = await create(world, ws)
+    await world.run_for(120)
+    encoded = msgspec.msgpack.encode(world.ledger.state)
+    restored = msgspec.msgpack.decode(encoded, type=LedgerState)
+    assert restored.endpoints == world.ledger.state.endpoints
+    assert restored.endpoints[endpoint_id].period == len(world.periods(endpoint_id))
+    assert restored.endpoint_usage == world.ledger.state.endpoint_usage

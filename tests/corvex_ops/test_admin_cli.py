@@ -62,7 +62,10 @@ def test_an_operators_session(stack: Stack, tmp_path: Path) -> None:
         )
     csv_text = admin(stack, "usage", ws_id, "--format", "csv").stdout
     header, row = csv_text.strip().splitlines()
-    assert header == "day,key_id,model,requests,prompt_tokens,completion_tokens,cost_usd"
+    assert header == (
+        "day,key_id,model,requests,prompt_tokens,completion_tokens,cost_usd,endpoint_id,"
+        "replica_seconds"
+    )
     assert row.split(",")[1:4] == [key_id, MODEL, "1"]
     assert admin_json(stack, "usage", ws_id, "--since", "2000-01-01", "--until", "2000-12-31") == []
 
