@@ -227,9 +227,14 @@ class ReservedEndpoints:
             return None
         endpoint = self._ledger.endpoint(runtime.id)
         if runtime.phase is _Phase.RUNNING:
-            # Served while the period is paid, or while the next one is held (its charge is
-            # made by the next tick); otherwise the suspension is only a tick away.
-            if self._ledger.now_ms() < endpoint.paid_until_ms or runtime.hold is not None:
+            now = self._ledger.now_ms()
+            if now >= endpoint.paid_until_ms and self._accepting():
+                # The paid period is over and the tick has not come yet: the next period is
+                # charged (or the endpoint suspended) now, so that every request is served
+                # inside a period that is charged, and its charge is journaled before the
+                # request's own.
+                self._bill(runtime, now)
+            if runtime.phase is _Phase.RUNNING and now < endpoint.paid_until_ms:
                 return Served(
                     runtime.rate,
                     self._catalogue.rate_card.version,
@@ -529,6 +534,10 @@ class ReservedEndpoints:
         if runtime.generation != generation:
             await _shutdown(engines)  # stopped while starting; shutdown is idempotent
             return
+        # Replicas removed by a resize while they started: stopped again, now that they run.
+        await _shutdown([e for e in engines if e not in runtime.engines])
+        if runtime.generation != generation:
+            return
         runtime.phase = _Phase.RUNNING
         runtime.ready_ms = self._ledger.now_ms()
         runtime.settled.set()
@@ -552,6 +561,8 @@ class ReservedEndpoints:
                 log.error("reserved endpoint %s: added replicas failed: %s", runtime.id, exc)
             if runtime.generation != generation:
                 await _shutdown(engines)
+            else:
+                await _shutdown([e for e in engines if e not in runtime.engines])
 
         self._background(start())
 

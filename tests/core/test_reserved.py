@@ -495,3 +495,16 @@ async def test_a_snapshot_keeps_the_endpoints(world: World) -> None:
     assert restored.endpoints == world.ledger.state.endpoints
     assert restored.endpoints[endpoint_id].period == len(world.periods(endpoint_id))
     assert restored.endpoint_usage == world.ledger.state.endpoint_usage
+
+
+async def test_a_request_after_the_period_ends_is_served_in_a_charged_period(world: World) -> None:
+    ws = world.workspace(10_000)
+    endpoint_id = await create(world, ws)
+    model = world.reserved.view(endpoint_id).endpoint.model_id
+    world.clock.advance(61)  # the first minute is over, and no tick has come yet
+
+    assert world.reserved.lookup(ws, model) is not None
+
+    periods = world.periods(endpoint_id)
+    assert len(periods) == 2 and periods[1].start_ms <= world.clock.ms < periods[1].end_ms
+    world.assert_exact(ws)
