@@ -68,6 +68,9 @@ MAX_IDEMPOTENCY_KEY_CHARS: Final = 200
 MAX_AMOUNT_NANO: Final = 10**18
 # Replicas of one reserved endpoint: far beyond any pool, and what keeps its money in bounds.
 MAX_REPLICAS: Final = 1024
+# Endpoints a workspace may have that are not deleted (suspended ones hold no capacity, so the
+# pool alone does not bound them; the billing loop looks at every one each tick).
+MAX_ENDPOINTS_PER_WORKSPACE: Final = 64
 # Key secrets: 43 characters of 62 carry 256 bits of entropy, and copy-paste cleanly.
 _SECRET_ALPHABET: Final = string.ascii_letters + string.digits
 
@@ -524,9 +527,16 @@ class Ledger:
         ws = self.workspace(workspace_id)
         _check_name(name)
         assert 1 <= replicas <= MAX_REPLICAS
-        if any(e.model_id == model_id for e in self.endpoints(workspace_id)):
+        live = self.endpoints(workspace_id)
+        if any(e.model_id == model_id for e in live):
             raise errors.InvalidRequest(
                 f"The workspace already has an endpoint named {quote(name)}.", param="name"
+            )
+        if len(live) >= MAX_ENDPOINTS_PER_WORKSPACE:
+            raise errors.InvalidRequest(
+                f"A workspace may have at most {MAX_ENDPOINTS_PER_WORKSPACE} reserved endpoints; "
+                "delete one first.",
+                param="workspace_id",
             )
         self._check_fixed_affordable(ws, hold_nano, what)
         endpoint_id = "ep_" + secrets.token_hex(8)
