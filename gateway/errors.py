@@ -101,6 +101,7 @@ BY_REASON: Final[dict[int, tuple[int, str, str | None]]] = {
     errors_pb2.INVALID_ADMIN_TOKEN: (403, "invalid_request_error", "invalid_admin_token"),
     errors_pb2.NOT_FOUND: (404, "invalid_request_error", None),
     errors_pb2.SERVICE_UNAVAILABLE: (503, "server_error", "service_unavailable"),
+    errors_pb2.CAPACITY_UNAVAILABLE: (503, "server_error", "capacity_unavailable"),
 }
 _REASONS: Final = {name: int(value) for name, value in errors_pb2.ErrorReason.items()}
 _NO_RETRY: Final = frozenset({errors_pb2.TOKEN_LIMIT_EXCEEDED, errors_pb2.INSUFFICIENT_CREDITS})
