@@ -45,6 +45,8 @@ class EndpointRpcs:
         )
         await self._sync()
         await self._reserved.wait_started(view.endpoint.id, self._create_wait_s)
+        # The first period is charged when the replicas are ready: on disk before it is shown.
+        await self._sync()
         return endpoint_pb(self._reserved.view(view.endpoint.id))
 
     async def ListEndpoints(
