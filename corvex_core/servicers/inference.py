@@ -115,8 +115,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 async def _stream(
     context: Context, run: Generation, call: CallRecord, *, whole: bool, echo: bool
 ) -> None:
-    """Writes a generation's chunks: one per delta, the request's last with the usage (and
-    with `echo`, the prompt on the first)."""
+    """Writes a generation's chunks: one per delta, the request's last with the usage, the
+    first with the prompt's token count (and with `echo`, the prompt)."""
     metadata = response_metadata(call.request_id, run.limit_state)
     if whole:
         context.set_trailing_metadata(metadata)  # sent with the status, at no cost
@@ -127,8 +127,10 @@ async def _stream(
         deltas = event.deltas if isinstance(event, Finished) else [event]
         for i, delta in enumerate(deltas):
             message = wire.chunk(delta)
-            if first and echo:
-                message.prompt_text = run.prompt.text
+            if first:
+                message.prompt_tokens = run.prompt.num_tokens
+                if echo:
+                    message.prompt_text = run.prompt.text
             first = False
             if isinstance(event, Finished) and i == len(deltas) - 1:
                 message.usage.CopyFrom(

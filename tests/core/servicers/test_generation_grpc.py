@@ -151,3 +151,12 @@ async def test_completions_echo_the_prompt_and_are_metered_like_chat(
     )
     last = [c async for c in stub.Complete(tokens, metadata=auth(secret))][-1]
     assert last.usage.prompt_tokens == 3
+
+
+async def test_the_first_chunk_counts_the_prompt_as_billed(channel: grpc.aio.Channel) -> None:
+    secret = await make_key(channel)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    chunks = await chunks_of(stub, chat("count me", max_tokens=3, ignore_eos=True, n=2), secret)
+    assert chunks[0].prompt_tokens > 0
+    assert chunks[0].prompt_tokens == chunks[-1].usage.prompt_tokens
+    assert all(c.prompt_tokens == 0 for c in chunks[1:])
