@@ -2,15 +2,16 @@
 send), with what Corvex does with it: the one definition behind docs/api.md, and what the edge's
 validation refuses by name.
 
-Statuses: `implemented` (served on every engine, end to end), `engines` (both engines serve it;
-the edge and the wire carry it in phase 2 of issue 14), `refused` (a 400 whose `param` names
-it), `ignored` (accepted with no effect, as vLLM does: it does not change the answer). It must
-never import the core or the edge: both read it. `python -m corvex.api_params` prints the page.
+Statuses: `implemented` (served on every engine, end to end), `refused` (a 400 whose `param`
+names it; a refused parameter sent with its default, `accepts`, changes nothing and passes),
+`ignored` (accepted with no effect, as vLLM does: it does not change the answer). It must never
+import the core or the edge: both read it. `python -m corvex.api_params` prints the page.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import sys
 from dataclasses import dataclass
 from typing import Final
@@ -18,7 +19,6 @@ from typing import Final
 
 class Status(enum.Enum):
     IMPLEMENTED = "implemented"
-    ENGINES = "engines"
     REFUSED = "refused"
     IGNORED = "ignored"
 
@@ -36,14 +36,12 @@ class Param:
     note: str
     # OpenAI's own parameter (False: a vLLM extension).
     openai: bool = True
+    # For a refused parameter: the values that mean "not asked for" (its default), which a
+    # client may send as they change nothing. JSON null always passes.
+    accepts: tuple[object, ...] = ()
 
 
-IMPLEMENTED, ENGINES, REFUSED, IGNORED = (
-    Status.IMPLEMENTED,
-    Status.ENGINES,
-    Status.REFUSED,
-    Status.IGNORED,
-)
+IMPLEMENTED, REFUSED, IGNORED = Status.IMPLEMENTED, Status.REFUSED, Status.IGNORED
 
 # Parameters both generating endpoints share, by name.
 _SAMPLING: Final = (
@@ -57,34 +55,49 @@ _SAMPLING: Final = (
     Param("user", IGNORED, "an end-user id for abuse monitoring; vLLM ignores it too"),
     Param(
         "logit_bias",
-        ENGINES,
+        IMPLEMENTED,
         "at most 300 token ids of the model's vocabulary, -100 (ban) to 100 (force)",
     ),
-    Param("n", ENGINES, "1 to 16 choices; prompt billed once, every choice's tokens billed"),
-    Param("top_k", ENGINES, "vLLM extension", openai=False),
-    Param("min_p", ENGINES, "vLLM extension", openai=False),
-    Param("repetition_penalty", ENGINES, "vLLM extension", openai=False),
-    Param("stop_token_ids", ENGINES, "at most 64 ids of the vocabulary", openai=False),
-    Param("include_stop_str_in_output", ENGINES, "vLLM extension", openai=False),
-    Param("ignore_eos", IMPLEMENTED, "vLLM extension", openai=False),
-    Param("prompt_logprobs", ENGINES, "0 to 20 (vLLM extension)", openai=False),
-    Param("min_tokens", REFUSED, "not served", openai=False),
-    Param("use_beam_search", REFUSED, "not served", openai=False),
-    Param("length_penalty", REFUSED, "beam search only", openai=False),
-    Param("skip_special_tokens", REFUSED, "the model's default applies", openai=False),
-    Param("spaces_between_special_tokens", REFUSED, "not served", openai=False),
+    Param(
+        "n",
+        IMPLEMENTED,
+        "1 to 16 choices, streamed interleaved; the prompt billed once, every choice's tokens",
+    ),
+    Param("top_k", IMPLEMENTED, "-1 (all) or at least 1", openai=False),
+    Param("min_p", IMPLEMENTED, "0 to 1", openai=False),
+    Param("repetition_penalty", IMPLEMENTED, "greater than 0; 1 is none", openai=False),
+    Param("stop_token_ids", IMPLEMENTED, "at most 64 ids of the vocabulary", openai=False),
+    Param("include_stop_str_in_output", IMPLEMENTED, "keeps the stop string", openai=False),
+    Param("ignore_eos", IMPLEMENTED, "generate to max_tokens; needs max_tokens", openai=False),
+    Param(
+        "prompt_logprobs",
+        IMPLEMENTED,
+        "0 to 20, in vLLM's shape; not with stream (as vLLM)",
+        openai=False,
+    ),
+    Param("min_tokens", REFUSED, "not served", openai=False, accepts=(0,)),
+    Param("use_beam_search", REFUSED, "not served", openai=False, accepts=(False,)),
+    Param("length_penalty", REFUSED, "beam search only", openai=False, accepts=(1,)),
+    Param(
+        "skip_special_tokens",
+        REFUSED,
+        "the model's default applies",
+        openai=False,
+        accepts=(True,),
+    ),
+    Param("spaces_between_special_tokens", REFUSED, "not served", openai=False, accepts=(True,)),
     Param("truncate_prompt_tokens", REFUSED, "prompts are never cut", openai=False),
     Param("allowed_token_ids", REFUSED, "not served", openai=False),
-    Param("bad_words", REFUSED, "not served", openai=False),
+    Param("bad_words", REFUSED, "not served", openai=False, accepts=([],)),
     Param("logprob_token_ids", REFUSED, "not served", openai=False),
     Param("structured_outputs", REFUSED, "use response_format", openai=False),
     Param("guided_json", REFUSED, "use response_format", openai=False),
     Param("guided_regex", REFUSED, "not served", openai=False),
     Param("guided_choice", REFUSED, "not served", openai=False),
     Param("guided_grammar", REFUSED, "not served", openai=False),
-    Param("priority", REFUSED, "one priority for all", openai=False),
-    Param("return_tokens_as_token_ids", REFUSED, "not served", openai=False),
-    Param("return_token_ids", REFUSED, "not served", openai=False),
+    Param("priority", REFUSED, "one priority for all", openai=False, accepts=(0,)),
+    Param("return_tokens_as_token_ids", REFUSED, "not served", openai=False, accepts=(False,)),
+    Param("return_token_ids", REFUSED, "not served", openai=False, accepts=(False,)),
     Param("cache_salt", REFUSED, "not served", openai=False),
     Param("kv_transfer_params", REFUSED, "not served", openai=False),
     Param("vllm_xargs", REFUSED, "not served", openai=False),
@@ -92,61 +105,72 @@ _SAMPLING: Final = (
 )
 
 _CHAT: Final = (
-    Param("messages", IMPLEMENTED, "text content"),
+    Param(
+        "messages",
+        IMPLEMENTED,
+        "system, developer, user, assistant and tool messages; text content (parts of type text)",
+    ),
     Param("model", IMPLEMENTED, "a catalogue model id"),
     Param("max_completion_tokens", IMPLEMENTED, "per choice; bounded by context and balance"),
     Param("max_tokens", IMPLEMENTED, "deprecated alias of max_completion_tokens"),
     Param(
         "stream_options",
         IMPLEMENTED,
-        "include_usage; continuous_usage_stats (vLLM) is wired in phase 2",
+        "include_usage; continuous_usage_stats (vLLM, needs include_usage): every chunk's "
+        "usage counts the prompt and its choice's tokens so far, the cost comes at the end",
     ),
     Param(
         "tools",
-        ENGINES,
+        IMPLEMENTED,
         "function tools, at most 128, parameters a JSON Schema; vLLM needs a tool_call_parser",
     ),
-    Param("tool_choice", ENGINES, "none, auto, required or a named function"),
-    Param("parallel_tool_calls", ENGINES, "whether one answer may hold several calls"),
+    Param("tool_choice", IMPLEMENTED, "none, auto, required or a named function"),
+    Param("parallel_tool_calls", IMPLEMENTED, "whether one answer may hold several calls"),
     Param(
         "messages[].tool_calls / role tool",
-        ENGINES,
+        IMPLEMENTED,
         "assistant tool calls and tool results (tool_call_id) in the history",
     ),
     Param(
         "response_format",
-        ENGINES,
+        IMPLEMENTED,
         "text, json_object, json_schema (strict); an invalid schema is a 400",
     ),
-    Param("logprobs", ENGINES, "the sampled token's logprob, per token"),
-    Param("top_logprobs", ENGINES, "0 to 20; needs logprobs"),
+    Param("logprobs", IMPLEMENTED, "the sampled token's logprob, per token, streamed too"),
+    Param("top_logprobs", IMPLEMENTED, "0 to 20; needs logprobs"),
     Param(
         "reasoning_effort",
-        ENGINES,
-        "none, minimal, low, medium, high, xhigh, max; the answer's `reasoning` field",
+        IMPLEMENTED,
+        "none, minimal, low, medium, high, xhigh, max; the answer's `reasoning` field (vLLM's)",
     ),
     Param(
         "chat_template_kwargs",
-        ENGINES,
+        IMPLEMENTED,
         "at most 32 template variables, e.g. enable_thinking",
         openai=False,
     ),
-    Param("include_reasoning", ENGINES, "false drops reasoning, still billed", openai=False),
+    Param("include_reasoning", IMPLEMENTED, "false drops reasoning, still billed", openai=False),
     Param("metadata", IGNORED, "stored completions are not served"),
-    Param("store", REFUSED, "true is refused: completions are not stored"),
+    Param("store", REFUSED, "completions are not stored", accepts=(False,)),
     Param("service_tier", IGNORED, "one tier"),
     Param("prompt_cache_key", IGNORED, "the prefix cache needs no key"),
     Param("safety_identifier", IGNORED, "an end-user id for abuse monitoring"),
-    Param("modalities", REFUSED, 'anything but ["text"] is refused'),
+    Param("modalities", REFUSED, "text only", accepts=(["text"],)),
     Param("audio", REFUSED, "no audio output"),
     Param("prediction", REFUSED, "predicted outputs are not served"),
     Param("web_search_options", REFUSED, "no web search"),
     Param("verbosity", REFUSED, "not served"),
     Param("functions", REFUSED, "deprecated: use tools"),
     Param("function_call", REFUSED, "deprecated: use tool_choice"),
-    Param("echo", REFUSED, "chat echo (vLLM) is not served", openai=False),
-    Param("add_generation_prompt", REFUSED, "the template's default applies", openai=False),
-    Param("continue_final_message", REFUSED, "not served", openai=False),
+    Param("echo", REFUSED, "chat echo (vLLM) is not served", openai=False, accepts=(False,)),
+    Param(
+        "add_generation_prompt",
+        REFUSED,
+        "the template's default applies",
+        openai=False,
+        accepts=(True,),
+    ),
+    Param("continue_final_message", REFUSED, "not served", openai=False, accepts=(False,)),
     Param("documents", REFUSED, "not served", openai=False),
     Param("chat_template", REFUSED, "the model's own template only", openai=False),
     Param("thinking_token_budget", REFUSED, "not served", openai=False),
@@ -154,23 +178,28 @@ _CHAT: Final = (
 )
 
 _COMPLETIONS: Final = (
-    Param("model", ENGINES, "a catalogue model id"),
-    Param("prompt", ENGINES, "a string or token ids (one prompt); no chat template"),
-    Param("max_tokens", ENGINES, "per choice; default 16 as OpenAI's"),
-    Param("echo", ENGINES, "the prompt before the answer; with logprobs, the prompt's too"),
+    Param("model", IMPLEMENTED, "a catalogue model id"),
+    Param(
+        "prompt",
+        IMPLEMENTED,
+        "a string or token ids, or a list of one of them; a batch of several prompts is refused",
+    ),
+    Param("max_tokens", IMPLEMENTED, "per choice; default 16 as OpenAI's, null: as allowed"),
+    Param("echo", IMPLEMENTED, "the prompt before the answer; with logprobs, the prompt's too"),
     Param(
         "logprobs",
-        ENGINES,
+        IMPLEMENTED,
         "0 to 20 (OpenAI: 5): tokens, token_logprobs, top_logprobs, text_offset",
     ),
-    Param("stream_options", ENGINES, "include_usage; continuous_usage_stats (vLLM)"),
-    Param("suffix", REFUSED, "insertion is not served"),
-    Param("best_of", REFUSED, "not served"),
-    Param("response_format", ENGINES, "as on chat (vLLM extension)", openai=False),
-    *(
-        Param(p.name, ENGINES if p.status is IMPLEMENTED else p.status, p.note, p.openai)
-        for p in _SAMPLING
+    Param(
+        "stream_options",
+        IMPLEMENTED,
+        "include_usage; continuous_usage_stats (vLLM), as on chat",
     ),
+    Param("suffix", REFUSED, "insertion is not served"),
+    Param("best_of", REFUSED, "not served", accepts=(1,)),
+    Param("response_format", IMPLEMENTED, "as on chat (vLLM extension)", openai=False),
+    *_SAMPLING,
 )
 
 _EMBEDDINGS: Final = (
@@ -194,12 +223,31 @@ def refused(endpoint: Endpoint) -> frozenset[str]:
     return frozenset(p.name for p in PARAMETERS[endpoint] if p.status is Status.REFUSED)
 
 
+def param(endpoint: Endpoint, name: str) -> Param:
+    """The row of one parameter of an endpoint."""
+    return next(p for p in PARAMETERS[endpoint] if p.name == name)
+
+
+def is_default(p: Param, value: object) -> bool:
+    """Whether `value` of a refused parameter asks for nothing: null or one it `accepts`.
+    true is not 1 here, as in JSON."""
+    return value is None or any(
+        (type(value) is bool) == (type(a) is bool) and value == a for a in p.accepts
+    )
+
+
 _STATUS_TEXT: Final = {
     Status.IMPLEMENTED: "implemented",
-    Status.ENGINES: "implemented on both engines; wired end to end in phase 2",
     Status.REFUSED: "refused (400 naming the param)",
     Status.IGNORED: "accepted, no effect (as vLLM)",
 }
+
+
+def _note(p: Param) -> str:
+    if not p.accepts:
+        return p.note
+    values = " or ".join(f"`{json.dumps(a)}`" for a in p.accepts)
+    return f"{p.note}; {values} (the default) is accepted"
 
 
 def render() -> str:
@@ -210,9 +258,9 @@ def render() -> str:
         "Generated from `corvex/api_params.py` by `python -m corvex.api_params > docs/api.md`;",
         "a test fails when they differ. Every parameter is implemented on every engine (the",
         "simulated engine and vLLM) or refused with a 400 whose `param` names it; a few that",
-        'change nothing in an answer are accepted and ignored, as vLLM does. "Phase 2" marks',
-        "what both engines serve and the edge and the gRPC API carry next (issue 14); until",
-        "then the edge neither carries those nor refuses the ones marked refused.",
+        "change nothing in an answer are accepted and ignored, as vLLM does, and so are fields",
+        "that no OpenAI or vLLM client sends. A refused parameter sent as null, or with the",
+        "value that asks for nothing (its default), passes.",
         "",
         "Limits on the simulated engine: JSON for `response_format` and tool arguments is",
         "generated for the JSON Schema subset of OpenAI's strict mode (`pattern` and `not` are",
@@ -229,7 +277,7 @@ def render() -> str:
         ]
         for p in params:
             origin = "OpenAI" if p.openai else "vLLM"
-            lines.append(f"| `{p.name}` | {origin} | {_STATUS_TEXT[p.status]} | {p.note} |")
+            lines.append(f"| `{p.name}` | {origin} | {_STATUS_TEXT[p.status]} | {_note(p)} |")
         lines.append("")
     return "\n".join(lines)
 
