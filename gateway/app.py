@@ -17,6 +17,7 @@ from corvex import readyfile
 from corvex.v1 import inference_pb2_grpc
 from gateway import ops_http, telemetry, upstream
 from gateway.chat import chat_completions
+from gateway.completions import completions
 from gateway.config import EdgeConfig
 from gateway.embeddings import embeddings
 from gateway.error_middleware import handle_errors
@@ -57,6 +58,7 @@ def create_app(config: EdgeConfig) -> web.Application:
 
     app.cleanup_ctx.append(channel_ctx)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)

@@ -1,39 +1,46 @@
 """POST /v1/chat/completions: OpenAI chat → one server-streaming gRPC call → JSON or SSE.
 
-Non-streaming requests get the whole answer from the core in one message (`final_only`) and
-send one `chat.completion`. Streaming requests are framed by `gateway.sse`. The response status
-is chosen only after the core admitted the request, so every refusal is a proper HTTP error,
-never a broken stream. A call is always read to its status: cancelled only when the client went
-away (the core then aborts the request and settles what was produced), never after it finished.
+Non-streaming requests get the whole answer from the core in one message per choice
+(`final_only`) and send one `chat.completion`. Streaming requests are framed by `gateway.sse`.
+The response status is chosen only after the core admitted the request, so every refusal is a
+proper HTTP error, never a broken stream. A call is always read to its status: cancelled only
+when the client went away (the core then aborts the request and settles what was produced),
+never after it finished.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Final
 
-import grpc
 import msgspec
 from aiohttp import web
 
+from corvex.api_params import Endpoint
 from corvex.v1 import inference_pb2
-from gateway import decoding, sse, upstream
-from gateway.errors import ApiError, BadRequest
-from gateway.openai_types import ChatCompletionRequest, chat_decoder
-from gateway.state import EDGE, OPEN_STREAM, REQUEST_ID
-from gateway.telemetry import ACTIVE_STREAMS, first_token
+from gateway import choices, decoding, sse, upstream
+from gateway.errors import BadRequest
+from gateway.openai_types import (
+    MAX_LOGPROBS,
+    ChatCompletionRequest,
+    GenerationRequest,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    Message,
+    NamedToolChoice,
+    ResponseFormat,
+    StreamOptions,
+    chat_decoder,
+    check_refused,
+)
+from gateway.state import EDGE, REQUEST_ID
 from gateway.usage import usage_json
 
-log = logging.getLogger(__name__)
-
 MAX_TOKENS_LIMIT: Final = 2**31 - 1
-_FINISH: Final = {
-    inference_pb2.FINISH_REASON_STOP: "stop",
-    inference_pb2.FINISH_REASON_LENGTH: "length",
-    # Not one of OpenAI's values: the core was draining and cut the answer short. vLLM's
-    # OpenAI server reports the same value.
-    inference_pb2.FINISH_REASON_ABORT: "abort",
+_TOOL_CHOICE: Final = {
+    "none": inference_pb2.TOOL_CHOICE_MODE_NONE,
+    "auto": inference_pb2.TOOL_CHOICE_MODE_AUTO,
+    "required": inference_pb2.TOOL_CHOICE_MODE_REQUIRED,
 }
 _encoder = msgspec.json.Encoder()
 
@@ -46,12 +53,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     request_id = request[REQUEST_ID]
     try:
         if parsed.stream:
-            include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-            framer = sse.ChunkFramer(
-                "chatcmpl-" + request_id, int(time.time()), parsed.model, include_usage
+            include_usage, continuous = stream_usage(parsed.stream_options)
+            framer = sse.ChatFramer(
+                "chatcmpl-" + request_id,
+                int(time.time()),
+                parsed.model,
+                include_usage=include_usage,
+                continuous_usage=continuous,
             )
-            return await _stream(request, call, framer, include_usage)
-        return await _answer(call, request_id, parsed.model)
+            return await sse.relay(request, call, framer)
+        return await _answer(call, request_id, parsed)
     finally:
         # Both paths read the call to its status, so it is only still running here when the
         # handler was cancelled (the client went away) or failed: the core then aborts.
@@ -61,71 +72,189 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 def to_rpc(parsed: ChatCompletionRequest) -> inference_pb2.ChatRequest:
     """Checks what the wire types cannot express and builds the gRPC request."""
-    if parsed.n is not None and parsed.n != 1:
-        raise BadRequest("Only n=1 is supported.", param="n")
+    check_refused(parsed, Endpoint.CHAT)
     if parsed.max_tokens is not None and parsed.max_completion_tokens is not None:
         raise BadRequest("Set max_tokens or max_completion_tokens, not both.", param="max_tokens")
     max_tokens = parsed.max_completion_tokens if parsed.max_tokens is None else parsed.max_tokens
     param = "max_tokens" if parsed.max_completion_tokens is None else "max_completion_tokens"
-    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise BadRequest(f"{param} must be a positive integer.", param=param)
-    if parsed.stream_options is not None and not parsed.stream:
-        raise BadRequest(
-            "stream_options is only allowed when stream is true.", param="stream_options"
-        )
-    if not parsed.model:
-        raise BadRequest("model must not be empty.", param="model")
-    if parsed.seed is not None and not -(2**63) <= parsed.seed < 2**63:
-        raise BadRequest("seed must fit in 64 bits.", param="seed")
-    stop = [parsed.stop] if isinstance(parsed.stop, str) else (parsed.stop or [])
-    sampling: dict[str, Any] = {"stop": stop, "ignore_eos": parsed.ignore_eos}
-    for name, value in (
-        ("temperature", parsed.temperature),
-        ("top_p", parsed.top_p),
-        ("presence_penalty", parsed.presence_penalty),
-        ("frequency_penalty", parsed.frequency_penalty),
-        ("seed", parsed.seed),
-    ):
-        if value is not None:
-            sampling[name] = value
+    check_max_tokens(max_tokens, param)
+    sampling = sampling_of(parsed)
+    if parsed.top_logprobs is not None and not parsed.logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
+    if parsed.logprobs:
+        check_logprobs(parsed.top_logprobs or 0, "top_logprobs")
+        sampling.logprobs = parsed.top_logprobs or 0
     fields: dict[str, Any] = {
         "model": parsed.model,
-        "messages": [
-            inference_pb2.ChatMessage(role=m.role, content=m.text(), name=m.name)
-            for m in parsed.messages
-        ],
+        "messages": [_message(m) for m in parsed.messages],
         "user": parsed.user or "",
-        "sampling": inference_pb2.Sampling(**sampling),
+        "sampling": sampling,
         # The edge sends a non-streaming answer in one piece, so the core folds it too.
         "final_only": not parsed.stream,
     }
     if max_tokens is not None:
         fields["max_tokens"] = max_tokens
-    return inference_pb2.ChatRequest(**fields)
+    rpc = inference_pb2.ChatRequest(**fields)
+    _tools(parsed, rpc)
+    if parsed.reasoning_effort is not None:
+        rpc.reasoning_effort = parsed.reasoning_effort
+    if parsed.chat_template_kwargs is not None:
+        rpc.chat_template_kwargs_json = _encoder.encode(parsed.chat_template_kwargs).decode()
+    if parsed.include_reasoning is not None:
+        rpc.include_reasoning = parsed.include_reasoning
+    return rpc
 
 
-async def _answer(call: Any, request_id: str, model: str) -> web.StreamResponse:
-    """A non-streaming answer: the core sends it as one final chunk (`final_only`)."""
-    final = await call.read()
+def check_max_tokens(max_tokens: int | None, param: str) -> None:
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise BadRequest(f"{param} must be a positive integer.", param=param)
+
+
+def stream_usage(options: StreamOptions | None) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats) of a stream."""
+    if options is None:
+        return False, False
+    return bool(options.include_usage), bool(options.continuous_usage_stats)
+
+
+def sampling_of(parsed: GenerationRequest) -> inference_pb2.Sampling:
+    """The sampling settings chat and completions share, checked for what the wire cannot
+    carry and for combinations that ask for something the stream cannot give."""
+    if not parsed.model:
+        raise BadRequest("model must not be empty.", param="model")
+    if parsed.stream_options is not None and not parsed.stream:
+        raise BadRequest(
+            "stream_options is only allowed when stream is true.", param="stream_options"
+        )
+    include_usage, continuous = stream_usage(parsed.stream_options)
+    if continuous and not include_usage:
+        # vLLM sends no usage at all then; asking for it per chunk and not at all is refused.
+        raise BadRequest(
+            "stream_options.continuous_usage_stats needs stream_options.include_usage: true.",
+            param="stream_options",
+        )
+    if parsed.seed is not None and not -(2**63) <= parsed.seed < 2**63:
+        raise BadRequest("seed must fit in 64 bits.", param="seed")
+    if parsed.prompt_logprobs is not None:
+        if parsed.stream:
+            raise BadRequest(
+                "prompt_logprobs is not available with stream: true (as in vLLM).",
+                param="prompt_logprobs",
+            )
+        check_logprobs(parsed.prompt_logprobs, "prompt_logprobs")
+    stop = [parsed.stop] if isinstance(parsed.stop, str) else (parsed.stop or [])
+    sampling = inference_pb2.Sampling(
+        stop=stop,
+        ignore_eos=bool(parsed.ignore_eos),
+        include_stop_str_in_output=bool(parsed.include_stop_str_in_output),
+        stop_token_ids=parsed.stop_token_ids or [],
+        logit_bias=_logit_bias(parsed.logit_bias),
+    )
+    for name in (
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "n",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "prompt_logprobs",
+    ):
+        value = getattr(parsed, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    if parsed.response_format is not None:
+        sampling.response_format.CopyFrom(_response_format(parsed.response_format))
+    return sampling
+
+
+def check_logprobs(value: int, param: str) -> None:
+    if value > MAX_LOGPROBS:
+        raise BadRequest(f"{param} must be between 0 and {MAX_LOGPROBS}.", param=param)
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """JSON's text keys as token ids; the vocabulary and the values are the core's checks."""
+    result: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit() and int(key) < 2**32):
+            raise BadRequest(
+                "logit_bias maps token ids (non-negative integers) to a bias from -100 to 100.",
+                param="logit_bias",
+            )
+        result[int(key)] = value
+    return result
+
+
+def _response_format(value: ResponseFormat) -> inference_pb2.ResponseFormat:
+    if isinstance(value, JsonObjectFormat):
+        return inference_pb2.ResponseFormat(type=inference_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
+    if isinstance(value, JsonSchemaFormat):
+        spec = value.json_schema
+        if spec.schema is None:
+            raise BadRequest(
+                "response_format.json_schema needs its schema.",
+                param="response_format.json_schema.schema",
+            )
+        return inference_pb2.ResponseFormat(
+            type=inference_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+            schema_json=_encoder.encode(spec.schema).decode(),
+            name=spec.name,
+            strict=bool(spec.strict),
+        )
+    return inference_pb2.ResponseFormat(type=inference_pb2.RESPONSE_FORMAT_TYPE_TEXT)
+
+
+def _message(message: Message) -> inference_pb2.ChatMessage:
+    wire = inference_pb2.ChatMessage(role=message.role, content=message.text(), name=message.name)
+    for call in message.tool_calls or ():
+        wire.tool_calls.add(id=call.id, name=call.function.name, arguments=call.function.arguments)
+    if message.tool_call_id is not None:
+        wire.tool_call_id = message.tool_call_id
+    reasoning = message.reasoning if message.reasoning is not None else message.reasoning_content
+    if reasoning is not None:
+        wire.reasoning = reasoning
+    return wire
+
+
+def _tools(parsed: ChatCompletionRequest, rpc: inference_pb2.ChatRequest) -> None:
+    """tools, tool_choice and parallel_tool_calls; whether the choice fits the tools (a named
+    function that is defined, tools to require) is the core's check."""
+    for tool in parsed.tools or ():
+        function = tool.function
+        wire = rpc.tools.add(name=function.name, strict=bool(function.strict))
+        if function.description is not None:
+            wire.description = function.description
+        if function.parameters is not None:
+            wire.parameters_json = _encoder.encode(function.parameters).decode()
+    choice = parsed.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        rpc.tool_choice.mode = inference_pb2.TOOL_CHOICE_MODE_NAMED
+        rpc.tool_choice.name = choice.function.name
+    elif choice is not None:
+        rpc.tool_choice.mode = _TOOL_CHOICE[choice]
+    if parsed.parallel_tool_calls is not None:
+        rpc.parallel_tool_calls = parsed.parallel_tool_calls
+
+
+async def _answer(call: Any, request_id: str, parsed: ChatCompletionRequest) -> web.Response:
+    """A non-streaming answer: the core sends one final chunk per choice (`final_only`)."""
+    chunks, usage = await choices.read_whole(call)
     trailing = await call.trailing_metadata()  # the call's status is in
-    if final is grpc.aio.EOF or not final.finish_reason:
-        raise ApiError(502, "The inference service ended the answer without finishing.")
-    body = {
+    body: dict[str, Any] = {
         "id": "chatcmpl-" + request_id,
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": model,
+        "model": parsed.model,
         "system_fingerprint": None,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": final.text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": _FINISH.get(final.finish_reason, "stop"),
-            }
-        ],
-        "usage": usage_json(final.usage),
+        "choices": [_choice(chunk, bool(parsed.logprobs)) for chunk in chunks],
+        "usage": usage_json(usage),
     }
+    if parsed.prompt_logprobs is not None:
+        prompt = next((list(c.prompt_logprobs) for c in chunks if c.prompt_logprobs), [])
+        body["prompt_logprobs"] = choices.prompt_logprobs(prompt)
     return web.Response(
         body=_encoder.encode(body),
         content_type="application/json",
@@ -133,47 +262,26 @@ async def _answer(call: Any, request_id: str, model: str) -> web.StreamResponse:
     )
 
 
-async def _stream(
-    request: web.Request, call: Any, framer: sse.ChunkFramer, include_usage: bool
-) -> web.StreamResponse:
-    """SSE: the status is chosen once the core has admitted the request (its first chunk or
-    its error is in); then each gRPC chunk becomes its events, written in one go. The events
-    that end the stream are written only after the call's status arrived, so a client that
-    hangs up on `[DONE]` cannot cancel a call that already finished."""
-    initial = await call.initial_metadata()
-    chunk = await call.read()
-    response = web.StreamResponse(
-        headers={
-            **upstream.response_headers(initial, request[REQUEST_ID]),
-            "Content-Type": sse.CONTENT_TYPE,
-            "Cache-Control": "no-cache",
-        }
-    )
-    await response.prepare(request)
-    request[OPEN_STREAM] = response
-    events = [framer.role()]
-    ACTIVE_STREAMS.inc()
-    try:
-        while chunk is not grpc.aio.EOF:
-            if chunk.text:
-                first_token(request)
-                events.append(framer.content(chunk.text))
-            if chunk.finish_reason:
-                events.append(framer.finish(_FINISH.get(chunk.finish_reason, "stop")))
-                if include_usage:
-                    events.append(framer.usage(chunk.usage))
-                if await call.read() is not grpc.aio.EOF:
-                    log.error("chat stream from the core went on after its final chunk")
-                events.append(sse.DONE)
-                await response.write(b"".join(events))
-                break
-            await response.write(b"".join(events))
-            events = []
-            chunk = await call.read()
-        else:
-            log.error("chat stream from the core ended without a final chunk")
-            raise ApiError(502, "The inference service ended the answer without finishing.")
-    finally:
-        ACTIVE_STREAMS.dec()
-    await response.write_eof()
-    return response
+def _choice(chunk: inference_pb2.ChatChunk, logprobs: bool) -> dict[str, Any]:
+    calls = choices.tool_calls([chunk])
+    message: dict[str, Any] = {
+        "role": "assistant",
+        # OpenAI's content is null beside tool calls when the model wrote no text.
+        "content": chunk.text or (None if calls else ""),
+        "refusal": None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    if chunk.reasoning:
+        message["reasoning"] = chunk.reasoning
+    return {
+        "index": chunk.index,
+        "message": message,
+        "logprobs": (
+            {"content": choices.chat_logprobs(chunk.logprobs), "refusal": None}
+            if logprobs
+            else None
+        ),
+        "finish_reason": choices.finish_reason(chunk),
+        "stop_reason": choices.stop_reason(chunk),
+    }

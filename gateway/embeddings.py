@@ -9,12 +9,13 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 
+from corvex.api_params import Endpoint
 from corvex.v1 import inference_pb2
 from gateway import decoding, upstream
 from gateway.errors import BadRequest
-from gateway.openai_types import EmbeddingRequest, embedding_decoder
+from gateway.openai_types import EmbeddingRequest, check_refused, embedding_decoder
 from gateway.state import EDGE, REQUEST_ID
-from gateway.usage import usage_json
+from gateway.usage import priced
 
 # The wire's bound for `dimensions` and token ids (uint32); the core owns the real bounds.
 _UINT32_END: Final = 2**32
@@ -32,16 +33,14 @@ async def embeddings(request: web.Request) -> web.Response:
         {"object": "embedding", "index": i, "embedding": encode(e.values)}
         for i, e in enumerate(result.embeddings)
     ]
-    usage = usage_json(result.usage)
     response = {
         "object": "list",
         "data": data,
         "model": parsed.model,
         "usage": {
-            "prompt_tokens": usage["prompt_tokens"],
-            "total_tokens": usage["total_tokens"],
-            "cost": usage["cost"],
-            "rate_card_version": usage["rate_card_version"],
+            "prompt_tokens": result.usage.prompt_tokens,
+            "total_tokens": result.usage.total_tokens,
+            **priced(result.usage),
         },
     }
     return web.Response(
@@ -53,6 +52,7 @@ async def embeddings(request: web.Request) -> web.Response:
 
 def to_rpc(parsed: EmbeddingRequest) -> inference_pb2.EmbedRequest:
     """Checks what the wire types cannot express and builds the gRPC request."""
+    check_refused(parsed, Endpoint.EMBEDDINGS)
     items = parsed.input
     inputs: list[inference_pb2.EmbedInput] = []
     if isinstance(items, str):

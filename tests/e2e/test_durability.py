@@ -116,7 +116,8 @@ async def _traffic(
             )
             async for chunk in stream:
                 if chunk.usage:
-                    costs[rid] = Decimal((chunk.usage.model_extra or {})["cost"])
+                    nano = (chunk.usage.model_extra or {})["cost_nano_usd"]
+                    costs[rid] = Decimal(nano).scaleb(-9)
                     if len(costs) >= kill_after:
                         enough.set()
         except (openai.APIError, openai.APIConnectionError):

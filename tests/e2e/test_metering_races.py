@@ -49,7 +49,7 @@ async def one_request(
     except openai.APIStatusError as exc:
         return str(exc.code), Decimal(0), 0
     assert usage is not None
-    return "ok", Decimal((usage.model_extra or {})["cost"]), usage.total_tokens
+    return "ok", Decimal((usage.model_extra or {})["cost_nano_usd"]).scaleb(-9), usage.total_tokens
 
 
 async def race(

@@ -120,12 +120,12 @@ def test_reload_prices_the_next_request_and_keeps_admitted_ones(
         usage_before = before.usage.model_extra
         assert usage_before["rate_card_version"] == "2026-11-01"
         assert (
-            Decimal(usage_before["cost"])
+            Decimal(usage_before["cost_nano_usd"]).scaleb(-9)
             == (before.usage.prompt_tokens * Decimal("0.35") + 150 * Decimal("1.40")) / 10**6
         )
         assert after.usage.model_extra["rate_card_version"] == "2026-12-01"
         assert (
-            Decimal(after.usage.model_extra["cost"])
+            Decimal(after.usage.model_extra["cost_nano_usd"]).scaleb(-9)
             == (after.usage.prompt_tokens * Decimal("0.40") + 5 * Decimal("1.40")) / 10**6
         )
         # The served catalogue no longer matches the pricing page: the gate fails and says why.

@@ -4,6 +4,7 @@ driven by the official `openai` client, sync and async."""
 from __future__ import annotations
 
 import base64
+import json
 import struct
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -42,12 +43,13 @@ async def aclient(stack: Stack, account: Account) -> AsyncIterator[openai.AsyncO
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:
-    completion = client.chat.completions.create(
+    raw = client.chat.completions.with_raw_response.create(
         model=MODEL,
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
         max_tokens=12,
         temperature=0,
     )
+    completion = raw.parse()
     assert completion.object == "chat.completion"
     assert completion.id.startswith("chatcmpl-")
     assert completion.model == MODEL
@@ -59,12 +61,15 @@ def test_chat_completion(client: openai.OpenAI) -> None:
     assert usage is not None
     assert usage.completion_tokens <= 12
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-    # The cost is exact: prompt at $0.35/1M, completion at $1.40/1M.
-    cost = Decimal(usage.model_extra["cost"])
+    # The cost is exact: prompt at $0.35/1M, completion at $1.40/1M; a JSON number with the
+    # charge's exact digits, and the same in integer nano-USD.
     expected = (
         usage.prompt_tokens * Decimal("0.35") + usage.completion_tokens * Decimal("1.40")
     ) / 10**6
-    assert cost == expected
+    exact = json.loads(raw.http_response.text, parse_float=Decimal)["usage"]
+    assert exact["cost"] == expected
+    assert Decimal(exact["cost_nano_usd"]).scaleb(-9) == expected
+    assert isinstance(usage.model_extra["cost"], float)
 
 
 def test_greedy_answers_are_deterministic(client: openai.OpenAI) -> None:
@@ -243,7 +248,7 @@ def test_errors_raise_the_sdk_exception_with_the_code(client: openai.OpenAI, sta
     assert wrong_type.value.param == "temperature"
     with pytest.raises(openai.BadRequestError) as n:
         client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "x"}], n=2
+            model=MODEL, messages=[{"role": "user", "content": "x"}], n=17
         )
     assert n.value.param == "n"
     bad_key = openai.OpenAI(base_url=stack.http_url + "/v1", api_key="corvex-wrong", max_retries=0)
