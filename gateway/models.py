@@ -1,6 +1,6 @@
 """GET /v1/models and /v1/models/{id}: OpenAI's model list, with Corvex's prices on each entry
-and the endpoints that serve it (/v1/chat/completions, /v1/completions, and /v1/embeddings for
-the models that embed), all metered at the same rates.
+and the routes that serve it (`routes`: /v1/chat/completions, /v1/completions, and
+/v1/embeddings for the models that embed), all metered at the same rates.
 
 Read from the core on every call, so a rate-card reload shows in the very next response. Each
 entry lists the model's reserved offerings; with an API key, the key's workspace also sees its
@@ -20,14 +20,15 @@ from gateway import upstream
 from gateway.errors import BY_REASON, ApiError
 from gateway.state import EDGE, REQUEST_ID
 
-_GENERATION_ENDPOINTS: Final = ("/v1/chat/completions", "/v1/completions")
+_GENERATION_ROUTES: Final = ("/v1/chat/completions", "/v1/completions")
 _encoder = msgspec.json.Encoder()
 
 
-def endpoints(model: inference_pb2.Model) -> list[str]:
-    """The routes of this edge that serve `model`."""
+def routes(model: inference_pb2.Model) -> list[str]:
+    """The API routes of this edge that serve `model` (not to be confused with reserved
+    endpoints, which are rented engines)."""
     embeds = ["/v1/embeddings"] if model.supports_embeddings else []
-    return [*_GENERATION_ENDPOINTS, *embeds]
+    return [*_GENERATION_ROUTES, *embeds]
 
 
 def model_json(model: inference_pb2.Model, version: str) -> dict[str, Any]:
@@ -41,7 +42,7 @@ def model_json(model: inference_pb2.Model, version: str) -> dict[str, Any]:
         "context_length": model.context_length,
         "engine": model.engine,
         "supports_embeddings": model.supports_embeddings,
-        "endpoints": endpoints(model),
+        "routes": routes(model),
         "pricing": {
             "currency": model.currency,
             "unit": "per 1M tokens",

@@ -212,7 +212,7 @@ def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
     flash = client.models.retrieve(MODEL)
     assert flash.id == MODEL and flash.object == "model" and flash.owned_by == "deepseek-ai"
     extra = flash.model_extra or {}
-    assert extra["endpoints"] == ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    assert extra["routes"] == ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
     assert extra["pricing"] == {
         "currency": "USD",
         "unit": "per 1M tokens",
