@@ -137,7 +137,7 @@ class Core:
         self.telemetry = Telemetry()
         secure_data_dir(self.data_dir)
         self._admin_token = admin_token(config, self.data_dir)
-        interceptor = CallInterceptor(
+        self._interceptor = interceptor = CallInterceptor(
             admin_token=self._admin_token,
             telemetry=self.telemetry,
             lifecycle=self.lifecycle,
@@ -210,7 +210,7 @@ class Core:
         only then reports SERVING and admits requests."""
         accounts = self.config.accounts
         inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.service, self.catalogue), self.server
+            InferenceServicer(self.service, self.catalogue, self._interceptor.guard), self.server
         )
         accounts_pb2_grpc.add_AccountsServicer_to_server(
             AccountsServicer(

@@ -1276,3 +1276,221 @@ class ReservedEndpointInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReservedEndpointInfo: _TypeAlias = ReservedEndpointInfo  # noqa: Y015
+
+@_typing.final
+class StreamsRequest(_message.Message):
+    """---- the multiplexed stream (Streams) ------------------------------------------------------
+
+    / One action of the client on a Streams call.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    cancel: _builtins.int
+    """/ Cancels the request with this id (as cancelling its Chat call would): it is aborted and
+    / settled for what it produced; no more events come for it.
+    """
+    @_builtins.property
+    def open(self) -> Global___OpenStream:
+        """/ Starts a request."""
+
+    def __init__(
+        self,
+        *,
+        open: Global___OpenStream | None = ...,
+        cancel: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel", b"cancel", "open", b"open"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel", b"cancel", "open", b"open"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["open", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
+
+Global___StreamsRequest: _TypeAlias = StreamsRequest  # noqa: Y015
+
+@_typing.final
+class OpenStream(_message.Message):
+    """/ A request started on a Streams call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    AUTHORIZATION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """/ Chosen by the client, unique among the call's requests in flight."""
+    authorization: _builtins.str
+    """/ What the call metadata of a Chat would carry: `Bearer <API key>`."""
+    request_id: _builtins.str
+    """/ The request id (x-request-id), or empty for a new one."""
+    @_builtins.property
+    def chat(self) -> Global___ChatRequest: ...
+    @_builtins.property
+    def complete(self) -> Global___CompleteRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        authorization: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        chat: Global___ChatRequest | None = ...,
+        complete: Global___CompleteRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "complete", b"complete", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization", b"authorization", "chat", b"chat", "complete", b"complete", "id", b"id", "request", b"request", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["chat", "complete"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___OpenStream: _TypeAlias = OpenStream  # noqa: Y015
+
+@_typing.final
+class StreamsResponse(_message.Message):
+    """/ Every event produced since the previous message, in order within each request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___StreamEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamsResponse: _TypeAlias = StreamsResponse  # noqa: Y015
+
+@_typing.final
+class StreamEvent(_message.Message):
+    """/ What happened to one request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """/ The OpenStream id."""
+    @_builtins.property
+    def metadata(self) -> Global___StreamMetadata:
+        """/ The response metadata (x-request-id, x-ratelimit-*), once the request is admitted and
+        / before its first chunk; a refused request has none.
+        """
+
+    @_builtins.property
+    def chunk(self) -> Global___ChatChunk:
+        """/ A chunk, exactly as Chat would stream it."""
+
+    @_builtins.property
+    def status(self) -> Global___StreamStatus:
+        """/ The end of the request: the status its call would have ended with. Always the
+        / request's last event.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        metadata: Global___StreamMetadata | None = ...,
+        chunk: Global___ChatChunk | None = ...,
+        status: Global___StreamStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "event", b"event", "metadata", b"metadata", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "event", b"event", "id", b"id", "metadata", b"metadata", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["metadata", "chunk", "status"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___StreamEvent: _TypeAlias = StreamEvent  # noqa: Y015
+
+@_typing.final
+class StreamStatus(_message.Message):
+    """/ How a request ended, as a call's status: its code and message, and for an error the
+    / serialized google.rpc.Status (with ErrorInfo, RetryInfo and BadRequest details) that the
+    / call would carry in its `grpc-status-details-bin` trailer.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """/ A grpc.StatusCode value; 0 is OK."""
+    message: _builtins.str
+    details: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        details: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamStatus: _TypeAlias = StreamStatus  # noqa: Y015
+
+@_typing.final
+class StreamMetadata(_message.Message):
+    """/ Response metadata of one request, as Chat sends it in its initial (or trailing) metadata."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetadataEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___MetadataEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamMetadata: _TypeAlias = StreamMetadata  # noqa: Y015
+
+@_typing.final
+class MetadataEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetadataEntry: _TypeAlias = MetadataEntry  # noqa: Y015

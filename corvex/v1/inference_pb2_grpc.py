@@ -60,6 +60,11 @@ class InferenceStub:
                 request_serializer=corvex_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=corvex_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Streams = channel.stream_stream(
+                '/corvex.v1.Inference/Streams',
+                request_serializer=corvex_dot_v1_dot_inference__pb2.StreamsRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_inference__pb2.StreamsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -106,6 +111,20 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Streams(self, request_iterator, context):
+        """/ Many Chat and Complete requests on one call, for a client that serves many at once (the
+        / edge): each request is opened with its own credentials and request id, and its chunks,
+        / response metadata and final status come back as events, batched per engine step (one
+        / message carries every event produced since the previous one). Each request behaves exactly
+        / as the same Chat or Complete call would: the same admission, metering, errors (the status
+        / event carries the google.rpc.Status the call would end with) and chunks. The call ends
+        / when the client half-closes it and every request has ended, or when it is cancelled
+        / (which cancels every request on it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +152,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=corvex_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
                     response_serializer=corvex_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Streams': grpc.stream_stream_rpc_method_handler(
+                    servicer.Streams,
+                    request_deserializer=corvex_dot_v1_dot_inference__pb2.StreamsRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_inference__pb2.StreamsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +295,33 @@ class Inference:
             '/corvex.v1.Inference/Tokenize',
             corvex_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
             corvex_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Streams(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/corvex.v1.Inference/Streams',
+            corvex_dot_v1_dot_inference__pb2.StreamsRequest.SerializeToString,
+            corvex_dot_v1_dot_inference__pb2.StreamsResponse.FromString,
             options,
             channel_credentials,
             insecure,

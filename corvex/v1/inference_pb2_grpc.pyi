@@ -60,6 +60,16 @@ class InferenceStub:
     """
     Tokenize: _grpc.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]
     """/ Counts the tokens of a chat conversation (after the model's chat template) or a text."""
+    Streams: _grpc.StreamStreamMultiCallable[_inference_pb2.StreamsRequest, _inference_pb2.StreamsResponse]
+    """/ Many Chat and Complete requests on one call, for a client that serves many at once (the
+    / edge): each request is opened with its own credentials and request id, and its chunks,
+    / response metadata and final status come back as events, batched per engine step (one
+    / message carries every event produced since the previous one). Each request behaves exactly
+    / as the same Chat or Complete call would: the same admission, metering, errors (the status
+    / event carries the google.rpc.Status the call would end with) and chunks. The call ends
+    / when the client half-closes it and every request has ended, or when it is cancelled
+    / (which cancels every request on it).
+    """
 
 @_typing.type_check_only
 class InferenceAsyncStub(InferenceStub):
@@ -84,6 +94,16 @@ class InferenceAsyncStub(InferenceStub):
     """
     Tokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]  # type: ignore[assignment]
     """/ Counts the tokens of a chat conversation (after the model's chat template) or a text."""
+    Streams: _aio.StreamStreamMultiCallable[_inference_pb2.StreamsRequest, _inference_pb2.StreamsResponse]  # type: ignore[assignment]
+    """/ Many Chat and Complete requests on one call, for a client that serves many at once (the
+    / edge): each request is opened with its own credentials and request id, and its chunks,
+    / response metadata and final status come back as events, batched per engine step (one
+    / message carries every event produced since the previous one). Each request behaves exactly
+    / as the same Chat or Complete call would: the same admission, metering, errors (the status
+    / event carries the google.rpc.Status the call would end with) and chunks. The call ends
+    / when the client half-closes it and every request has ended, or when it is cancelled
+    / (which cancels every request on it).
+    """
 
 class InferenceServicer(metaclass=_abc_1.ABCMeta):
     """/ Generation, embeddings, catalogue and tokenization."""
@@ -135,5 +155,21 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.TokenizeResponse, _abc.Awaitable[_inference_pb2.TokenizeResponse]]:
         """/ Counts the tokens of a chat conversation (after the model's chat template) or a text."""
+
+    @_abc_1.abstractmethod
+    def Streams(
+        self,
+        request_iterator: _MaybeAsyncIterator[_inference_pb2.StreamsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.StreamsResponse], _abc.AsyncIterator[_inference_pb2.StreamsResponse]]:
+        """/ Many Chat and Complete requests on one call, for a client that serves many at once (the
+        / edge): each request is opened with its own credentials and request id, and its chunks,
+        / response metadata and final status come back as events, batched per engine step (one
+        / message carries every event produced since the previous one). Each request behaves exactly
+        / as the same Chat or Complete call would: the same admission, metering, errors (the status
+        / event carries the google.rpc.Status the call would end with) and chunks. The call ends
+        / when the client half-closes it and every request has ended, or when it is cancelled
+        / (which cancels every request on it).
+        """
 
 def add_InferenceServicer_to_server(servicer: InferenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, TypeAlias
 
 from corvex.ratecard import RateCard
@@ -23,6 +24,7 @@ from corvex_core.reserved import EndpointView
 from corvex_core.servicers import credentials, wire
 from corvex_core.servicers.endpoints import offering_pb
 from corvex_core.servicers.metadata import response_metadata
+from corvex_core.servicers.streams import Multiplexer
 from corvex_core.serving import MAX_EMBED_INPUTS, Finished, Generation, Service
 from corvex_core.telemetry import CallRecord
 
@@ -32,17 +34,31 @@ Context: TypeAlias = Any
 CALL_KINDS: Final = {
     "Chat": CallKind.GENERATE,
     "Complete": CallKind.GENERATE,
+    "Streams": CallKind.GENERATE,  # each of its requests is admitted as its Chat or Complete
     "Embed": CallKind.GENERATE,
     "ListModels": CallKind.READ,
     "Tokenize": CallKind.READ,
 }
 _EMBED_CHUNK_VECTORS: Final = 128
+_METHOD: Final = "/corvex.v1.Inference/"
+Method: TypeAlias = Callable[[Any, Any], Awaitable[Any]]
+Guard: TypeAlias = Callable[[str, Method], Method]
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, service: Service, catalogue: Catalogue) -> None:
+    def __init__(self, service: Service, catalogue: Catalogue, guard: Guard) -> None:
+        """`guard` wraps a method in what its call goes through (the interceptor's), for the
+        requests of a Streams call, which arrive inside that call rather than as calls."""
         self._service = service
         self._catalogue = catalogue
+        self._multiplexer = Multiplexer(
+            guard(_METHOD + "Chat", self.Chat), guard(_METHOD + "Complete", self.Complete)
+        )
+
+    async def Streams(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[inference_pb2.StreamsRequest], context: Context
+    ) -> None:
+        await self._multiplexer.serve(request_iterator, context)
 
     # Streams with context.write rather than by yielding, so the interceptor wraps a plain
     # coroutine; the generated stub only knows the generator form.

@@ -40,7 +40,7 @@ ACCOUNTS_PREFIX: Final = "/corvex.v1.Accounts/"
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
-class _Undecodable:
+class Undecodable:
     """Stands for a request message that could not be decoded."""
 
     def __init__(self, message_type: str) -> None:
@@ -54,7 +54,7 @@ def _tolerant(deserializer: Callable[[bytes], Any], method: str) -> Callable[[by
         try:
             return deserializer(data)
         except DecodeError:
-            return _Undecodable(message_type)
+            return Undecodable(message_type)
 
     return deserialize
 
@@ -91,16 +91,18 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         if handler.unary_unary is not None:
             return handler._replace(
                 request_deserializer=deserializer,
-                unary_unary=self._guard(method, handler.unary_unary),
+                unary_unary=self.guard(method, handler.unary_unary),
             )
         if handler.unary_stream is not None:
             return handler._replace(
                 request_deserializer=deserializer,
-                unary_stream=self._guard(method, handler.unary_stream),
+                unary_stream=self.guard(method, handler.unary_stream),
             )
-        return handler
+        # Streams: each of its requests goes through `guard` (see servicers/streams.py).
+        return handler._replace(request_deserializer=deserializer)
 
-    def _guard(self, method: str, behavior: Behavior) -> Behavior:
+    def guard(self, method: str, behavior: Behavior) -> Behavior:
+        """`behavior` with everything a call of `method` goes through (module docstring)."""
         rpc = method.rsplit("/", 1)[-1]
         kind = self._kinds[rpc]
         admin_only = method.startswith(ACCOUNTS_PREFIX) and rpc not in WORKSPACE_SCOPED
@@ -111,7 +113,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
             record = telemetry.begin(rpc, _request_id(context))
             outcome, failure = "OK", None
             try:
-                if isinstance(request, _Undecodable):
+                if isinstance(request, Undecodable):
                     raise errors.InvalidRequest(
                         f"The request is not a valid corvex.v1.{request.message_type} message "
                         "(malformed protobuf)."

@@ -1,0 +1,202 @@
+"""The multiplexed stream (Inference.Streams): many Chat and Complete requests on one call.
+
+Each request runs through exactly the code its own Chat or Complete call would (the
+interceptor's guard, then the servicer's method) against `_RequestContext`, a stand-in for the
+call context that turns `send_initial_metadata`, `write` and `abort_with_status` into events of
+that request. A `_Batcher` writes every event produced since its previous write as one message:
+when an engine step advances 256 streams together, their 256 chunks cost one gRPC message
+instead of 256, which is most of what a streamed token costs the core (benchmarks/README.md).
+Nothing about a request changes but its transport: its admission, metering, errors (the status
+event carries the google.rpc.Status its call would end with) and chunks are the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
+
+import grpc
+
+from corvex.v1 import inference_pb2
+from corvex_core.servicers.interceptor import Undecodable
+
+# Requests in flight on one call; an open beyond it ends at once with RESOURCE_EXHAUSTED.
+MAX_REQUESTS_PER_CALL: Final = 4096
+# Events waiting for the call's writer beyond which a request's next event waits its turn (the
+# client is not reading): requests then slow down and their engines coalesce tokens.
+MAX_PENDING_EVENTS: Final = 16_384
+
+Method = Callable[[Any, Any], Awaitable[Any]]
+
+
+class _Batcher:
+    """Writes the events of every request on a call, as few messages as the client reads."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+        self._pending: list[inference_pb2.StreamEvent] = []
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._done = False
+
+    async def put(self, event: inference_pb2.StreamEvent) -> None:
+        while len(self._pending) >= MAX_PENDING_EVENTS:
+            self._room.clear()
+            await self._room.wait()
+        self._pending.append(event)
+        self._ready.set()
+
+    def finish(self) -> None:
+        """No more events will come: `run` writes what is pending and returns."""
+        self._done = True
+        self._ready.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            # Let every request woken with this one (one engine step) add its events first.
+            await asyncio.sleep(0)
+            events, self._pending = self._pending, []
+            self._room.set()
+            if events:
+                await self._context.write(inference_pb2.StreamsResponse(events=events))
+            if self._done and not self._pending:
+                return
+
+
+class _RequestContext:
+    """What a Chat or Complete method sees of its call, for one request of a Streams call."""
+
+    def __init__(self, opened: inference_pb2.OpenStream, batcher: _Batcher) -> None:
+        self._id = opened.id
+        self._batcher = batcher
+        metadata = [("authorization", opened.authorization)] if opened.authorization else []
+        if opened.request_id:
+            metadata.append(("x-request-id", opened.request_id))
+        self._metadata = tuple(metadata)
+        self._trailing: tuple[tuple[str, str], ...] = ()
+        self.status: inference_pb2.StreamStatus | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def cancelled(self) -> bool:
+        return False  # a cancelled request's task is cancelled: it never gets to ask
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        await self._batcher.put(self._metadata_event(metadata))
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self._trailing = tuple(metadata)
+
+    async def write(self, chunk: inference_pb2.ChatChunk) -> None:
+        await self._batcher.put(inference_pb2.StreamEvent(id=self._id, chunk=chunk))
+
+    async def abort_with_status(self, status: grpc.Status) -> None:
+        details = next((v for k, v in status.trailing_metadata if k.endswith("-bin")), b"")
+        self.status = inference_pb2.StreamStatus(
+            code=status.code.value[0], message=status.details or "", details=details
+        )
+        raise grpc.aio.AbortError()
+
+    async def end(self, status: inference_pb2.StreamStatus) -> None:
+        if self._trailing:
+            await self._batcher.put(self._metadata_event(self._trailing))
+        await self._batcher.put(inference_pb2.StreamEvent(id=self._id, status=status))
+
+    def _metadata_event(self, metadata: Any) -> inference_pb2.StreamEvent:
+        entries = [inference_pb2.MetadataEntry(key=k, value=v) for k, v in metadata]
+        return inference_pb2.StreamEvent(
+            id=self._id, metadata=inference_pb2.StreamMetadata(entries=entries)
+        )
+
+
+_OK: Final = inference_pb2.StreamStatus(code=0)
+_DUPLICATE: Final = inference_pb2.StreamStatus(
+    code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+    message="An OpenStream id must be unique among the call's requests in flight.",
+)
+_BUSY: Final = inference_pb2.StreamStatus(
+    code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+    message=f"At most {MAX_REQUESTS_PER_CALL} requests may be in flight on one Streams call.",
+)
+
+
+class Multiplexer:
+    """Runs the requests of Streams calls. `chat` and `complete` are the guarded methods (the
+    interceptor's guard around the servicer's Chat and Complete)."""
+
+    def __init__(self, chat: Method, complete: Method) -> None:
+        self._methods = {"chat": chat, "complete": complete}
+
+    async def serve(
+        self,
+        requests: AsyncIterator[inference_pb2.StreamsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        batcher = _Batcher(context)
+        writer = asyncio.create_task(batcher.run())
+        running: dict[int, asyncio.Task[None]] = {}
+        refusals: set[asyncio.Task[None]] = set()
+        try:
+            async for action in requests:
+                if isinstance(action, Undecodable):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "A StreamsRequest message could not be decoded (malformed protobuf).",
+                    )
+                self._act(action, batcher, running, refusals)
+            # The client half-closed: the requests it opened run to their ends.
+            await asyncio.gather(*running.values(), *refusals, return_exceptions=True)
+        finally:
+            tasks = [*running.values(), *refusals]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            batcher.finish()
+            with contextlib.suppress(Exception):
+                await writer
+
+    def _act(
+        self,
+        action: inference_pb2.StreamsRequest,
+        batcher: _Batcher,
+        running: dict[int, asyncio.Task[None]],
+        refusals: set[asyncio.Task[None]],
+    ) -> None:
+        if action.WhichOneof("action") == "cancel":
+            task = running.get(action.cancel)
+            if task is not None:
+                task.cancel()
+            return
+        opened = action.open
+        if len(running) >= MAX_REQUESTS_PER_CALL or opened.id in running:
+            status = _BUSY if opened.id not in running else _DUPLICATE
+            refusal = asyncio.create_task(_RequestContext(opened, batcher).end(status))
+            refusals.add(refusal)
+            refusal.add_done_callback(refusals.discard)
+            return
+        task = asyncio.create_task(self._run(opened, batcher))
+        running[opened.id] = task
+        task.add_done_callback(lambda _: running.pop(opened.id, None))
+
+    async def _run(self, opened: inference_pb2.OpenStream, batcher: _Batcher) -> None:
+        context = _RequestContext(opened, batcher)
+        kind = opened.WhichOneof("request")
+        if kind is None:
+            status = inference_pb2.StreamStatus(
+                code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                message="An OpenStream needs a chat or a complete request.",
+            )
+        else:
+            try:
+                await self._methods[kind](getattr(opened, kind), context)
+                status = _OK
+            except grpc.aio.AbortError:
+                assert context.status is not None
+                status = context.status
+        await context.end(status)

@@ -1,0 +1,127 @@
+"""Inference.Streams: many requests on one call behave exactly as their own Chat calls would
+(chunks, metadata, errors with their rich status, metering), with their events batched."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from pathlib import Path
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from corvex.v1 import inference_pb2, inference_pb2_grpc
+from corvex_core.server import Core
+from tests.conftest import MODEL, core_config
+from tests.core.servicers.test_inference_grpc import auth, chat, make_key
+
+
+def opened(
+    stream_id: int, secret: str, request: inference_pb2.ChatRequest
+) -> inference_pb2.StreamsRequest:
+    return inference_pb2.StreamsRequest(
+        open=inference_pb2.OpenStream(
+            id=stream_id,
+            authorization=f"Bearer {secret}",
+            request_id=f"mux-{stream_id}",
+            chat=request,
+        )
+    )
+
+
+async def run_streams(
+    channel: grpc.aio.Channel, actions: list[inference_pb2.StreamsRequest]
+) -> tuple[dict[int, list[inference_pb2.StreamEvent]], int]:
+    """Sends the actions, half-closes, and returns each request's events and the messages."""
+    stub = inference_pb2_grpc.InferenceStub(channel)
+
+    async def requests():  # type: ignore[no-untyped-def]
+        for action in actions:
+            yield action
+
+    events: dict[int, list[inference_pb2.StreamEvent]] = defaultdict(list)
+    messages = 0
+    async for response in stub.Streams(requests()):
+        messages += 1
+        for event in response.events:
+            events[event.id].append(event)
+    return events, messages
+
+
+async def test_many_requests_on_one_call_are_served_and_billed_as_chats(
+    core: Core, channel: grpc.aio.Channel
+) -> None:
+    secret = await make_key(channel)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    alone = [
+        c async for c in stub.Chat(chat("same", max_tokens=8, temperature=0), metadata=auth(secret))
+    ]
+    actions = [opened(i, secret, chat("same", max_tokens=8, temperature=0)) for i in range(20)]
+    events, messages = await run_streams(channel, actions)
+    assert sorted(events) == list(range(20))
+    for stream_id, stream in events.items():
+        kinds = [e.WhichOneof("event") for e in stream]
+        assert kinds[0] == "metadata" and kinds[-1] == "status" and stream[-1].status.code == 0
+        metadata = {m.key: m.value for m in stream[0].metadata.entries}
+        assert metadata["x-request-id"] == f"mux-{stream_id}"
+        chunks = [e.chunk for e in stream if e.WhichOneof("event") == "chunk"]
+        assert "".join(c.text for c in chunks) == "".join(c.text for c in alone)
+        assert chunks[-1].usage == alone[-1].usage
+    # Twenty streams advancing together share messages: far fewer than their events.
+    assert messages < sum(len(s) for s in events.values()) / 4
+    assert core.ledger.held_total_nano() == 0
+
+
+async def test_a_refused_request_ends_with_its_calls_rich_status(channel: grpc.aio.Channel) -> None:
+    secret = await make_key(channel)
+    actions = [
+        opened(1, "corvex-wrong", chat("x", max_tokens=4)),
+        opened(2, secret, chat("x", model="no/such", max_tokens=4)),
+        opened(3, secret, chat("x", max_tokens=4)),
+    ]
+    events, _ = await run_streams(channel, actions)
+    for stream_id, code, reason in ((1, grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY"),
+                                    (2, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")):  # fmt: skip
+        (end,) = events[stream_id]  # no metadata, no chunk: refused before admission
+        assert end.status.code == code.value[0]
+        info = error_details_pb2.ErrorInfo()
+        assert status_pb2.Status.FromString(end.status.details).details[0].Unpack(info)
+        assert info.reason == reason
+    assert events[3][-1].status.code == 0
+
+
+async def test_a_cancelled_request_is_aborted_and_settled_for_what_it_produced(
+    tmp_path: Path,
+) -> None:
+    core = Core(core_config(tmp_path / "data", tpot_ms=10))
+    await core.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+            secret = await make_key(channel)
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            queue: asyncio.Queue[inference_pb2.StreamsRequest | None] = asyncio.Queue()
+            await queue.put(opened(7, secret, chat("long", max_tokens=5000, ignore_eos=True)))
+
+            async def requests():  # type: ignore[no-untyped-def]
+                while (action := await queue.get()) is not None:
+                    yield action
+
+            tokens = 0
+            async for response in stub.Streams(requests()):
+                for event in response.events:
+                    if event.WhichOneof("event") == "chunk":
+                        tokens += event.chunk.completion_tokens
+                if tokens >= 3 and queue.empty():
+                    await queue.put(inference_pb2.StreamsRequest(cancel=7))
+                    await queue.put(None)
+            engine = core.catalogue.lookup(MODEL).engine
+            for _ in range(200):
+                if engine.stats().running == 0 and core.ledger.held_total_nano() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.stats().running == 0 and core.ledger.held_total_nano() == 0
+            (row,) = core.ledger.usage(core.ledger.workspaces()[0].id)
+            assert 3 <= row.completion_tokens < 5000  # what it produced, not what it held
+    finally:
+        await core.server.stop(grace=0)
+        await core.close()
