@@ -124,10 +124,37 @@ class ReservedConfig(msgspec.Struct, forbid_unknown_fields=True):
     create_wait_s: float = 10.0
 
 
+class StarterPromotionConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The starter credits a customer claims from the dashboard, once per account."""
+
+    enabled: bool = True
+    # USD with at most 2 decimals.
+    amount_usd: str = "5.00"
+    # Last day a claim is taken, "YYYY-MM-DD" (UTC), inclusive. Empty: no end date.
+    ends: str = ""
+
+
+class CustomersConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Customers (users and sessions, issue 16) and what the dashboard offers them."""
+
+    starter: StarterPromotionConfig = msgspec.field(default_factory=StarterPromotionConfig)
+    # How long a sign-in lasts.
+    session_ttl_hours: float = 168.0
+    # Failed sign-ins per email within the window, beyond which sign-in waits.
+    sign_in_failures: int = 10
+    sign_in_window_s: float = 900.0
+    # Alert webhooks: attempts per delivery and the first wait between them (doubled each time).
+    webhook_attempts: int = 5
+    webhook_retry_initial_s: float = 2.0
+    webhook_timeout_s: float = 10.0
+
+
 class AccountsConfig(msgspec.Struct, forbid_unknown_fields=True):
     """Money rules that are policy rather than code."""
 
-    # Credits given to each new workspace, USD with at most 2 decimals. "0" gives none.
+    # Credits given to a workspace an operator creates (CreateWorkspace without an amount,
+    # like the dev workspace of `make run`), USD with at most 2 decimals. "0" gives none.
+    # Customers who sign up get nothing until they claim the starter promotion (`customers`).
     starter_credits_usd: str = "5.00"
     # Smallest top-up (and auto-reload amount) accepted, USD with at most 2 decimals.
     min_topup_usd: str = "1.00"
@@ -185,6 +212,7 @@ class CoreConfig(msgspec.Struct, forbid_unknown_fields=True):
     # "auto": JSON lines unless stderr is a terminal.
     log_format: Literal["auto", "json", "text"] = "auto"
     accounts: AccountsConfig = msgspec.field(default_factory=AccountsConfig)
+    customers: CustomersConfig = msgspec.field(default_factory=CustomersConfig)
     journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
     engines: EnginesConfig = msgspec.field(default_factory=EnginesConfig)
     reserved: ReservedConfig = msgspec.field(default_factory=ReservedConfig)

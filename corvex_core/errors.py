@@ -29,6 +29,10 @@ class Reason(enum.Enum):
     NOT_FOUND = "NOT_FOUND"
     SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
     CAPACITY_UNAVAILABLE = "CAPACITY_UNAVAILABLE"
+    INVALID_SESSION = "INVALID_SESSION"
+    INVALID_CREDENTIALS = "INVALID_CREDENTIALS"
+    EMAIL_TAKEN = "EMAIL_TAKEN"
+    STARTER_CREDITS_UNAVAILABLE = "STARTER_CREDITS_UNAVAILABLE"
 
 
 class CorvexError(Exception):
@@ -129,3 +133,25 @@ class CapacityUnavailable(CorvexError):
     """A reserved offering's capacity pool cannot give an endpoint the replicas it asks for."""
 
     reason = Reason.CAPACITY_UNAVAILABLE
+
+
+class InvalidSession(CorvexError):
+    """The session credential is unknown, expired or signed out."""
+
+    reason = Reason.INVALID_SESSION
+
+
+class InvalidCredentials(CorvexError):
+    """Sign-in with an email and password that do not match (which one is never said)."""
+
+    reason = Reason.INVALID_CREDENTIALS
+
+
+class EmailTaken(CorvexError):
+    reason = Reason.EMAIL_TAKEN
+
+
+class StarterCreditsUnavailable(CorvexError):
+    """No starter credits to claim: claimed already, or no promotion runs."""
+
+    reason = Reason.STARTER_CREDITS_UNAVAILABLE

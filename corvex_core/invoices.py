@@ -1,4 +1,4 @@
-"""Invoice documents: one invoice per top-up, rendered as JSON or as printable HTML.
+"""Invoice documents: one invoice per top-up, rendered as JSON, printable HTML or PDF.
 
 Rendering only: the invoice itself (number, amount, balance after) is made by the ledger when
 the credits land, and never changes afterwards.
@@ -6,12 +6,16 @@ the credits land, and never changes afterwards.
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 import time
+from typing import Final
 
 import msgspec
+from fpdf import FPDF
 
 from corvex.money import format_usd
+from corvex_core import errors
 from corvex_core.records import TopUpMethod
 from corvex_core.state import Invoice, Workspace
 
@@ -20,6 +24,17 @@ METHOD_LABELS = {
     TopUpMethod.STARTER: "Starter credits",
     TopUpMethod.AUTO_RELOAD: "Prepaid credits (auto-reload)",
 }
+
+
+_MAX_INVOICE_DIGITS: Final = 12
+
+
+def parse_invoice_number(text: str) -> int:
+    """INV-000042 (or 42) → 42. ASCII digits only: `isdigit` alone would take "²" and "٣"."""
+    digits = text.strip().upper().removeprefix("INV-")
+    if not (1 <= len(digits) <= _MAX_INVOICE_DIGITS and digits.isascii() and digits.isdigit()):
+        raise errors.InvalidRequest("invoice numbers look like INV-000001", param="number")
+    return int(digits)
 
 
 def _timestamp(at_ms: int) -> str:
@@ -45,9 +60,8 @@ def invoice_json(invoice: Invoice, workspace: Workspace) -> bytes:
     )
 
 
-def invoice_html(invoice: Invoice, workspace: Workspace) -> bytes:
-    esc = html.escape
-    rows = [
+def _rows(invoice: Invoice, workspace: Workspace) -> list[tuple[str, str]]:
+    return [
         ("Invoice", invoice.label),
         ("Issued", _timestamp(invoice.created_ms)),
         ("Workspace", f"{workspace.name} ({workspace.id})"),
@@ -55,6 +69,35 @@ def invoice_html(invoice: Invoice, workspace: Workspace) -> bytes:
         ("Amount", f"${format_usd(invoice.amount_nano)} USD"),
         ("Balance after top-up", f"${format_usd(invoice.balance_after_nano)} USD"),
     ]
+
+
+def invoice_pdf(invoice: Invoice, workspace: Workspace) -> bytes:
+    """The invoice as a one-page PDF (fpdf2, its built-in Helvetica: Latin-1 text only, so
+    anything else in a workspace's name is replaced)."""
+    pdf = FPDF(format="A4")
+    pdf.set_title(f"Corvex invoice {invoice.label}")
+    pdf.set_creation_date(dt.datetime.fromtimestamp(invoice.created_ms / 1000, dt.UTC))
+    pdf.add_page()
+    pdf.set_font("Helvetica", "B", 18)
+    pdf.cell(0, 12, f"Corvex: invoice {invoice.label}", new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(4)
+    for label, value in _rows(invoice, workspace):
+        text = value.encode("latin-1", "replace").decode("latin-1")
+        pdf.set_font("Helvetica", "", 11)
+        pdf.set_text_color(90, 90, 90)
+        pdf.cell(60, 9, label)
+        pdf.set_text_color(0, 0, 0)
+        pdf.set_font("Helvetica", "B" if label == "Amount" else "", 11)
+        pdf.cell(0, 9, text, new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(6)
+    pdf.set_font("Helvetica", "", 10)
+    pdf.cell(0, 8, "Prepaid credits never expire. Amounts in US dollars.")
+    return bytes(pdf.output())
+
+
+def invoice_html(invoice: Invoice, workspace: Workspace) -> bytes:
+    esc = html.escape
+    rows = _rows(invoice, workspace)
     body = "\n".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Corvex invoice {esc(invoice.label)}</title>

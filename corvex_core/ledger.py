@@ -26,6 +26,7 @@ from corvex.ratecard import ModelRate
 from corvex_core import errors, state
 from corvex_core.records import (
     KEY_LIMIT_FIELDS,
+    AlertsSet,
     AutoReloadFailed,
     AutoReloadSet,
     Charged,
@@ -41,18 +42,25 @@ from corvex_core.records import (
     KeyLimitsSet,
     KeyRevoked,
     Record,
+    SessionEnded,
+    SessionStarted,
     SpendCapSet,
+    StarterClaimed,
     SuspendedBy,
     TopUpMethod,
+    UserSignedUp,
     WorkspaceCreated,
 )
 from corvex_core.state import (
+    Alerts,
     ApiKey,
     AutoReload,
     Endpoint,
     EndpointStatus,
     Invoice,
     LedgerState,
+    Session,
+    User,
     Workspace,
     check,
     idempotency_slot,
@@ -73,6 +81,11 @@ MAX_REPLICAS: Final = 1024
 MAX_ENDPOINTS_PER_WORKSPACE: Final = 64
 # Key secrets: 43 characters of 62 carry 256 bits of entropy, and copy-paste cleanly.
 _SECRET_ALPHABET: Final = string.ascii_letters + string.digits
+SESSION_PREFIX: Final = "corvex-session-"
+# Live sessions per user; signing in once more ends the oldest.
+MAX_SESSIONS_PER_USER: Final = 20
+MAX_EMAIL_CHARS: Final = 254
+MAX_URL_CHARS: Final = 2000
 
 
 def hash_secret(secret: str) -> bytes:
@@ -172,6 +185,7 @@ class Ledger:
     def _install(self, state: LedgerState) -> None:
         self._state = state
         self._by_hash = {k.secret_sha256: k for k in state.keys.values()}
+        self._session_by_hash = {s.token_sha256: s for s in state.sessions.values()}
         for ws in state.workspaces.values():
             ws.held_nano = 0  # Holds of a previous process are released, never charged.
             check(ws)
@@ -221,6 +235,9 @@ class Ledger:
                 "`corvex admin key create` and send it as `Authorization: Bearer <key>`."
             )
         roll_key_month(key, self.now_ms())
+        # In memory only: a journal write per request would double the journal's work. After
+        # a restart, the last charge (replayed) stands in for it.
+        key.last_used_ms = self.now_ms()
         return key
 
     def invoice(self, number: int) -> Invoice:
@@ -376,6 +393,123 @@ class Ledger:
         _check_limits(limits)
         self._commit(KeyLimitsSet(at_ms=self.now_ms(), key_id=key_id, limits=limits))
         return self.key(key_id)
+
+    # ---- customers (issue 16): users, sessions, the starter claim, alerts -----------------
+
+    def user(self, user_id: str) -> User:
+        user = self._state.users.get(user_id)
+        if user is None:
+            raise errors.NotFound(f"No user {user_id}.")
+        return user
+
+    def user_by_email(self, email: str) -> User | None:
+        user_id = self._state.user_by_email.get(normalize_email(email))
+        return None if user_id is None else self._state.users[user_id]
+
+    def sign_up(self, email: str, password_hash: str, workspace_name: str) -> User:
+        """A user and its workspace. `email` is checked (check_email) by the caller before it
+        hashes the password; this checks again, since another sign-up may have come first."""
+        email = check_email(email)
+        _check_name(workspace_name)
+        if email in self._state.user_by_email:
+            raise errors.EmailTaken(
+                "An account with this email exists already; sign in instead.",
+                metadata={"param": "email"},
+            )
+        user_id = "usr_" + secrets.token_hex(8)
+        self._commit(
+            UserSignedUp(
+                at_ms=self.now_ms(),
+                user_id=user_id,
+                email=email,
+                password_hash=password_hash,
+                workspace_id="ws_" + secrets.token_hex(8),
+                workspace_name=workspace_name.strip(),
+            )
+        )
+        return self._state.users[user_id]
+
+    def start_session(self, user_id: str, ttl_ms: int) -> tuple[Session, str]:
+        """A new session of the user, and its token (never stored: the ledger keeps a hash)."""
+        self.user(user_id)
+        now = self.now_ms()
+        live = sorted(
+            (s for s in self._state.sessions.values() if s.user_id == user_id),
+            key=lambda s: s.created_ms,
+        )
+        for old in live[: max(0, len(live) - MAX_SESSIONS_PER_USER + 1)]:
+            self._commit(SessionEnded(at_ms=now, session_id=old.id))
+        token = SESSION_PREFIX + secrets.token_urlsafe(32)
+        session_id = "ses_" + secrets.token_hex(8)
+        self._commit(
+            SessionStarted(
+                at_ms=now,
+                session_id=session_id,
+                user_id=user_id,
+                token_sha256=hash_secret(token),
+                expires_ms=now + ttl_ms,
+            )
+        )
+        return self._state.sessions[session_id], token
+
+    def session(self, token: str) -> Session:
+        """The live session with this token. Raises InvalidSession for anything else."""
+        digest = hash_secret(token)
+        session = self._session_by_hash.get(digest)
+        if (
+            session is None
+            or not hmac.compare_digest(session.token_sha256, digest)
+            or session.expires_ms <= self.now_ms()
+        ):
+            raise errors.InvalidSession(
+                "The session is unknown, expired or signed out; sign in again."
+            )
+        return session
+
+    def end_session(self, session_id: str) -> None:
+        if session_id in self._state.sessions:
+            self._commit(SessionEnded(at_ms=self.now_ms(), session_id=session_id))
+
+    def claim_starter(self, user_id: str, workspace_id: str, amount_nano: int) -> Invoice:
+        """Credits the user's starter credits to its workspace, once per user."""
+        user = self.user(user_id)
+        self.workspace(workspace_id)
+        assert workspace_id in user.workspace_ids, "authorized before it gets here"
+        if user.starter_invoice:
+            raise errors.StarterCreditsUnavailable(
+                f"Starter credits were claimed already (invoice INV-{user.starter_invoice:06d}); "
+                "they are given once per account."
+            )
+        _check_amount(amount_nano)
+        if amount_nano % NANO_PER_CENT:
+            raise errors.InvalidRequest("starter credits are whole cents", param="amount")
+        number = self._state.next_invoice
+        self._commit(
+            StarterClaimed(
+                at_ms=self.now_ms(),
+                user_id=user_id,
+                workspace_id=workspace_id,
+                invoice_number=number,
+                amount_nano=amount_nano,
+            )
+        )
+        return self._state.invoices[number]
+
+    def set_alerts(self, workspace_id: str, alerts: Alerts) -> Workspace:
+        self.workspace(workspace_id)
+        if alerts.balance_below_nano is not None:
+            _check_amount(alerts.balance_below_nano, allow_zero=True)
+        check_webhook_url(alerts.webhook_url)
+        self._commit(
+            AlertsSet(
+                at_ms=self.now_ms(),
+                workspace_id=workspace_id,
+                balance_below_nano=alerts.balance_below_nano,
+                webhook_url=alerts.webhook_url,
+                webhook_secret=alerts.webhook_secret,
+            )
+        )
+        return self.workspace(workspace_id)
 
     # ---- holds ---------------------------------------------------------------------------
 
@@ -747,10 +881,20 @@ class Ledger:
 
     def apply(self, record: Record) -> None:
         """Applies one journal record. Used live (through `_commit`) and by recovery."""
+        ended = (
+            self._state.sessions.get(record.session_id)
+            if isinstance(record, SessionEnded)
+            else None
+        )
         state.apply(self._state, record)
         if isinstance(record, KeyCreated):
             key = self._state.keys[record.key_id]
             self._by_hash[key.secret_sha256] = key
+        elif isinstance(record, SessionStarted):
+            # Sessions that expired went with this sign-in (see state); so do their hashes.
+            self._session_by_hash = {s.token_sha256: s for s in self._state.sessions.values()}
+        elif ended is not None:
+            self._session_by_hash.pop(ended.token_sha256, None)
 
     def _commit(self, record: Record) -> None:
         """Hands a new record to the journal, then applies it. The journal refuses (raises)
@@ -817,3 +961,38 @@ def _check_limits(limits: KeyLimits) -> None:
         value = getattr(limits, name)
         if value is not None and not 1 <= value <= 10**12:
             raise errors.InvalidRequest(f"{name} must be from 1 to 10^12", param=name)
+
+
+def normalize_email(email: str) -> str:
+    return email.strip().lower()
+
+
+def check_email(email: str) -> str:
+    """The email as stored (trimmed, lower case), or InvalidRequest naming `email`."""
+    email = normalize_email(email)
+    local, at, domain = email.partition("@")
+    if (
+        not 3 <= len(email) <= MAX_EMAIL_CHARS
+        or not at
+        or not local
+        or "." not in domain.strip(".")
+        or "@" in domain
+        or not email.isprintable()
+        or any(c.isspace() for c in email)
+    ):
+        raise errors.InvalidRequest("Enter an email address like name@example.com.", param="email")
+    return email
+
+
+def check_webhook_url(url: str) -> None:
+    if not url:
+        return
+    if (
+        len(url) > MAX_URL_CHARS
+        or not url.startswith(("http://", "https://"))
+        or any(c.isspace() for c in url)
+    ):
+        raise errors.InvalidRequest(
+            f"webhook_url must be an http:// or https:// URL of at most {MAX_URL_CHARS} characters",
+            param="webhook_url",
+        )

@@ -10,6 +10,7 @@ returns what was not used and charges what was, exactly once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from corvex.ratecard import ModelRate
@@ -120,11 +121,18 @@ class Meter:
     """Admission and settlement. One per core; every method is synchronous."""
 
     def __init__(
-        self, ledger: Ledger, limiter: RateLimiter, *, reloader: AutoReloader | None = None
+        self,
+        ledger: Ledger,
+        limiter: RateLimiter,
+        *,
+        reloader: AutoReloader | None = None,
+        on_charge: Callable[[str], None] | None = None,
     ) -> None:
         self.ledger = ledger
         self.limiter = limiter
         self._reloader = reloader
+        # Told the workspace id after every charge (the alerts), synchronously and cheaply.
+        self._on_charge = on_charge
 
     def authenticate(self, secret: str | None) -> ApiKey:
         """The live key with this secret (from `authorization: Bearer <secret>`)."""
@@ -208,6 +216,8 @@ class Meter:
         )
         if charge is not None and self._reloader is not None:
             self._reloader.check(ticket.key.workspace_id)
+        if charge is not None and self._on_charge is not None:
+            self._on_charge(ticket.key.workspace_id)
         return charge
 
 

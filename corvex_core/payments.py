@@ -1,4 +1,12 @@
-"""Auto-reload: buying credits through a payment provider when a balance runs low.
+"""Buying credits through a payment provider: a customer's checkout, and auto-reload when a
+balance runs low.
+
+A checkout is the provider's approval step: `Checkouts.start` asks the provider for one (the
+simulated provider approves at once; a real one hands back the page where the customer pays),
+and `Checkouts.complete` confirms the payment with the provider and credits it once, under an
+idempotency key of the checkout (so a double submit, or a retry after a restart, credits once).
+Pending checkouts live in memory (bounded, expiring): a restart forgets an unfinished one, never
+a credited one.
 
 The provider is a seam: `simulated` (always succeeds; development and tests) and `none`
 (every attempt fails and is recorded) ship here, and a real processor plugs in behind the same
@@ -12,16 +20,21 @@ as it is.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
+import msgspec
+
 from corvex.money import format_usd
+from corvex.quoting import quote
 from corvex_core import errors
 from corvex_core.journal import Journal, JournalError
 from corvex_core.ledger import Ledger
 from corvex_core.records import TopUpMethod
-from corvex_core.state import AutoReload
+from corvex_core.state import AutoReload, Invoice, idempotency_slot
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +46,31 @@ class PaymentError(Exception):
     """The provider declined or failed; the message is recorded on the workspace."""
 
 
+class ProviderCheckout(msgspec.Struct, frozen=True):
+    """A checkout the provider opened: its id there, and where the customer approves it
+    ("" when the edge shows its own approval step, as for the simulated provider)."""
+
+    provider_id: str
+    approve_url: str
+
+
 class PaymentProvider(Protocol):
     name: str
 
     async def charge(self, workspace_id: str, amount_nano: int, idempotency_key: str) -> None:
         """Takes the payment, or raises PaymentError. Retried with the same idempotency key,
         it must not take the payment twice."""
+        ...
+
+    async def start_checkout(
+        self, workspace_id: str, amount_nano: int, idempotency_key: str
+    ) -> ProviderCheckout:
+        """Opens a checkout for the customer to approve, or raises PaymentError."""
+        ...
+
+    async def confirm_checkout(self, checkout: ProviderCheckout) -> None:
+        """Returns once the checkout's payment is taken; raises PaymentError if it was not
+        (declined, abandoned). Called again for the same checkout, it takes nothing more."""
         ...
 
 
@@ -50,6 +82,14 @@ class SimulatedProvider:
     async def charge(self, workspace_id: str, amount_nano: int, idempotency_key: str) -> None:
         log.info("simulated payment of $%s for %s accepted", format_usd(amount_nano), workspace_id)
 
+    async def start_checkout(
+        self, workspace_id: str, amount_nano: int, idempotency_key: str
+    ) -> ProviderCheckout:
+        return ProviderCheckout("sim_" + secrets.token_hex(8), approve_url="")
+
+    async def confirm_checkout(self, checkout: ProviderCheckout) -> None:
+        log.info("simulated checkout %s approved", checkout.provider_id)
+
 
 class NoProvider:
     """No payment processor is configured: auto-reload can be set, but every attempt fails."""
@@ -59,6 +99,14 @@ class NoProvider:
     async def charge(self, workspace_id: str, amount_nano: int, idempotency_key: str) -> None:
         raise PaymentError("no payment provider is configured on this core")
 
+    async def start_checkout(
+        self, workspace_id: str, amount_nano: int, idempotency_key: str
+    ) -> ProviderCheckout:
+        raise PaymentError("no payment provider is configured on this core")
+
+    async def confirm_checkout(self, checkout: ProviderCheckout) -> None:
+        raise PaymentError("no payment provider is configured on this core")
+
 
 def make_provider(name: str) -> PaymentProvider:
     if name == "simulated":
@@ -66,6 +114,104 @@ def make_provider(name: str) -> PaymentProvider:
     if name == "none":
         return NoProvider()
     raise ValueError(f"unknown payment provider {name!r}")
+
+
+Durable = Callable[[], Awaitable[None]]
+
+
+class Checkout(msgspec.Struct):
+    id: str
+    workspace_id: str
+    amount_nano: int
+    created_ms: int
+    provider: ProviderCheckout
+    invoice: Invoice | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        """The ledger's idempotency key of its credits: one credit per checkout."""
+        return f"checkout:{self.id}"
+
+
+class Checkouts:
+    """Pending and recent checkouts, in memory: at most MAX_PENDING, each for at most
+    TTL_MS (older ones are forgotten first)."""
+
+    MAX_PENDING: Final = 10_000
+    TTL_MS: Final = 3_600_000
+
+    def __init__(self, ledger: Ledger, provider: PaymentProvider, durable: Durable) -> None:
+        self._ledger = ledger
+        self._provider = provider
+        self._durable = durable
+        self._by_id: collections.OrderedDict[str, Checkout] = collections.OrderedDict()
+        self._by_idempotency: dict[str, str] = {}
+
+    @property
+    def provider_name(self) -> str:
+        return self._provider.name
+
+    async def start(self, workspace_id: str, amount_nano: int, idempotency_key: str) -> Checkout:
+        self._ledger.workspace(workspace_id)
+        self._expire()
+        slot = idempotency_slot(workspace_id, idempotency_key)
+        existing = self._by_idempotency.get(slot)
+        if existing is not None and existing in self._by_id:
+            checkout = self._by_id[existing]
+            if checkout.amount_nano != amount_nano:
+                raise errors.InvalidRequest(
+                    "idempotency_key was used for a checkout of another amount",
+                    param="idempotency_key",
+                )
+            return checkout
+        try:
+            opened = await self._provider.start_checkout(workspace_id, amount_nano, idempotency_key)
+        except PaymentError as exc:
+            raise errors.InvalidRequest(f"The payment could not start: {exc}") from exc
+        checkout = Checkout(
+            id="chk_" + secrets.token_hex(12),
+            workspace_id=workspace_id,
+            amount_nano=amount_nano,
+            created_ms=self._ledger.now_ms(),
+            provider=opened,
+        )
+        self._by_id[checkout.id] = checkout
+        self._by_idempotency[slot] = checkout.id
+        return checkout
+
+    def get(self, workspace_id: str, checkout_id: str) -> Checkout:
+        checkout = self._by_id.get(checkout_id)
+        if checkout is None or checkout.workspace_id != workspace_id:
+            raise errors.NotFound(
+                f"No checkout {quote(checkout_id)}: it expired, or the core restarted "
+                "before it was completed. Start a new one; nothing was charged for it."
+            )
+        return checkout
+
+    async def complete(self, workspace_id: str, checkout_id: str) -> tuple[Invoice, bool]:
+        """Confirms the payment and credits it once. Returns (invoice, replayed)."""
+        checkout = self.get(workspace_id, checkout_id)
+        if checkout.invoice is not None:
+            return checkout.invoice, True
+        try:
+            await self._provider.confirm_checkout(checkout.provider)
+        except PaymentError as exc:
+            raise errors.InvalidRequest(f"The payment was not taken: {exc}") from exc
+        invoice, replayed = self._ledger.add_credits(
+            workspace_id, checkout.amount_nano, TopUpMethod.MANUAL, checkout.idempotency_key
+        )
+        checkout.invoice = invoice
+        await self._durable()
+        return invoice, replayed
+
+    def _expire(self) -> None:
+        horizon = self._ledger.now_ms() - self.TTL_MS
+        while self._by_id:
+            oldest = next(iter(self._by_id.values()))
+            if oldest.created_ms > horizon and len(self._by_id) < self.MAX_PENDING:
+                break
+            self._by_id.popitem(last=False)
+            self._by_idempotency = {k: v for k, v in self._by_idempotency.items() if v != oldest.id}
 
 
 class AutoReloader:
@@ -79,7 +225,9 @@ class AutoReloader:
         *,
         retry_initial_s: float,
         retry_max_s: float,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_failure = on_failure
         self._ledger = ledger
         self._journal = journal
         self._provider = provider
@@ -164,6 +312,7 @@ class AutoReloader:
                 amount, workspace_id, attempt, MAX_ATTEMPTS, error, delay_s,
             )  # fmt: skip
             self._ledger.record_auto_reload_failure(workspace_id, error)
+            self._failure_seen(workspace_id)
             return
         log.error("auto-reload of $%s for %s given up after %d attempts: %s",
                   amount, workspace_id, attempt, error)  # fmt: skip
@@ -174,3 +323,8 @@ class AutoReloader:
         ws = self._ledger.workspace(workspace_id)
         assert ws.auto_reload is not None
         self._given_up[workspace_id] = (ws.auto_reload, len(ws.invoice_numbers))
+        self._failure_seen(workspace_id)
+
+    def _failure_seen(self, workspace_id: str) -> None:
+        if self._on_failure is not None:
+            self._on_failure(workspace_id)

@@ -171,8 +171,63 @@ class EndpointDeleted(_Record, tag="ep_delete", frozen=True):
 
 # ---- end of reserved endpoints ---------------------------------------------------------------
 
+# ---- Customers (issue 16): users, sessions, the starter claim, alert settings. ---------------
+
+
+class UserSignedUp(_Record, tag="user", frozen=True):
+    """A user and the workspace it owns, made together (one record: neither exists alone)."""
+
+    user_id: str
+    # Lower case; unique.
+    email: str
+    # `corvex_core.passwords` format ("scrypt$..."); never the password.
+    password_hash: str
+    workspace_id: str
+    workspace_name: str
+
+
+class SessionStarted(_Record, tag="session", frozen=True):
+    """A sign-in. Only the token's hash is kept; it stops working at `expires_ms`."""
+
+    session_id: str
+    user_id: str
+    token_sha256: bytes
+    expires_ms: int
+
+
+class SessionEnded(_Record, tag="session_end", frozen=True):
+    """A sign-out (or a session pushed out by newer ones of the same user)."""
+
+    session_id: str
+
+
+class StarterClaimed(_Record, tag="starter_claim", frozen=True):
+    """A user's one claim of starter credits: credited to its workspace with an invoice
+    (method starter), like a CreditsAdded, and the user marked as having claimed."""
+
+    user_id: str
+    workspace_id: str
+    invoice_number: int
+    amount_nano: int
+
+
+class AlertsSet(_Record, tag="alerts", frozen=True):
+    """A workspace's alert settings. The webhook secret signs deliveries (HMAC-SHA256)."""
+
+    workspace_id: str
+    balance_below_nano: int | None
+    webhook_url: str
+    webhook_secret: str
+
+
+CustomerRecord = UserSignedUp | SessionStarted | SessionEnded | StarterClaimed | AlertsSet
+
+# ---- end of Customers (issue 16). -------------------------------------------------------------
+
+
 Record = (
-    WorkspaceCreated
+    CustomerRecord
+    | WorkspaceCreated
     | CreditsAdded
     | SpendCapSet
     | AutoReloadSet

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import secrets
@@ -21,10 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from corvex import readyfile
-from corvex.money import NANO_PER_USD, cents_from_usd
+from corvex.money import NANO_PER_USD, MoneyError, cents_from_usd
 from corvex.ratecard import ModelRate, RateCard, RateCardError, load_rate_card
 from corvex.v1 import accounts_pb2, accounts_pb2_grpc, inference_pb2, inference_pb2_grpc
 from corvex_core import ops_http
+from corvex_core.activity import Activity
+from corvex_core.alerts import Alerter
 from corvex_core.capacity import CapacityError, CapacityPool
 from corvex_core.catalogue import Catalogue
 from corvex_core.config import CoreConfig
@@ -35,12 +38,11 @@ from corvex_core.ledger import Ledger
 from corvex_core.lifecycle import Lifecycle
 from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter, Metering, UnmeteredMeter
-from corvex_core.payments import AutoReloader, PaymentProvider, make_provider
+from corvex_core.payments import AutoReloader, Checkouts, PaymentProvider, make_provider
 from corvex_core.records import Record
 from corvex_core.reserved import ReservedEndpoints
 from corvex_core.servicers import accounts, inference
 from corvex_core.servicers.accounts import AccountsServicer
-from corvex_core.servicers.authorization import Authorizer
 from corvex_core.servicers.inference import InferenceServicer
 from corvex_core.servicers.interceptor import CallInterceptor
 from corvex_core.serving import Service
@@ -117,6 +119,20 @@ def admin_token(config: CoreConfig, data_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def _starter_promotion_cents(config: CoreConfig) -> int:
+    """The configured starter promotion's amount, checked with its end date at start."""
+    starter = config.customers.starter
+    try:
+        cents = cents_from_usd(starter.amount_usd)
+        if starter.ends:
+            dt.date.fromisoformat(starter.ends)
+    except (MoneyError, ValueError) as exc:
+        raise StartupError(f"core.customers.starter: {exc}") from exc
+    if starter.ends and len(starter.ends) != 10:
+        raise StartupError("core.customers.starter.ends: a date, YYYY-MM-DD")
+    return cents
+
+
 class Core:
     """One core process. `start()`, then `wait()` until a signal drains it."""
 
@@ -135,13 +151,24 @@ class Core:
         )
         self.health = health.aio.HealthServicer()
         self.telemetry = Telemetry()
+        self.activity = Activity(self.ledger.now_ms)
+        customers = config.customers
+        self.alerter = Alerter(
+            self.ledger,
+            attempts=customers.webhook_attempts,
+            retry_initial_s=customers.webhook_retry_initial_s,
+            timeout_s=customers.webhook_timeout_s,
+        )
         secure_data_dir(self.data_dir)
         self._admin_token = admin_token(config, self.data_dir)
         self._interceptor = interceptor = CallInterceptor(
             admin_token=self._admin_token,
+            ledger=self.ledger,
             telemetry=self.telemetry,
             lifecycle=self.lifecycle,
+            activity=self.activity,
             kinds={**inference.CALL_KINDS, **accounts.CALL_KINDS},
+            rules=accounts.ACCESS,
         )
         self.server = grpc.aio.server(
             interceptors=[interceptor],
@@ -166,17 +193,22 @@ class Core:
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
         self.catalogue = Catalogue(rate_card, initial_engines(config, rate_card))
+        provider = payment_provider or make_provider(config.accounts.payment_provider)
         self.reloader = AutoReloader(
             self.ledger,
             self.journal,
-            payment_provider or make_provider(config.accounts.payment_provider),
+            provider,
             retry_initial_s=config.accounts.auto_reload_retry_initial_s,
             retry_max_s=config.accounts.auto_reload_retry_max_s,
+            on_failure=self.alerter.check,
         )
+        self.checkouts = Checkouts(self.ledger, provider, self.durable)
         self.meter: Metering = (
             UnmeteredMeter()
             if config.benchmark_unmetered
-            else Meter(self.ledger, self.limiter, reloader=self.reloader)
+            else Meter(
+                self.ledger, self.limiter, reloader=self.reloader, on_charge=self.alerter.check
+            )
         )
         try:
             self.pool = CapacityPool.from_config(config, rate_card)
@@ -190,12 +222,13 @@ class Core:
             engine_factory=lambda model, engine, context: build_engine(
                 model, engine, context_length=context
             ),
-            after_charge=self.reloader.check,
+            after_charge=self._after_charge,
             accepting=lambda: self.lifecycle.accepting,
         )
         self.service = Service(
             self.catalogue, self.meter, self.lifecycle, self.durable, reserved=self.reserved
         )
+        self.starter_promotion_cents = _starter_promotion_cents(config)
         self.port = 0
         self.metrics_port = 0
         self.last_reload_error = ""
@@ -204,6 +237,11 @@ class Core:
         self._stopped = asyncio.Event()
         self._draining: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _after_charge(self, workspace_id: str) -> None:
+        """An endpoint's period was charged: the same follow-ups as a request's charge."""
+        self.reloader.check(workspace_id)
+        self.alerter.check(workspace_id)
 
     async def start(self) -> None:
         """Serves health at once (NOT_SERVING), recovers the ledger, loads the engines, and
@@ -219,8 +257,12 @@ class Core:
                 starter_credits_cents=cents_from_usd(accounts.starter_credits_usd),
                 min_topup_cents=cents_from_usd(accounts.min_topup_usd),
                 reserved=self.reserved,
-                authorizer=Authorizer(self._admin_token),
                 create_wait_s=self.config.reserved.create_wait_s,
+                customers=self.config.customers,
+                starter_promotion_cents=self.starter_promotion_cents,
+                checkouts=self.checkouts,
+                alerter=self.alerter,
+                activity=self.activity,
             ),
             self.server,
         )
@@ -520,6 +562,7 @@ class Core:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.reloader.close()
         await self.reserved.close()
+        await self.alerter.close()
         await asyncio.gather(*(e.shutdown() for e in self.catalogue.engines))
         if self.journal is not None:
             await self.journal.close()

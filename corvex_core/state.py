@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from corvex_core.records import (
+    AlertsSet,
     AutoReloadFailed,
     AutoReloadSet,
     Charged,
@@ -32,9 +33,13 @@ from corvex_core.records import (
     KeyLimitsSet,
     KeyRevoked,
     Record,
+    SessionEnded,
+    SessionStarted,
     SpendCapSet,
+    StarterClaimed,
     SuspendedBy,
     TopUpMethod,
+    UserSignedUp,
     WorkspaceCreated,
 )
 
@@ -56,6 +61,14 @@ class AutoReload(msgspec.Struct):
     amount_nano: int
 
 
+class Alerts(msgspec.Struct, frozen=True):
+    """A workspace's alert settings (see corvex_core.alerts)."""
+
+    balance_below_nano: int | None = None
+    webhook_url: str = ""
+    webhook_secret: str = ""
+
+
 class Workspace(msgspec.Struct):
     """A workspace's durable money state plus `held_nano`, the in-memory sum of its holds."""
 
@@ -72,6 +85,9 @@ class Workspace(msgspec.Struct):
     key_ids: list[str] = msgspec.field(default_factory=list)
     invoice_numbers: list[int] = msgspec.field(default_factory=list)
     held_nano: int = 0
+    # The user who signed up with it; "" for a workspace an operator made.
+    owner_user_id: str = ""
+    alerts: Alerts = Alerts()
 
     @property
     def available_nano(self) -> int:
@@ -90,6 +106,9 @@ class ApiKey(msgspec.Struct):
     # Tokens charged in `month` ("YYYY-MM"), for the monthly token limit.
     month: str = ""
     month_tokens: int = 0
+    # When it last authenticated a request: set in memory on every request (no record), and
+    # from its charges when the journal is replayed. 0: never.
+    last_used_ms: int = 0
 
 
 class Invoice(msgspec.Struct, frozen=True):
@@ -145,6 +164,24 @@ class EndpointUsage(msgspec.Struct):
     cost_nano: int = 0
 
 
+class User(msgspec.Struct):
+    id: str
+    email: str
+    password_hash: str
+    created_ms: int
+    workspace_ids: list[str] = msgspec.field(default_factory=list)
+    # The invoice of the starter claim; 0: not claimed.
+    starter_invoice: int = 0
+
+
+class Session(msgspec.Struct, frozen=True):
+    id: str
+    user_id: str
+    token_sha256: bytes
+    created_ms: int
+    expires_ms: int
+
+
 class LedgerState(msgspec.Struct):
     """Everything durable: what a snapshot holds. Holds are not part of it."""
 
@@ -161,6 +198,10 @@ class LedgerState(msgspec.Struct):
     # workspace id → "day|endpoint id" → totals.
     endpoints: dict[str, Endpoint] = msgspec.field(default_factory=dict)
     endpoint_usage: dict[str, dict[str, EndpointUsage]] = msgspec.field(default_factory=dict)
+    # Customers (issue 16): user id → user, email → user id, session id → session.
+    users: dict[str, User] = msgspec.field(default_factory=dict)
+    user_by_email: dict[str, str] = msgspec.field(default_factory=dict)
+    sessions: dict[str, Session] = msgspec.field(default_factory=dict)
 
 
 def idempotency_slot(workspace_id: str, key: str) -> str:
@@ -208,6 +249,7 @@ def _charged(state: LedgerState, record: Charged) -> None:
     key = state.keys[record.key_id]
     roll_key_month(key, record.at_ms)
     key.month_tokens += record.prompt_tokens + record.completion_tokens
+    key.last_used_ms = max(key.last_used_ms, record.at_ms)
     bucket = f"{day_of(record.at_ms)}|{record.key_id}|{record.model}"
     totals = state.usage.setdefault(ws.id, {}).setdefault(bucket, UsageTotals())
     totals.requests += 1
@@ -218,22 +260,36 @@ def _charged(state: LedgerState, record: Charged) -> None:
 
 
 def _credits_added(state: LedgerState, record: CreditsAdded) -> None:
-    ws = state.workspaces[record.workspace_id]
-    ws.balance_nano += record.amount_nano
-    assert record.invoice_number == state.next_invoice, "invoice numbers have a gap"
-    state.invoices[record.invoice_number] = Invoice(
-        number=record.invoice_number,
+    _credit(state, record.at_ms, record.workspace_id, record.invoice_number, record.amount_nano,
+            record.method, record.idempotency_key)  # fmt: skip
+
+
+def _credit(
+    state: LedgerState,
+    at_ms: int,
+    workspace_id: str,
+    number: int,
+    amount_nano: int,
+    method: TopUpMethod,
+    idempotency_key: str,
+) -> None:
+    """A top-up and its invoice (CreditsAdded and StarterClaimed)."""
+    ws = state.workspaces[workspace_id]
+    ws.balance_nano += amount_nano
+    assert number == state.next_invoice, "invoice numbers have a gap"
+    state.invoices[number] = Invoice(
+        number=number,
         workspace_id=ws.id,
-        created_ms=record.at_ms,
-        amount_nano=record.amount_nano,
-        method=record.method,
+        created_ms=at_ms,
+        amount_nano=amount_nano,
+        method=method,
         balance_after_nano=ws.balance_nano,
-        idempotency_key=record.idempotency_key,
+        idempotency_key=idempotency_key,
     )
     state.next_invoice += 1
-    state.idempotency[idempotency_slot(ws.id, record.idempotency_key)] = record.invoice_number
-    ws.invoice_numbers.append(record.invoice_number)
-    if record.method is TopUpMethod.AUTO_RELOAD:
+    state.idempotency[idempotency_slot(ws.id, idempotency_key)] = number
+    ws.invoice_numbers.append(number)
+    if method is TopUpMethod.AUTO_RELOAD:
         ws.auto_reload_error = ""
 
 
@@ -364,6 +420,74 @@ def _endpoint_deleted(state: LedgerState, record: EndpointDeleted) -> None:
     endpoint.status, endpoint.suspended_by = EndpointStatus.DELETED, None
 
 
+# ---- Customers (issue 16) -------------------------------------------------------------------
+
+
+def starter_idempotency_key(user_id: str) -> str:
+    """The idempotency key of a user's starter claim (one per user)."""
+    return f"starter-claim:{user_id}"
+
+
+def _user_signed_up(state: LedgerState, record: UserSignedUp) -> None:
+    assert record.user_id not in state.users and record.email not in state.user_by_email
+    _workspace_created(
+        state,
+        WorkspaceCreated(
+            at_ms=record.at_ms, workspace_id=record.workspace_id, name=record.workspace_name
+        ),
+    )
+    state.workspaces[record.workspace_id].owner_user_id = record.user_id
+    state.users[record.user_id] = User(
+        id=record.user_id,
+        email=record.email,
+        password_hash=record.password_hash,
+        created_ms=record.at_ms,
+        workspace_ids=[record.workspace_id],
+    )
+    state.user_by_email[record.email] = record.user_id
+
+
+def _session_started(state: LedgerState, record: SessionStarted) -> None:
+    assert record.user_id in state.users and record.session_id not in state.sessions
+    # Expired sessions go when their user signs in again, so they cannot pile up.
+    expired = [
+        s.id
+        for s in state.sessions.values()
+        if s.user_id == record.user_id and s.expires_ms <= record.at_ms
+    ]
+    for session_id in expired:
+        del state.sessions[session_id]
+    state.sessions[record.session_id] = Session(
+        id=record.session_id,
+        user_id=record.user_id,
+        token_sha256=record.token_sha256,
+        created_ms=record.at_ms,
+        expires_ms=record.expires_ms,
+    )
+
+
+def _session_ended(state: LedgerState, record: SessionEnded) -> None:
+    state.sessions.pop(record.session_id, None)
+
+
+def _starter_claimed(state: LedgerState, record: StarterClaimed) -> None:
+    user = state.users[record.user_id]
+    assert user.starter_invoice == 0, "starter credits claimed twice"
+    assert record.workspace_id in user.workspace_ids
+    _credit(state, record.at_ms, record.workspace_id, record.invoice_number, record.amount_nano,
+            TopUpMethod.STARTER, starter_idempotency_key(user.id))  # fmt: skip
+    user.starter_invoice = record.invoice_number
+
+
+def _alerts_set(state: LedgerState, record: AlertsSet) -> None:
+    state.workspaces[record.workspace_id].alerts = Alerts(
+        record.balance_below_nano, record.webhook_url, record.webhook_secret
+    )
+
+
+# ---- end of Customers (issue 16) --------------------------------------------------------------
+
+
 _APPLY: dict[type[Any], Callable[[LedgerState, Any], None]] = {
     Charged: _charged,
     CreditsAdded: _credits_added,
@@ -380,5 +504,10 @@ _APPLY: dict[type[Any], Callable[[LedgerState, Any], None]] = {
     EndpointSuspended: _endpoint_suspended,
     EndpointResumed: _endpoint_resumed,
     EndpointDeleted: _endpoint_deleted,
+    UserSignedUp: _user_signed_up,
+    SessionStarted: _session_started,
+    SessionEnded: _session_ended,
+    StarterClaimed: _starter_claimed,
+    AlertsSet: _alerts_set,
 }
 assert set(_APPLY) == set(Record.__args__), "every record type needs its transition"

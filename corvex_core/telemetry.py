@@ -237,6 +237,9 @@ class Telemetry:
             completion.inc(record.completion_tokens)
         elif isinstance(record, records.CreditsAdded):
             self.credits_added.labels(record.method).inc(record.amount_nano / NANO_PER_USD)
+        elif isinstance(record, records.StarterClaimed):
+            starter = records.TopUpMethod.STARTER
+            self.credits_added.labels(starter).inc(record.amount_nano / NANO_PER_USD)
 
     def _model_counters(self, model: str) -> tuple[Counter, Counter, Counter]:
         counters = self._per_model.get(model)

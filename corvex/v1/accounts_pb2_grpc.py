@@ -35,6 +35,61 @@ class AccountsStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.SignUp = channel.unary_unary(
+                '/corvex.v1.Accounts/SignUp',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.SignUpRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.SignInResponse.FromString,
+                _registered_method=True)
+        self.SignIn = channel.unary_unary(
+                '/corvex.v1.Accounts/SignIn',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.SignInRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.SignInResponse.FromString,
+                _registered_method=True)
+        self.SignOut = channel.unary_unary(
+                '/corvex.v1.Accounts/SignOut',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.SignOutRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.SignOutResponse.FromString,
+                _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/corvex.v1.Accounts/WhoAmI',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.User.FromString,
+                _registered_method=True)
+        self.GetStarterOffer = channel.unary_unary(
+                '/corvex.v1.Accounts/GetStarterOffer',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.GetStarterOfferRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.StarterOffer.FromString,
+                _registered_method=True)
+        self.ClaimStarterCredits = channel.unary_unary(
+                '/corvex.v1.Accounts/ClaimStarterCredits',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.ClaimStarterCreditsRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.AddCreditsResponse.FromString,
+                _registered_method=True)
+        self.StartCheckout = channel.unary_unary(
+                '/corvex.v1.Accounts/StartCheckout',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.StartCheckoutRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.Checkout.FromString,
+                _registered_method=True)
+        self.CompleteCheckout = channel.unary_unary(
+                '/corvex.v1.Accounts/CompleteCheckout',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.CompleteCheckoutRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.AddCreditsResponse.FromString,
+                _registered_method=True)
+        self.GetAlerts = channel.unary_unary(
+                '/corvex.v1.Accounts/GetAlerts',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.GetAlertsRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.AlertSettings.FromString,
+                _registered_method=True)
+        self.SetAlerts = channel.unary_unary(
+                '/corvex.v1.Accounts/SetAlerts',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.SetAlertsRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.AlertSettings.FromString,
+                _registered_method=True)
+        self.ListRecentRequests = channel.unary_unary(
+                '/corvex.v1.Accounts/ListRecentRequests',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.ListRecentRequestsRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.ListRecentRequestsResponse.FromString,
+                _registered_method=True)
         self.CreateWorkspace = channel.unary_unary(
                 '/corvex.v1.Accounts/CreateWorkspace',
                 request_serializer=corvex_dot_v1_dot_accounts__pb2.CreateWorkspaceRequest.SerializeToString,
@@ -135,6 +190,90 @@ class AccountsStub:
 class AccountsServicer:
     """/ Workspaces, credits, caps, keys, usage and invoices.
     """
+
+    def SignUp(self, request, context):
+        """---- Customers (issue 16): users, sessions, the starter claim, checkout, alerts, activity.
+        / Creates a user and the workspace it owns (with no credits), and signs it in. No
+        / credential needed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignIn(self, request, context):
+        """/ Signs a user in: a new session. No credential needed. Failed attempts per email are
+        / limited (RESOURCE_EXHAUSTED, RATE_LIMIT_EXCEEDED, with RetryInfo).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignOut(self, request, context):
+        """/ Ends the calling session. Session only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WhoAmI(self, request, context):
+        """/ The calling session's user and its workspaces. Session only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStarterOffer(self, request, context):
+        """/ The starter-credit promotion as it stands for a workspace's owner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimStarterCredits(self, request, context):
+        """/ Claims the starter credits, once per user, while the promotion runs; makes their
+        / invoice. A second claim fails with STARTER_CREDITS_UNAVAILABLE. Session only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartCheckout(self, request, context):
+        """/ Starts buying credits through the payment provider: a checkout to approve. The same
+        / idempotency key returns the same checkout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteCheckout(self, request, context):
+        """/ Completes an approved checkout: the payment is taken and the credits land with their
+        / invoice, once (a second call returns the first result with `replayed`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAlerts(self, request, context):
+        """/ A workspace's alert settings and the alerts in force now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlerts(self, request, context):
+        """/ Sets a workspace's alert threshold and webhook.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRecentRequests(self, request, context):
+        """/ The last requests of a workspace (newest first), refusals included. Kept in memory.
+        ---- end of Customers (issue 16).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def CreateWorkspace(self, request, context):
         """/ Creates a workspace and credits its starter credits (with their invoice) if configured.
@@ -286,6 +425,61 @@ class AccountsServicer:
 
 def add_AccountsServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'SignUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignUp,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.SignUpRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.SignInResponse.SerializeToString,
+            ),
+            'SignIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignIn,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.SignInRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.SignInResponse.SerializeToString,
+            ),
+            'SignOut': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignOut,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.SignOutRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.SignOutResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.WhoAmIRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.User.SerializeToString,
+            ),
+            'GetStarterOffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStarterOffer,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.GetStarterOfferRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.StarterOffer.SerializeToString,
+            ),
+            'ClaimStarterCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimStarterCredits,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.ClaimStarterCreditsRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.AddCreditsResponse.SerializeToString,
+            ),
+            'StartCheckout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartCheckout,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.StartCheckoutRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.Checkout.SerializeToString,
+            ),
+            'CompleteCheckout': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteCheckout,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.CompleteCheckoutRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.AddCreditsResponse.SerializeToString,
+            ),
+            'GetAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAlerts,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.GetAlertsRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.AlertSettings.SerializeToString,
+            ),
+            'SetAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlerts,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.SetAlertsRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.AlertSettings.SerializeToString,
+            ),
+            'ListRecentRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRecentRequests,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.ListRecentRequestsRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.ListRecentRequestsResponse.SerializeToString,
+            ),
             'CreateWorkspace': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateWorkspace,
                     request_deserializer=corvex_dot_v1_dot_accounts__pb2.CreateWorkspaceRequest.FromString,
@@ -392,6 +586,303 @@ def add_AccountsServicer_to_server(servicer, server):
 class Accounts:
     """/ Workspaces, credits, caps, keys, usage and invoices.
     """
+
+    @staticmethod
+    def SignUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/SignUp',
+            corvex_dot_v1_dot_accounts__pb2.SignUpRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.SignInResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/SignIn',
+            corvex_dot_v1_dot_accounts__pb2.SignInRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.SignInResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/SignOut',
+            corvex_dot_v1_dot_accounts__pb2.SignOutRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.SignOutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/WhoAmI',
+            corvex_dot_v1_dot_accounts__pb2.WhoAmIRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStarterOffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/GetStarterOffer',
+            corvex_dot_v1_dot_accounts__pb2.GetStarterOfferRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.StarterOffer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimStarterCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/ClaimStarterCredits',
+            corvex_dot_v1_dot_accounts__pb2.ClaimStarterCreditsRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.AddCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartCheckout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/StartCheckout',
+            corvex_dot_v1_dot_accounts__pb2.StartCheckoutRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.Checkout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteCheckout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/CompleteCheckout',
+            corvex_dot_v1_dot_accounts__pb2.CompleteCheckoutRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.AddCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/GetAlerts',
+            corvex_dot_v1_dot_accounts__pb2.GetAlertsRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.AlertSettings.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/SetAlerts',
+            corvex_dot_v1_dot_accounts__pb2.SetAlertsRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.AlertSettings.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRecentRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/ListRecentRequests',
+            corvex_dot_v1_dot_accounts__pb2.ListRecentRequestsRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.ListRecentRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def CreateWorkspace(request,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63orvex/v1/errors.proto\x12\tcorvex.v1*\xc7\x02\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x13\n\x0fINVALID_API_KEY\x10\x01\x12\x13\n\x0fMODEL_NOT_FOUND\x10\x02\x12\x13\n\x0fINVALID_REQUEST\x10\x03\x12\x1b\n\x17\x43ONTEXT_LENGTH_EXCEEDED\x10\x04\x12\x18\n\x14INSUFFICIENT_CREDITS\x10\x05\x12\x17\n\x13RATE_LIMIT_EXCEEDED\x10\x06\x12\x18\n\x14TOKEN_LIMIT_EXCEEDED\x10\x07\x12\x16\n\x12\x45NGINE_UNAVAILABLE\x10\x08\x12\x17\n\x13INVALID_ADMIN_TOKEN\x10\t\x12\r\n\tNOT_FOUND\x10\n\x12\x17\n\x13SERVICE_UNAVAILABLE\x10\x0b\x12\x18\n\x14\x43\x41PACITY_UNAVAILABLE\x10\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63orvex/v1/errors.proto\x12\tcorvex.v1*\xa7\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x13\n\x0fINVALID_API_KEY\x10\x01\x12\x13\n\x0fMODEL_NOT_FOUND\x10\x02\x12\x13\n\x0fINVALID_REQUEST\x10\x03\x12\x1b\n\x17\x43ONTEXT_LENGTH_EXCEEDED\x10\x04\x12\x18\n\x14INSUFFICIENT_CREDITS\x10\x05\x12\x17\n\x13RATE_LIMIT_EXCEEDED\x10\x06\x12\x18\n\x14TOKEN_LIMIT_EXCEEDED\x10\x07\x12\x16\n\x12\x45NGINE_UNAVAILABLE\x10\x08\x12\x17\n\x13INVALID_ADMIN_TOKEN\x10\t\x12\r\n\tNOT_FOUND\x10\n\x12\x17\n\x13SERVICE_UNAVAILABLE\x10\x0b\x12\x18\n\x14\x43\x41PACITY_UNAVAILABLE\x10\x0c\x12\x13\n\x0fINVALID_SESSION\x10\r\x12\x17\n\x13INVALID_CREDENTIALS\x10\x0e\x12\x0f\n\x0b\x45MAIL_TAKEN\x10\x0f\x12\x1f\n\x1bSTARTER_CREDITS_UNAVAILABLE\x10\x10\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corvex.v1.errors_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=38
-  _globals['_ERRORREASON']._serialized_end=365
+  _globals['_ERRORREASON']._serialized_end=461
 # @@protoc_insertion_point(module_scope)

@@ -65,6 +65,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     / new or larger endpoint (Accounts service); nothing was billed. Metadata: "offering",
     / "replicas_free".
     """
+    INVALID_SESSION: _ErrorReason.ValueType  # 13
+    """/ UNAUTHENTICATED: the session credential is unknown, expired or signed out (Accounts)."""
+    INVALID_CREDENTIALS: _ErrorReason.ValueType  # 14
+    """/ UNAUTHENTICATED: sign-in with a wrong email or password."""
+    EMAIL_TAKEN: _ErrorReason.ValueType  # 15
+    """/ ALREADY_EXISTS: sign-up with an email that already has an account."""
+    STARTER_CREDITS_UNAVAILABLE: _ErrorReason.ValueType  # 16
+    """/ FAILED_PRECONDITION: no starter credits to claim: claimed already, or no promotion runs."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """/ ErrorInfo.reason values. The enum exists to document them; the wire carries the name."""
@@ -108,4 +116,12 @@ CAPACITY_UNAVAILABLE: ErrorReason.ValueType  # 12
 / new or larger endpoint (Accounts service); nothing was billed. Metadata: "offering",
 / "replicas_free".
 """
+INVALID_SESSION: ErrorReason.ValueType  # 13
+"""/ UNAUTHENTICATED: the session credential is unknown, expired or signed out (Accounts)."""
+INVALID_CREDENTIALS: ErrorReason.ValueType  # 14
+"""/ UNAUTHENTICATED: sign-in with a wrong email or password."""
+EMAIL_TAKEN: ErrorReason.ValueType  # 15
+"""/ ALREADY_EXISTS: sign-up with an email that already has an account."""
+STARTER_CREDITS_UNAVAILABLE: ErrorReason.ValueType  # 16
+"""/ FAILED_PRECONDITION: no starter credits to claim: claimed already, or no promotion runs."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -1,9 +1,10 @@
-"""The Accounts servicer: the admin surface, wire → ledger → wire.
+"""The Accounts servicer: workspaces, money, keys, usage and invoices, wire → ledger → wire
+(the customers' own calls are mixed in from `customers`, the reserved endpoints' from
+`endpoints`).
 
 Every change is made by one synchronous ledger call and acknowledged only after the journal
-has it on disk. The admin credential is checked by the status interceptor before any of
-these methods runs; the reserved-endpoint calls (mixed in from `servicers.endpoints`) are
-authorized by the workspace they touch.
+has it on disk. Who may call what (`ACCESS`) is checked by the interceptor before any of
+these methods runs: a session reaches them only for its own user's workspaces.
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, TypeAlias
 
-from google.protobuf import timestamp_pb2
-
 from corvex.money import NANO_PER_CENT
 from corvex.v1 import accounts_pb2, accounts_pb2_grpc
 from corvex_core import errors
-from corvex_core.invoices import invoice_html, invoice_json
+from corvex_core.access import Access, SignInThrottle
+from corvex_core.activity import Activity
+from corvex_core.alerts import Alerter
+from corvex_core.config import CustomersConfig
+from corvex_core.invoices import invoice_html, invoice_json, invoice_pdf, parse_invoice_number
 from corvex_core.journal import JournalError
 from corvex_core.ledger import Ledger
 from corvex_core.lifecycle import CallKind
+from corvex_core.payments import Checkouts
 from corvex_core.records import KEY_LIMIT_FIELDS, KeyLimits, TopUpMethod
 from corvex_core.reserved import ReservedEndpoints
-from corvex_core.servicers.authorization import Authorizer
+from corvex_core.servicers import customers
+from corvex_core.servicers.customers import CustomerCalls, timestamp
 from corvex_core.servicers.endpoints import EndpointRpcs
 from corvex_core.serving import Durable
 from corvex_core.state import ApiKey, Invoice, Workspace
@@ -51,13 +56,39 @@ CALL_KINDS = {
     "ResizeEndpoint": CallKind.WRITE,
     "DeleteEndpoint": CallKind.WRITE,
     "ListReservedCapacity": CallKind.READ,
+    **customers.CALL_KINDS,
 }
+# Who may make each call (corvex_core.access): the interceptor enforces it.
+ACCESS = {
+    "CreateWorkspace": Access.ADMIN,
+    "ListWorkspaces": Access.ADMIN,
+    "GetWorkspace": Access.OWNER,
+    "AddCredits": Access.ADMIN,
+    "SetSpendCap": Access.OWNER,
+    "SetAutoReload": Access.OWNER,
+    "CreateKey": Access.OWNER,
+    "ListKeys": Access.OWNER,
+    "RevokeKey": Access.OWNER,
+    "SetKeyLimits": Access.OWNER,
+    "GetUsage": Access.OWNER,
+    "ListInvoices": Access.OWNER,
+    "GetInvoice": Access.OWNER,
+    # Reserved endpoints: a user names its workspace to list them (an empty one lists every
+    # workspace's, the admin's alone) or the endpoint itself.
+    "CreateEndpoint": Access.OWNER,
+    "ListEndpoints": Access.OWNER,
+    "GetEndpoint": Access.OWNER,
+    "ResizeEndpoint": Access.OWNER,
+    "DeleteEndpoint": Access.OWNER,
+    "ListReservedCapacity": Access.ADMIN,
+    **customers.ACCESS,
+}
+assert set(ACCESS) == set(CALL_KINDS), "every Accounts call needs its access rule"
 # The wire's enum names each domain method TOP_UP_METHOD_<NAME>.
 _METHODS = {m: accounts_pb2.TopUpMethod.Value(f"TOP_UP_METHOD_{m.name}") for m in TopUpMethod}
-_MAX_INVOICE_DIGITS = 12
 
 
-class AccountsServicer(EndpointRpcs, accounts_pb2_grpc.AccountsServicer):
+class AccountsServicer(CustomerCalls, EndpointRpcs, accounts_pb2_grpc.AccountsServicer):
     def __init__(
         self,
         ledger: Ledger,
@@ -66,16 +97,28 @@ class AccountsServicer(EndpointRpcs, accounts_pb2_grpc.AccountsServicer):
         starter_credits_cents: int,
         min_topup_cents: int,
         reserved: ReservedEndpoints,
-        authorizer: Authorizer,
         create_wait_s: float,
+        customers: CustomersConfig,
+        starter_promotion_cents: int,
+        checkouts: Checkouts,
+        alerter: Alerter,
+        activity: Activity,
     ) -> None:
         self._ledger = ledger
         self._durable = durable
         self._starter_cents = starter_credits_cents
         self._min_topup_cents = min_topup_cents
         self._reserved = reserved
-        self._authorizer = authorizer
         self._create_wait_s = create_wait_s
+        self._customers = customers
+        self._starter_nano = starter_promotion_cents * NANO_PER_CENT
+        self._throttle = SignInThrottle(
+            max_failures=customers.sign_in_failures,
+            window_ms=int(customers.sign_in_window_s * 1000),
+        )
+        self._checkouts = checkouts
+        self._alerter = alerter
+        self._activity = activity
 
     async def CreateWorkspace(
         self, request: accounts_pb2.CreateWorkspaceRequest, context: Context
@@ -117,6 +160,7 @@ class AccountsServicer(EndpointRpcs, accounts_pb2_grpc.AccountsServicer):
         )
         # A replay waits too: its first attempt may still be on its way to disk.
         await self._sync()
+        self._alerter.check(request.workspace_id)
         return accounts_pb2.AddCreditsResponse(
             invoice=invoice_pb(invoice),
             workspace=workspace_pb(self._ledger.workspace(request.workspace_id)),
@@ -133,6 +177,7 @@ class AccountsServicer(EndpointRpcs, accounts_pb2_grpc.AccountsServicer):
             cap = request.cap_cents * NANO_PER_CENT
         ws = self._ledger.set_spend_cap(request.workspace_id, cap)
         await self._sync()
+        self._alerter.check(ws.id)
         return workspace_pb(ws)
 
     async def SetAutoReload(
@@ -241,10 +286,20 @@ class AccountsServicer(EndpointRpcs, accounts_pb2_grpc.AccountsServicer):
         ws = self._ledger.workspace(invoice.workspace_id)
         if request.format == accounts_pb2.INVOICE_FORMAT_HTML:
             content_type, document = "text/html; charset=utf-8", invoice_html(invoice, ws)
+        elif request.format == accounts_pb2.INVOICE_FORMAT_PDF:
+            content_type, document = "application/pdf", invoice_pdf(invoice, ws)
         else:
             content_type, document = "application/json", invoice_json(invoice, ws)
         return accounts_pb2.InvoiceDocument(
             invoice=invoice_pb(invoice), content_type=content_type, document=document
+        )
+
+    def _credited(self, invoice: Invoice, *, replayed: bool) -> accounts_pb2.AddCreditsResponse:
+        self._alerter.check(invoice.workspace_id)
+        return accounts_pb2.AddCreditsResponse(
+            invoice=invoice_pb(invoice),
+            workspace=workspace_pb(self._ledger.workspace(invoice.workspace_id)),
+            replayed=replayed,
         )
 
     def _check_topup(self, cents: int, param: str) -> None:
@@ -262,14 +317,6 @@ class AccountsServicer(EndpointRpcs, accounts_pb2_grpc.AccountsServicer):
             ) from exc
 
 
-def parse_invoice_number(text: str) -> int:
-    """INV-000042 (or 42) → 42. ASCII digits only: `isdigit` alone would take "²" and "٣"."""
-    digits = text.strip().upper().removeprefix("INV-")
-    if not (1 <= len(digits) <= _MAX_INVOICE_DIGITS and digits.isascii() and digits.isdigit()):
-        raise errors.InvalidRequest("invoice numbers look like INV-000001", param="number")
-    return int(digits)
-
-
 def _is_day(text: str) -> bool:
     try:
         dt.date.fromisoformat(text)
@@ -278,18 +325,12 @@ def _is_day(text: str) -> bool:
     return len(text) == 10
 
 
-def _timestamp(at_ms: int) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromMilliseconds(at_ms)
-    return ts
-
-
 def workspace_pb(ws: Workspace) -> accounts_pb2.Workspace:
     reload = ws.auto_reload
     return accounts_pb2.Workspace(
         id=ws.id,
         name=ws.name,
-        created=_timestamp(ws.created_ms),
+        created=timestamp(ws.created_ms),
         balance_nano_usd=ws.balance_nano,
         held_nano_usd=ws.held_nano,
         available_nano_usd=ws.available_nano,
@@ -318,12 +359,13 @@ def key_pb(key: ApiKey) -> accounts_pb2.ApiKey:
         workspace_id=key.workspace_id,
         name=key.name,
         prefix=key.prefix,
-        created=_timestamp(key.created_ms),
+        created=timestamp(key.created_ms),
         revoked=key.revoked,
         limits=accounts_pb2.KeyLimits(
             **{f: v for f in KEY_LIMIT_FIELDS if (v := getattr(key.limits, f)) is not None}
         ),
         month_tokens=key.month_tokens,
+        last_used=timestamp(key.last_used_ms) if key.last_used_ms else None,
     )
 
 
@@ -331,7 +373,7 @@ def invoice_pb(invoice: Invoice) -> accounts_pb2.Invoice:
     return accounts_pb2.Invoice(
         number=invoice.label,
         workspace_id=invoice.workspace_id,
-        created=_timestamp(invoice.created_ms),
+        created=timestamp(invoice.created_ms),
         amount_nano_usd=invoice.amount_nano,
         method=_METHODS[invoice.method],
         balance_after_nano_usd=invoice.balance_after_nano,

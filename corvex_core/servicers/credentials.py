@@ -1,17 +1,15 @@
 """Credentials as they arrive in call metadata: `authorization: Bearer <secret>`, as on REST.
 
-It reads them and checks the admin token; API keys are looked up by the meter. Secrets are
-compared in constant time and never logged or quoted in an error.
+It only reads them: API keys are looked up by the meter, the admin token and sessions by
+corvex_core.access. Secrets are compared in constant time and never logged or quoted in an
+error.
 """
 
 from __future__ import annotations
 
-import hmac
 from typing import Any, Final
 
 import grpc
-
-from corvex_core import errors
 
 _BEARER: Final = "bearer "
 
@@ -29,13 +27,3 @@ def bearer_secret(authorization_value: str | None) -> str | None:
     if not authorization_value or authorization_value[: len(_BEARER)].lower() != _BEARER:
         return None
     return authorization_value[len(_BEARER) :].strip()
-
-
-def check_admin(context: grpc.aio.ServicerContext[Any, Any], admin_token: str) -> None:
-    """Raises InvalidAdminToken unless the call carries the admin token."""
-    supplied = bearer_secret(authorization(context)) or ""
-    if not hmac.compare_digest(supplied.encode(), admin_token.encode()):
-        raise errors.InvalidAdminToken(
-            "The admin credential is missing or wrong. Send it as `authorization: Bearer "
-            "<admin token>` (see core.admin_token)."
-        )

@@ -1,8 +1,8 @@
 """The reserved-endpoint calls of the Accounts service: wire → corvex_core.reserved → wire.
 
-Each call first asks `Authorizer.workspace` whether the caller may act on the workspace it
-touches (the interceptor leaves these calls to it), and acknowledges a change only once the
-journal has it on disk. The lifecycle and the money are `corvex_core.reserved`'s.
+Who may make each call is the interceptor's (corvex_core.access, by the workspace or endpoint
+the request names); each call acknowledges a change only once the journal has it on disk.
+The lifecycle and the money are `corvex_core.reserved`'s.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from corvex.ratecard import ReservedOffering
 from corvex.v1 import accounts_pb2, inference_pb2
 from corvex_core import errors
 from corvex_core.reserved import EndpointView, ReservedEndpoints, Status
-from corvex_core.servicers.authorization import Authorizer
 
 Context: TypeAlias = Any
 
@@ -30,7 +29,6 @@ class EndpointRpcs:
     """Mixed into the Accounts servicer, which provides these attributes and `_sync`."""
 
     _reserved: ReservedEndpoints
-    _authorizer: Authorizer
     _create_wait_s: float
 
     async def _sync(self) -> None:
@@ -39,7 +37,6 @@ class EndpointRpcs:
     async def CreateEndpoint(
         self, request: accounts_pb2.CreateEndpointRequest, context: Context
     ) -> accounts_pb2.Endpoint:
-        self._authorizer.workspace(context, request.workspace_id)
         view = self._reserved.create(
             request.workspace_id, request.offering, request.replicas, request.name
         )
@@ -52,20 +49,19 @@ class EndpointRpcs:
     async def ListEndpoints(
         self, request: accounts_pb2.ListEndpointsRequest, context: Context
     ) -> accounts_pb2.ListEndpointsResponse:
-        self._authorizer.workspace(context, request.workspace_id or None)
         views = self._reserved.views(request.workspace_id or None)
         return accounts_pb2.ListEndpointsResponse(endpoints=[endpoint_pb(v) for v in views])
 
     async def GetEndpoint(
         self, request: accounts_pb2.GetEndpointRequest, context: Context
     ) -> accounts_pb2.Endpoint:
-        self._authorize_endpoint(context, request.endpoint_id)
+        self._known(request.endpoint_id)
         return endpoint_pb(self._reserved.view(request.endpoint_id))
 
     async def ResizeEndpoint(
         self, request: accounts_pb2.ResizeEndpointRequest, context: Context
     ) -> accounts_pb2.Endpoint:
-        self._authorize_endpoint(context, request.endpoint_id)
+        self._known(request.endpoint_id)
         view = self._reserved.resize(request.endpoint_id, request.replicas)
         await self._sync()
         return endpoint_pb(view)
@@ -73,7 +69,7 @@ class EndpointRpcs:
     async def DeleteEndpoint(
         self, request: accounts_pb2.DeleteEndpointRequest, context: Context
     ) -> accounts_pb2.Endpoint:
-        self._authorize_endpoint(context, request.endpoint_id)
+        self._known(request.endpoint_id)
         view = self._reserved.delete(request.endpoint_id)
         await self._sync()
         return endpoint_pb(view)
@@ -91,12 +87,9 @@ class EndpointRpcs:
             period_seconds=self._reserved.period_s,
         )
 
-    def _authorize_endpoint(self, context: Context, endpoint_id: str) -> None:
-        """Authorizes a call on an endpoint by its workspace; an unknown id is checked as no
-        workspace, so a caller without rights cannot learn whether it exists."""
-        endpoint = self._reserved.find(endpoint_id)
-        self._authorizer.workspace(context, endpoint.workspace_id if endpoint else None)
-        if endpoint is None:
+    def _known(self, endpoint_id: str) -> None:
+        """NotFound for an id that names no endpoint (the admin's calls reach here with any)."""
+        if self._reserved.find(endpoint_id) is None:
             raise errors.NotFound(f"No reserved endpoint {quote(endpoint_id)}.")
 
 

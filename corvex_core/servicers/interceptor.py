@@ -4,14 +4,16 @@
    invalid UTF-8 in a string) is refused as INVALID_ARGUMENT, like any bad request.
 2. The lifecycle admits the call for what it does (nothing while the ledger recovers, no
    generation while draining, no writes while the journal cannot write).
-3. Accounts calls must carry the admin credential, except the calls on one workspace's own
-   things (`authorization.WORKSPACE_SCOPED`), which the servicer authorizes through
-   `authorization.Authorizer.workspace` once it knows the workspace.
+3. Accounts calls are authorized: the caller's credential (the admin token or a user's
+   session) is resolved to a principal, and the resources the request names (workspace_id,
+   key_id, an invoice number, endpoint_id) are checked against it by the one rule of
+   corvex_core.access, with the call's declared `Access`.
 4. The method runs; a domain error ends it with its rich status, a journal failure with
    SERVICE_UNAVAILABLE, a cancelled call quietly, and anything else with INTERNAL and no
    internals (logged with the request id).
-Telemetry opens a record for the call before and closes it with the status after. gRPC's own
-services (health, reflection) are left alone.
+Telemetry opens a record for the call before and closes it with the status after; metered
+calls (Chat, Embed) then go to the workspace's recent-request log. gRPC's own services
+(health, reflection) are left alone.
 """
 
 from __future__ import annotations
@@ -25,17 +27,26 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from corvex import request_ids
-from corvex_core import errors
+from corvex_core import access, errors
+from corvex_core.access import Access, Resource
+from corvex_core.activity import Activity
 from corvex_core.journal import JournalError
+from corvex_core.ledger import Ledger
 from corvex_core.lifecycle import CallKind, Lifecycle
 from corvex_core.servicers import credentials, status
-from corvex_core.servicers.authorization import WORKSPACE_SCOPED
 from corvex_core.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 CORVEX_PREFIX: Final = "/corvex.v1."
 ACCOUNTS_PREFIX: Final = "/corvex.v1.Accounts/"
+# Request fields that name a resource a principal must own (the wire's names).
+RESOURCE_FIELDS: Final = {
+    "workspace_id": Resource.WORKSPACE,
+    "key_id": Resource.KEY,
+    "number": Resource.INVOICE,
+    "endpoint_id": Resource.ENDPOINT,
+}
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
@@ -61,20 +72,27 @@ def _tolerant(deserializer: Callable[[bytes], Any], method: str) -> Callable[[by
 
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
     """See the module docstring. `kinds` maps each Corvex method name (e.g. "Chat") to what
-    it does; a method missing from it is a bug caught at the first call."""
+    it does and `rules` each Accounts method to its access rule; a method missing from them is
+    a bug caught at the first call."""
 
     def __init__(
         self,
         *,
         admin_token: str,
+        ledger: Ledger,
         telemetry: Telemetry,
         lifecycle: Lifecycle,
+        activity: Activity,
         kinds: Mapping[str, CallKind],
+        rules: Mapping[str, Access],
     ) -> None:
         self._admin_token = admin_token
+        self._ledger = ledger
         self._telemetry = telemetry
         self._lifecycle = lifecycle
+        self._activity = activity
         self._kinds = kinds
+        self._rules = rules
 
     async def intercept_service(
         self,
@@ -105,9 +123,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         """`behavior` with everything a call of `method` goes through (module docstring)."""
         rpc = method.rsplit("/", 1)[-1]
         kind = self._kinds[rpc]
-        admin_only = method.startswith(ACCOUNTS_PREFIX) and rpc not in WORKSPACE_SCOPED
-        admin_token = self._admin_token if admin_only else None
-        telemetry, lifecycle = self._telemetry, self._lifecycle
+        rule = self._rules[rpc] if method.startswith(ACCOUNTS_PREFIX) else None
+        telemetry, lifecycle, activity = self._telemetry, self._lifecycle, self._activity
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             record = telemetry.begin(rpc, _request_id(context))
@@ -119,8 +136,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
                         "(malformed protobuf)."
                     )
                 lifecycle.admit_call(kind)
-                if admin_token is not None:
-                    credentials.check_admin(context, admin_token)
+                if rule is not None:
+                    self._authorize(rule, request, context)
                 return await behavior(request, context)
             except errors.CorvexError as error:
                 outcome, failure = error.reason.value, error
@@ -149,8 +166,26 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
                 await status.abort_internal(context, record.request_id)
             finally:
                 telemetry.end(record, outcome, failure)
+                if kind is CallKind.GENERATE:
+                    activity.record(record, outcome)
 
         return guarded
+
+    def _authorize(
+        self, rule: Access, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Resolves the caller and checks it may touch what the request names; the principal
+        is then what `access.current()` returns in the servicer."""
+        secret = credentials.bearer_secret(credentials.authorization(context))
+        principal = access.resolve(self._ledger, secret, self._admin_token, rule)
+        fields = request.DESCRIPTOR.fields_by_name
+        resources = {
+            kind: value
+            for name, kind in RESOURCE_FIELDS.items()
+            if name in fields and (value := getattr(request, name))
+        }
+        access.authorize(self._ledger, principal, rule, resources)
+        access.set_current(principal)
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:

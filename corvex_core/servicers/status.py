@@ -37,6 +37,10 @@ _CODES: Final = {
     Reason.NOT_FOUND: code_pb2.NOT_FOUND,
     Reason.SERVICE_UNAVAILABLE: code_pb2.UNAVAILABLE,
     Reason.CAPACITY_UNAVAILABLE: code_pb2.RESOURCE_EXHAUSTED,
+    Reason.INVALID_SESSION: code_pb2.UNAUTHENTICATED,
+    Reason.INVALID_CREDENTIALS: code_pb2.UNAUTHENTICATED,
+    Reason.EMAIL_TAKEN: code_pb2.ALREADY_EXISTS,
+    Reason.STARTER_CREDITS_UNAVAILABLE: code_pb2.FAILED_PRECONDITION,
 }
 assert set(_CODES) == set(Reason), "every reason needs a status code"
 # The proto enum is the source of the reasons; the domain's enum must name the same ones.
