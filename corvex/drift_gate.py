@@ -1,4 +1,5 @@
-"""The tier-0 drift gate: the rate card, the pricing page's tables and the served /v1/models agree.
+"""The tier-0 drift gate: the rate card, the pricing page's tables, the served /v1/models and the
+served /pricing page agree.
 
 It owns the three-way comparison (each difference named by source, model or reserved offering,
 and field; per-token prices and reserved offerings alike) and
@@ -26,10 +27,13 @@ from corvex.pricing_docs import (
     PricingPageError,
     ReservedRow,
     ReservedTable,
+    parse_html,
     parse_reserved_table,
     parse_table,
 )
 from corvex.ratecard import ModelRate, RateCard, RateCardError, ReservedOffering, load_rate_card
+from corvex.pricing_docs import PageRow, PricingPageError, parse_html, parse_table
+from corvex.ratecard import ModelRate, RateCard, RateCardError, load_rate_card
 
 # The catalogue is a few kilobytes; anything near this is not our edge answering.
 _MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -323,10 +327,12 @@ def models_url(base_url: str) -> str:
     return base_url.rstrip("/") + "/v1/models"
 
 
-def fetch_served(base_url: str, *, timeout_s: float = _FETCH_TIMEOUT_S) -> dict[str, Any]:
-    """GETs `{base_url}/v1/models` and returns the decoded JSON object."""
-    url = models_url(base_url)
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+def pricing_url(base_url: str) -> str:
+    return base_url.rstrip("/") + "/pricing"
+
+
+def _get(url: str, accept: str, timeout_s: float) -> bytes:
+    request = urllib.request.Request(url, headers={"Accept": accept})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             body: bytes = response.read(_MAX_BODY_BYTES + 1)
@@ -338,6 +344,23 @@ def fetch_served(base_url: str, *, timeout_s: float = _FETCH_TIMEOUT_S) -> dict[
         raise ServedCatalogueError(f"cannot reach {url}: {reason}") from None
     if len(body) > _MAX_BODY_BYTES:
         raise ServedCatalogueError(f"{url} answered more than {_MAX_BODY_BYTES} bytes")
+    return body
+
+
+def fetch_served_page(base_url: str, *, timeout_s: float = _FETCH_TIMEOUT_S) -> str:
+    """GETs the served pricing page `{base_url}/pricing` (HTML)."""
+    url = pricing_url(base_url)
+    body = _get(url, "text/html", timeout_s)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ServedCatalogueError(f"{url} did not answer UTF-8 text") from None
+
+
+def fetch_served(base_url: str, *, timeout_s: float = _FETCH_TIMEOUT_S) -> dict[str, Any]:
+    """GETs `{base_url}/v1/models` and returns the decoded JSON object."""
+    url = models_url(base_url)
+    body = _get(url, "application/json", timeout_s)
     try:
         decoded = json.loads(body)
     except ValueError as exc:
@@ -351,12 +374,16 @@ def run(*, rate_card: Path, page: Path, served_url: str | None) -> int:
     """`corvex drift-gate [--served-url URL]`: prints each drift; 0 clean, 1 drift, 2 error."""
     page_source = str(page)
     served_source = models_url(served_url) if served_url is not None else "/v1/models"
+    served_page = None
     try:
         card = load_rate_card(rate_card)
         page_text = page.read_text(encoding="utf-8")
         table = parse_table(page_text, source=page_source)
         reserved = parse_reserved_table(page_text, source=page_source)
         served = fetch_served(served_url) if served_url is not None else None
+        if served_url is not None:
+            page_url = pricing_url(served_url)
+            served_page = parse_html(fetch_served_page(served_url), source=page_url)
     except (RateCardError, PricingPageError, ServedCatalogueError) as exc:
         print(f"drift gate: error: {exc}", file=sys.stderr)
         return 2
@@ -372,13 +399,23 @@ def run(*, rate_card: Path, page: Path, served_url: str | None) -> int:
         served_source=served_source,
         page_reserved=reserved,
     )
+    if served_page is not None:
+        drifts += compare(
+            card,
+            served_page.rows,
+            None,
+            page_version=served_page.version,
+            page_source=pricing_url(served_url or ""),
+        )
     for drift in drifts:
         print(drift)
     if drifts:
         print(f"drift gate FAILED: {len(drifts)} difference(s) from rate card {card.version}")
         return 1
     served_note = (
-        f" and {served_source}" if served is not None else " (served catalogue not checked)"
+        f", {served_source} and {pricing_url(served_url or '')}"
+        if served is not None
+        else " (served catalogue and page not checked)"
     )
     print(
         f"drift gate OK: rate card {card.version} ({len(card.models)} models, "

@@ -9,8 +9,11 @@ rate card did not give it.
 from __future__ import annotations
 
 import difflib
+import html
 import re
 import sys
+from collections.abc import Sequence
+from html.parser import HTMLParser
 from pathlib import Path
 
 import msgspec
@@ -78,24 +81,37 @@ class ReservedTable(msgspec.Struct, frozen=True):
     rows: list[ReservedRow]
 
 
+def page_rows(card: RateCard) -> list[PageRow]:
+    """The table's rows, in rate-card order: what both the Markdown and the HTML table show."""
+    return [
+        PageRow(m.name, m.input_usd_per_million, m.output_usd_per_million, m.card_path)
+        for m in card.models
+    ]
+
+
+def _cells(row: PageRow) -> tuple[str, str, str, str]:
+    """The four cells of a row as the page writes them ("$0.35 / 1M")."""
+    return (
+        row.name,
+        f"${row.input_usd_per_million} / 1M",
+        f"${row.output_usd_per_million} / 1M",
+        row.card_path,
+    )
+
+
+def _version_line(version: str) -> str:
+    return f"Rate card version `{version}`; prices are in USD per 1M tokens."
+
+
 def render_block(card: RateCard) -> list[str]:
     """The lines that belong between the markers, in rate-card order."""
-    lines = [
-        "",
-        f"Rate card version `{card.version}`; prices are in USD per 1M tokens.",
-        "",
-        TABLE_HEADER,
-        TABLE_RULE,
-    ]
-    for model in card.models:
+    lines = ["", _version_line(card.version), "", TABLE_HEADER, TABLE_RULE]
+    for row in page_rows(card):
         # A `|` or a line break in a name would split the row; the rate card allows neither
         # today, but the table must never silently turn into something else.
-        if "|" in model.name or "\n" in model.name:
-            raise PricingPageError(f"model {model.id}: its name cannot go in a table cell")
-        lines.append(
-            f"| {model.name} | ${model.input_usd_per_million} / 1M "
-            f"| ${model.output_usd_per_million} / 1M | {model.card_path} |"
-        )
+        if "|" in row.name or "\n" in row.name:
+            raise PricingPageError(f"model {row.name}: its name cannot go in a table cell")
+        lines.append("| " + " | ".join(_cells(row)) + " |")
     lines.append("")
     return lines
 
@@ -127,6 +143,78 @@ def _term(hours: int) -> str:
     if hours == 0:
         return "none"
     return f"{hours} hour" if hours == 1 else f"{hours} hours"
+
+
+HTML_TABLE_ID = "rate-table"
+
+
+def render_html(version: str, rows: Sequence[PageRow]) -> str:
+    """The same table as HTML, for the served /pricing page (the edge builds `rows` from the
+    catalogue it serves; the drift gate reads them back with `parse_html`). Card cells link
+    to the model cards."""
+    esc = html.escape
+    body = []
+    for row in rows:
+        name, input_cell, output_cell, card = (esc(c) for c in _cells(row))
+        body.append(
+            f"<tr><td>{name}</td><td>{input_cell}</td><td>{output_cell}</td>"
+            f'<td><a href="{card}">{card}</a></td></tr>'
+        )
+    headers = "".join(f"<th>{h}</th>" for h in ("Model", "Input", "Output", "Card"))
+    return (
+        f'<p class="rate-version" data-version="{esc(version)}">Rate card version '
+        f"<code>{esc(version)}</code>; prices are in USD per 1M tokens.</p>\n"
+        f'<table id="{HTML_TABLE_ID}"><thead><tr>{headers}</tr></thead><tbody>\n'
+        + "\n".join(body)
+        + "\n</tbody></table>"
+    )
+
+
+class _TableReader(HTMLParser):
+    """Collects the version and the body cells of the rate table of a served page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version: str | None = None
+        self.rows: list[list[str]] = []
+        self._in_table = self._in_body = False
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "p" and "data-version" in found:
+            self.version = found["data-version"]
+        elif tag == "table" and found.get("id") == HTML_TABLE_ID:
+            self._in_table = True
+        elif self._in_table and tag == "tbody":
+            self._in_body = True
+        elif self._in_body and tag == "tr":
+            self.rows.append([])
+        elif self._in_body and tag == "td":
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self.rows[-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "table":
+            self._in_table = self._in_body = False
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def parse_html(page_html: str, *, source: str = "/pricing") -> RateTable:
+    """Reads the rate table back from a served page, as strictly as `parse_table` reads the
+    Markdown one (each row through the same cell rules)."""
+    reader = _TableReader()
+    reader.feed(page_html)
+    reader.close()
+    if reader.version is None:
+        raise PricingPageError(f"{source}: the page has no rate-card version line")
+    lines = [(n, "| " + " | ".join(cells) + " |") for n, cells in enumerate(reader.rows, 1)]
+    return RateTable(version=reader.version, rows=_parse_rows(lines, f"{source} row"))
 
 
 def _find_markers(

@@ -19,6 +19,7 @@ from gateway import ops_http, telemetry, upstream
 from gateway.chat import chat_completions
 from gateway.completions import completions
 from gateway.config import EdgeConfig
+from gateway.dashboard import mount as mount_dashboard
 from gateway.embeddings import embeddings
 from gateway.error_middleware import handle_errors
 from gateway.models import list_models, retrieve_model
@@ -64,6 +65,8 @@ def create_app(config: EdgeConfig) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    # The customers' web app (its own sub-application and middleware: gateway/dashboard).
+    mount_dashboard(app, config.dashboard)
     return app
 
 

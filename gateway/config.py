@@ -9,6 +9,17 @@ import msgspec
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
+class DashboardConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The customers' web app (gateway/dashboard): public pricing, sign-in and the dashboard."""
+
+    enabled: bool = True
+    # Mark cookies Secure: set it when the edge is reached over TLS (behind a TLS proxy).
+    secure_cookies: bool = False
+    # Sign-in and sign-up attempts per client address per minute (the core also limits
+    # failed sign-ins per email).
+    sign_in_per_minute: int = 20
+
+
 class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -38,3 +49,4 @@ class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
     core_keepalive_timeout_s: Seconds = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = "auto"
+    dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)

@@ -102,6 +102,11 @@ BY_REASON: Final[dict[int, tuple[int, str, str | None]]] = {
     errors_pb2.NOT_FOUND: (404, "invalid_request_error", None),
     errors_pb2.SERVICE_UNAVAILABLE: (503, "server_error", "service_unavailable"),
     errors_pb2.CAPACITY_UNAVAILABLE: (503, "server_error", "capacity_unavailable"),
+    # The customers' reasons (sessions, sign-in, the starter claim): the web app's pages.
+    errors_pb2.INVALID_SESSION: (401, "invalid_request_error", "invalid_session"),
+    errors_pb2.INVALID_CREDENTIALS: (401, "invalid_request_error", "invalid_credentials"),
+    errors_pb2.EMAIL_TAKEN: (409, "invalid_request_error", "email_taken"),
+    errors_pb2.STARTER_CREDITS_UNAVAILABLE: (409, "invalid_request_error", "starter_unavailable"),
 }
 _REASONS: Final = {name: int(value) for name, value in errors_pb2.ErrorReason.items()}
 _NO_RETRY: Final = frozenset({errors_pb2.TOKEN_LIMIT_EXCEEDED, errors_pb2.INSUFFICIENT_CREDITS})
@@ -175,3 +180,11 @@ def _details(error: grpc.aio.AioRpcError) -> _Details | None:
             if bad.field_violations:
                 found.field = bad.field_violations[0].field
     return found
+
+
+def http_status_of(reason: str) -> int:
+    """The HTTP status of an ErrorInfo reason by name ("OK": 200; unknown reasons: 500)."""
+    if reason == "OK":
+        return 200
+    value = _REASONS.get(reason)
+    return BY_REASON[value][0] if value in BY_REASON else 500
