@@ -8,7 +8,8 @@ INSTALLED := $(VENV)/.installed
 CONFIG ?= corvex.yaml
 PROTOS := $(wildcard proto/corvex/v1/*.proto)
 
-.PHONY: run test lint fmt proto proto-check drift-gate bench bench-soak vllm-check lock clean
+.PHONY: run test lint fmt proto proto-check drift-gate bench bench-soak vllm-check lock clean \
+	browser screenshots
 
 $(INSTALLED): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +21,22 @@ run: $(INSTALLED)
 	$(BIN)/corvex serve --config $(CONFIG)
 
 ## Lint, check generated code, run the tests and the pricing drift gate.
-test: $(INSTALLED)
+test: $(INSTALLED) browser
 	$(MAKE) --no-print-directory lint proto-check
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory drift-gate
+
+## The browser the dashboard's tests drive: Debian's chromium (Playwright cannot download its
+## own here). Installed with apt-get when missing; if that fails, the browser test fails and
+## says why.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq chromium >/dev/null; } || echo "make browser: could not install chromium"
+
+## Screenshots of every page of the web app into docs/screenshots (the browser journey).
+screenshots: $(INSTALLED) browser
+	CORVEX_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -q tests/e2e/test_dashboard_browser.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

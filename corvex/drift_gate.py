@@ -32,8 +32,6 @@ from corvex.pricing_docs import (
     parse_table,
 )
 from corvex.ratecard import ModelRate, RateCard, RateCardError, ReservedOffering, load_rate_card
-from corvex.pricing_docs import PageRow, PricingPageError, parse_html, parse_table
-from corvex.ratecard import ModelRate, RateCard, RateCardError, load_rate_card
 
 # The catalogue is a few kilobytes; anything near this is not our edge answering.
 _MAX_BODY_BYTES = 4 * 1024 * 1024

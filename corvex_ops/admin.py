@@ -160,9 +160,9 @@ def _usage_args(sub: Subparsers) -> None:
 def _invoice_args(sub: Subparsers) -> None:
     actions = _actions(sub, "invoice", "list and download invoices", _invoice)
     actions.add_parser("list", help="a workspace's invoices").add_argument("workspace")
-    get = actions.add_parser("get", help="one invoice as JSON or printable HTML")
+    get = actions.add_parser("get", help="one invoice as JSON, printable HTML or PDF")
     get.add_argument("number", help="e.g. INV-000001")
-    get.add_argument("--format", choices=["json", "html"], default="json")
+    get.add_argument("--format", choices=["json", "html", "pdf"], default="json")
     get.add_argument("--output", "-o", metavar="FILE", help="write to FILE")
 
 
@@ -451,8 +451,10 @@ def _invoice(client: Client, args: argparse.Namespace) -> Any:
     if args.action == "list":
         listed = client.ListInvoices(pb.ListInvoicesRequest(workspace_id=args.workspace))
         return [invoice_json(i) for i in listed.invoices]
-    fmt = pb.INVOICE_FORMAT_HTML if args.format == "html" else pb.INVOICE_FORMAT_JSON
+    fmt = pb.InvoiceFormat.Value(f"INVOICE_FORMAT_{args.format.upper()}")
     document = client.GetInvoice(pb.GetInvoiceRequest(number=args.number, format=fmt))
+    if args.format == "pdf" and not args.output:
+        raise SystemExit("corvex admin invoice get --format pdf needs --output FILE")
     if args.output:
         Path(args.output).write_bytes(document.document)
         return {"written": args.output, "content_type": document.content_type}

@@ -58,6 +58,7 @@ def _banner(stack: Stack, workspace: accounts_pb2.Workspace, secret: str, engine
     return f"""
 Corvex is running ({engines}).
   OpenAI API   {url}
+  dashboard    {stack.http_url}/dashboard/  (sign up: customers get an account of their own)
   gRPC core    {stack.grpc_address}
   workspace    {ws["name"]} ({ws["id"]}), balance ${ws["balance_usd"]}
   API key      {secret}

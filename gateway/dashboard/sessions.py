@@ -191,6 +191,7 @@ def error_page(request: web.Request, status: int, message: str) -> web.Response:
         "error.html",
         status=status,
         visitor=request.get(VISITOR),
+        path=request.path,
         status_code=status,
         message=message,
     )

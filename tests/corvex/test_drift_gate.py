@@ -16,7 +16,13 @@ import pytest
 
 from corvex import drift_gate
 from corvex.drift_gate import Drift, Field, ServedCatalogueError, compare, fetch_served
-from corvex.pricing_docs import parse_reserved_table, parse_table
+from corvex.pricing_docs import (
+    page_rows,
+    parse_html,
+    parse_reserved_table,
+    parse_table,
+    render_html,
+)
 from corvex.ratecard import RateCard, load_rate_card
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,6 +84,9 @@ class _Served:
     def __init__(self) -> None:
         self.status = 200
         self.body = b"{}"
+        # The served /pricing page: the committed rate card's table, as the edge renders it.
+        card = load_rate_card(RATE_CARD)
+        self.page = render_html(card.version, page_rows(card)).encode()
 
     def set(self, catalogue: Catalogue) -> None:
         self.body = json.dumps(catalogue).encode()
@@ -95,6 +104,13 @@ def server() -> Iterator[tuple[str, _Served]]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if self.path == "/pricing":
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(served.page)))
+                self.end_headers()
+                self.wfile.write(served.page)
+                return
             if self.path != "/v1/models":
                 self.send_error(404)
                 return
@@ -433,6 +449,27 @@ def test_run_reports_a_served_price_drift(
     assert (
         f"drift: {url}/v1/models: {DEEPSEEK_ID}: input price $0.34 served, $0.35 on the rate card"
     ) in capsys.readouterr().out.splitlines()
+
+
+def test_run_reports_a_drift_of_the_served_pricing_page(
+    card: RateCard, server: tuple[str, _Served], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, served = server
+    served.set(_catalogue(card))
+    served.page = served.page.replace(b"$0.35 / 1M", b"$0.30 / 1M")
+
+    assert drift_gate.run(rate_card=RATE_CARD, page=PAGE, served_url=url) == 1
+
+    assert (
+        f"drift: {url}/pricing: DeepSeek V4 Flash: input price $0.30 on the page, "
+        "$0.35 on the rate card"
+    ) in capsys.readouterr().out.splitlines()
+
+
+def test_the_served_page_reads_back_as_the_markdown_table(card: RateCard) -> None:
+    served = parse_html(render_html(card.version, page_rows(card)))
+    committed = parse_table(PAGE.read_text(encoding="utf-8"))
+    assert served == committed
 
 
 def test_unreachable_catalogue_is_an_error_not_a_pass(
