@@ -6,7 +6,9 @@ dashboard reads `active` (a pure function of the workspace). `Alerter.check` run
 change that can start one (a charge, a failed reload, a change of cap or settings) and sends a
 webhook for each alert that has just come into force: a JSON POST signed with HMAC-SHA256 of
 `<timestamp>.<body>` under the workspace's secret (header `Corvex-Signature: t=<unix s>,v1=<hex>`),
-retried with exponential backoff. What has been sent is kept in memory: after a restart an
+retried with exponential backoff. Unless configured otherwise, a URL whose host resolves to a
+loopback, private, link-local or reserved address is refused, so a customer's webhook cannot
+make the core call into its own network. What has been sent is kept in memory: after a restart an
 alert still in force is sent again at the next change. Delivery never delays a request.
 """
 
@@ -16,8 +18,11 @@ import asyncio
 import enum
 import hashlib
 import hmac
+import ipaddress
 import logging
+import socket
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Final
 
@@ -116,9 +121,11 @@ class Alerter:
         attempts: int,
         retry_initial_s: float,
         timeout_s: float,
+        allow_private_addresses: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         assert attempts >= 1
+        self._allow_private = allow_private_addresses
         self._ledger = ledger
         self._attempts = attempts
         self._retry_initial_s = retry_initial_s
@@ -187,11 +194,16 @@ class Alerter:
                 "User-Agent": "corvex-alerts/1",
             }
             try:
+                await self._check_address(url)
                 async with self._session.post(url, data=body, headers=headers) as response:
                     if response.status < 300:
                         self._last_error.pop(workspace_id, None)
                         return
                     error = f"HTTP {response.status}"
+            except _Refused as exc:
+                self._last_error[workspace_id] = str(exc)
+                log.warning("alert webhook of %s refused: %s", workspace_id, exc)
+                return
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 error = type(exc).__name__ + (f": {exc}" if str(exc) else "")
             error = f"{error[:_ERROR_CHARS]} (attempt {attempt} of {self._attempts})"
@@ -202,9 +214,29 @@ class Alerter:
                 await asyncio.sleep(delay)
                 delay *= 2
 
+    async def _check_address(self, url: str) -> None:
+        """Refuses a URL whose host is (or resolves to) an address of our own networks."""
+        if self._allow_private:
+            return
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for *_, address in infos:
+            ip = ipaddress.ip_address(address[0])
+            if not ip.is_global:
+                raise _Refused(
+                    f"the webhook's host resolves to {ip}, a non-public address; deliveries go "
+                    "to public addresses only"
+                )
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+
+
+class _Refused(Exception):
+    """A webhook URL that is never delivered to (no retry)."""

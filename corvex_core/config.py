@@ -147,6 +147,9 @@ class CustomersConfig(msgspec.Struct, forbid_unknown_fields=True):
     webhook_attempts: int = 5
     webhook_retry_initial_s: float = 2.0
     webhook_timeout_s: float = 10.0
+    # Deliver webhooks to loopback, private and link-local addresses too. Off: a customer's
+    # URL cannot make the core call its own network (tests and local receivers turn it on).
+    webhook_allow_private_addresses: bool = False
 
 
 class AccountsConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -84,6 +84,7 @@ _SECRET_ALPHABET: Final = string.ascii_letters + string.digits
 SESSION_PREFIX: Final = "corvex-session-"
 # Live sessions per user; signing in once more ends the oldest.
 MAX_SESSIONS_PER_USER: Final = 20
+MAX_LIVE_KEYS_PER_WORKSPACE: Final = 1000
 MAX_EMAIL_CHARS: Final = 254
 MAX_URL_CHARS: Final = 2000
 
@@ -365,7 +366,13 @@ class Ledger:
 
     def create_key(self, workspace_id: str, name: str, limits: KeyLimits) -> tuple[ApiKey, str]:
         """Creates a key. Returns it and its secret, which is never stored."""
-        self.workspace(workspace_id)
+        ws = self.workspace(workspace_id)
+        live = sum(not self._state.keys[k].revoked for k in ws.key_ids)
+        if live >= MAX_LIVE_KEYS_PER_WORKSPACE:
+            raise errors.InvalidRequest(
+                f"A workspace has at most {MAX_LIVE_KEYS_PER_WORKSPACE} live keys; revoke one "
+                "first."
+            )
         _check_name(name)
         _check_limits(limits)
         secret = KEY_PREFIX + "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(43))
@@ -433,12 +440,9 @@ class Ledger:
         """A new session of the user, and its token (never stored: the ledger keeps a hash)."""
         self.user(user_id)
         now = self.now_ms()
-        live = sorted(
-            (s for s in self._state.sessions.values() if s.user_id == user_id),
-            key=lambda s: s.created_ms,
-        )
+        live = list(self.user(user_id).session_ids)  # oldest first
         for old in live[: max(0, len(live) - MAX_SESSIONS_PER_USER + 1)]:
-            self._commit(SessionEnded(at_ms=now, session_id=old.id))
+            self._commit(SessionEnded(at_ms=now, session_id=old))
         token = SESSION_PREFIX + secrets.token_urlsafe(32)
         session_id = "ses_" + secrets.token_hex(8)
         self._commit(
@@ -881,20 +885,21 @@ class Ledger:
 
     def apply(self, record: Record) -> None:
         """Applies one journal record. Used live (through `_commit`) and by recovery."""
-        ended = (
-            self._state.sessions.get(record.session_id)
-            if isinstance(record, SessionEnded)
-            else None
-        )
+        gone: list[Session] = []
+        if isinstance(record, SessionEnded) and record.session_id in self._state.sessions:
+            gone = [self._state.sessions[record.session_id]]
+        elif isinstance(record, SessionStarted):
+            gone = state.expired_sessions(self._state, record.user_id, record.at_ms)
         state.apply(self._state, record)
         if isinstance(record, KeyCreated):
             key = self._state.keys[record.key_id]
             self._by_hash[key.secret_sha256] = key
         elif isinstance(record, SessionStarted):
-            # Sessions that expired went with this sign-in (see state); so do their hashes.
-            self._session_by_hash = {s.token_sha256: s for s in self._state.sessions.values()}
-        elif ended is not None:
-            self._session_by_hash.pop(ended.token_sha256, None)
+            session = self._state.sessions[record.session_id]
+            self._session_by_hash[session.token_sha256] = session
+        # Sessions ended, or expired and removed by a sign-in (see state): so are their hashes.
+        for session in gone:
+            self._session_by_hash.pop(session.token_sha256, None)
 
     def _commit(self, record: Record) -> None:
         """Hands a new record to the journal, then applies it. The journal refuses (raises)

@@ -158,6 +158,7 @@ class Core:
             attempts=customers.webhook_attempts,
             retry_initial_s=customers.webhook_retry_initial_s,
             timeout_s=customers.webhook_timeout_s,
+            allow_private_addresses=customers.webhook_allow_private_addresses,
         )
         secure_data_dir(self.data_dir)
         self._admin_token = admin_token(config, self.data_dir)

@@ -172,6 +172,8 @@ class User(msgspec.Struct):
     workspace_ids: list[str] = msgspec.field(default_factory=list)
     # The invoice of the starter claim; 0: not claimed.
     starter_invoice: int = 0
+    # Its sessions, oldest first (at most ledger.MAX_SESSIONS_PER_USER live ones).
+    session_ids: list[str] = msgspec.field(default_factory=list)
 
 
 class Session(msgspec.Struct, frozen=True):
@@ -447,16 +449,20 @@ def _user_signed_up(state: LedgerState, record: UserSignedUp) -> None:
     state.user_by_email[record.email] = record.user_id
 
 
+def expired_sessions(state: LedgerState, user_id: str, at_ms: int) -> list[Session]:
+    """The user's sessions that have expired by `at_ms`: a sign-in then removes them."""
+    sessions = (state.sessions[s] for s in state.users[user_id].session_ids)
+    return [s for s in sessions if s.expires_ms <= at_ms]
+
+
 def _session_started(state: LedgerState, record: SessionStarted) -> None:
     assert record.user_id in state.users and record.session_id not in state.sessions
+    user = state.users[record.user_id]
     # Expired sessions go when their user signs in again, so they cannot pile up.
-    expired = [
-        s.id
-        for s in state.sessions.values()
-        if s.user_id == record.user_id and s.expires_ms <= record.at_ms
-    ]
-    for session_id in expired:
-        del state.sessions[session_id]
+    for expired in expired_sessions(state, user.id, record.at_ms):
+        del state.sessions[expired.id]
+        user.session_ids.remove(expired.id)
+    user.session_ids.append(record.session_id)
     state.sessions[record.session_id] = Session(
         id=record.session_id,
         user_id=record.user_id,
@@ -467,7 +473,9 @@ def _session_started(state: LedgerState, record: SessionStarted) -> None:
 
 
 def _session_ended(state: LedgerState, record: SessionEnded) -> None:
-    state.sessions.pop(record.session_id, None)
+    session = state.sessions.pop(record.session_id, None)
+    if session is not None:
+        state.users[session.user_id].session_ids.remove(session.id)
 
 
 def _starter_claimed(state: LedgerState, record: StarterClaimed) -> None:

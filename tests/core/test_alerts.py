@@ -80,7 +80,9 @@ async def test_webhook_is_signed_and_retried(
     config = core_config(tmp_path / "data")
     config = msgspec.structs.replace(
         config,
-        customers=msgspec.structs.replace(config.customers, webhook_retry_initial_s=0.01),
+        customers=msgspec.structs.replace(
+            config.customers, webhook_retry_initial_s=0.01, webhook_allow_private_addresses=True
+        ),
     )
     core = Core(config)
     await core.start()
@@ -123,3 +125,25 @@ async def test_webhook_is_signed_and_retried(
     finally:
         await core.server.stop(grace=0)
         await core.close()
+
+
+async def test_webhooks_to_our_own_network_are_refused(
+    core: Core, channel: grpc.aio.Channel, receiver: tuple[Receiver, str]
+) -> None:
+    hook, url = receiver
+    accounts = accounts_pb2_grpc.AccountsStub(channel)
+    ws = await accounts.CreateWorkspace(
+        pb.CreateWorkspaceRequest(name="w", starter_credits_cents=100), metadata=ADMIN
+    )
+    await accounts.SetAlerts(
+        pb.SetAlertsRequest(workspace_id=ws.id, webhook_url=url, balance_below_cents=500),
+        metadata=ADMIN,
+    )
+    for _ in range(100):
+        settings = await accounts.GetAlerts(pb.GetAlertsRequest(workspace_id=ws.id), metadata=ADMIN)
+        if settings.last_delivery_error:
+            break
+        await asyncio.sleep(0.05)
+    assert "127.0.0.1, a non-public address" in settings.last_delivery_error
+    assert [a.kind for a in settings.active] == ["balance_low"]
+    assert hook.attempts == []
