@@ -22,12 +22,17 @@ async def _home(request: web.Request) -> web.StreamResponse:
     raise web.HTTPFound("/pricing")
 
 
+async def _dashboard(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound(PREFIX + "/")
+
+
 def mount(app: web.Application, config: DashboardConfig) -> None:
     if not config.enabled:
         return
     state = Dashboard(config, render.environment(), AttemptLimiter(config.sign_in_per_minute))
     app[DASHBOARD] = state
     app.router.add_get("/", _home)
+    app.router.add_get(PREFIX, _dashboard)
     app.router.add_get("/pricing", public.pricing)
     app.router.add_get("/models/{org}/{name}", public.model_card)
     app.router.add_static("/static/", render.STATIC_DIR, append_version=False)

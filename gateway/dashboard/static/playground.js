@@ -38,14 +38,16 @@
     var all = [];
     var system = document.getElementById("system").value.trim();
     if (system) { all.push({ role: "system", content: system }); }
-    return JSON.stringify({
+    var request = {
       model: document.getElementById("model").value,
       messages: all.concat(messages),
       max_tokens: parseInt(document.getElementById("max-tokens").value, 10) || 64,
-      temperature: parseFloat(document.getElementById("temperature").value),
       stream: true,
       stream_options: { include_usage: true },
-    });
+    };
+    var temperature = parseFloat(document.getElementById("temperature").value);
+    if (isFinite(temperature)) { request.temperature = temperature; }
+    return JSON.stringify(request);
   }
 
   async function turn(text) {
