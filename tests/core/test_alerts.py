@@ -16,6 +16,7 @@ from aiohttp import web
 from corvex.v1 import accounts_pb2 as pb
 from corvex.v1 import accounts_pb2_grpc, inference_pb2_grpc
 from corvex_core.alerts import AlertKind, active, signature
+from corvex_core.payments import NoProvider
 from corvex_core.server import Core
 from corvex_core.state import Alerts, Workspace
 from tests.conftest import ADMIN_TOKEN, core_config
@@ -147,3 +148,43 @@ async def test_webhooks_to_our_own_network_are_refused(
     assert "127.0.0.1, a non-public address" in settings.last_delivery_error
     assert [a.kind for a in settings.active] == ["balance_low"]
     assert hook.attempts == []
+
+
+async def test_a_failed_auto_reload_is_sent(tmp_path: Path, receiver: tuple[Receiver, str]) -> None:
+    hook, url = receiver
+    hook.failures = 0
+    config = core_config(tmp_path / "data")
+    config = msgspec.structs.replace(
+        config,
+        accounts=msgspec.structs.replace(config.accounts, auto_reload_retry_initial_s=60.0),
+        customers=msgspec.structs.replace(config.customers, webhook_allow_private_addresses=True),
+    )
+    core = Core(config, payment_provider=NoProvider())
+    await core.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+            accounts = accounts_pb2_grpc.AccountsStub(channel)
+            ws = await accounts.CreateWorkspace(
+                pb.CreateWorkspaceRequest(name="w", starter_credits_cents=100), metadata=ADMIN
+            )
+            await accounts.SetAlerts(
+                pb.SetAlertsRequest(workspace_id=ws.id, webhook_url=url), metadata=ADMIN
+            )
+            await accounts.SetAutoReload(
+                pb.SetAutoReloadRequest(
+                    workspace_id=ws.id, enabled=True, threshold_cents=500, amount_cents=1000
+                ),
+                metadata=ADMIN,
+            )
+            key = await accounts.CreateKey(
+                pb.CreateKeyRequest(workspace_id=ws.id, name="k"), metadata=ADMIN
+            )
+            inference = inference_pb2_grpc.InferenceStub(channel)
+            async for _ in inference.Chat(chat(max_tokens=4), metadata=auth(key.secret)):
+                pass
+            delivered = msgspec.json.decode(await asyncio.wait_for(hook.received.get(), 30))
+            assert delivered["kind"] == "auto_reload_failed"
+            assert "no payment provider" in delivered["message"]
+    finally:
+        await core.server.stop(grace=0)
+        await core.close()
