@@ -523,6 +523,32 @@ class Checkout(_message.Message):
 Global___Checkout: _TypeAlias = Checkout  # noqa: Y015
 
 @_typing.final
+class GetCheckoutRequest(_message.Message):
+    """/ Names a checkout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_ID_FIELD_NUMBER: _builtins.int
+    CHECKOUT_ID_FIELD_NUMBER: _builtins.int
+    workspace_id: _builtins.str
+    """/ Workspace id."""
+    checkout_id: _builtins.str
+    """/ Checkout id."""
+    def __init__(
+        self,
+        *,
+        workspace_id: _builtins.str = ...,
+        checkout_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkout_id", b"checkout_id", "workspace_id", b"workspace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCheckoutRequest: _TypeAlias = GetCheckoutRequest  # noqa: Y015
+
+@_typing.final
 class CompleteCheckoutRequest(_message.Message):
     """/ Completes a checkout."""
 

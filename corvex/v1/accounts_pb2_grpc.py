@@ -70,6 +70,11 @@ class AccountsStub:
                 request_serializer=corvex_dot_v1_dot_accounts__pb2.StartCheckoutRequest.SerializeToString,
                 response_deserializer=corvex_dot_v1_dot_accounts__pb2.Checkout.FromString,
                 _registered_method=True)
+        self.GetCheckout = channel.unary_unary(
+                '/corvex.v1.Accounts/GetCheckout',
+                request_serializer=corvex_dot_v1_dot_accounts__pb2.GetCheckoutRequest.SerializeToString,
+                response_deserializer=corvex_dot_v1_dot_accounts__pb2.Checkout.FromString,
+                _registered_method=True)
         self.CompleteCheckout = channel.unary_unary(
                 '/corvex.v1.Accounts/CompleteCheckout',
                 request_serializer=corvex_dot_v1_dot_accounts__pb2.CompleteCheckoutRequest.SerializeToString,
@@ -240,6 +245,13 @@ class AccountsServicer:
     def StartCheckout(self, request, context):
         """/ Starts buying credits through the payment provider: a checkout to approve. The same
         / idempotency key returns the same checkout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCheckout(self, request, context):
+        """/ A checkout of the workspace, pending or completed (kept in memory for an hour).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -458,6 +470,11 @@ def add_AccountsServicer_to_server(servicer, server):
             'StartCheckout': grpc.unary_unary_rpc_method_handler(
                     servicer.StartCheckout,
                     request_deserializer=corvex_dot_v1_dot_accounts__pb2.StartCheckoutRequest.FromString,
+                    response_serializer=corvex_dot_v1_dot_accounts__pb2.Checkout.SerializeToString,
+            ),
+            'GetCheckout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckout,
+                    request_deserializer=corvex_dot_v1_dot_accounts__pb2.GetCheckoutRequest.FromString,
                     response_serializer=corvex_dot_v1_dot_accounts__pb2.Checkout.SerializeToString,
             ),
             'CompleteCheckout': grpc.unary_unary_rpc_method_handler(
@@ -765,6 +782,33 @@ class Accounts:
             target,
             '/corvex.v1.Accounts/StartCheckout',
             corvex_dot_v1_dot_accounts__pb2.StartCheckoutRequest.SerializeToString,
+            corvex_dot_v1_dot_accounts__pb2.Checkout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corvex.v1.Accounts/GetCheckout',
+            corvex_dot_v1_dot_accounts__pb2.GetCheckoutRequest.SerializeToString,
             corvex_dot_v1_dot_accounts__pb2.Checkout.FromString,
             options,
             channel_credentials,

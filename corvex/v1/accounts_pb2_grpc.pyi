@@ -72,6 +72,8 @@ class AccountsStub:
     """/ Starts buying credits through the payment provider: a checkout to approve. The same
     / idempotency key returns the same checkout.
     """
+    GetCheckout: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.GetCheckoutRequest, _accounts_pb2.Checkout]
+    """/ A checkout of the workspace, pending or completed (kept in memory for an hour)."""
     CompleteCheckout: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.CompleteCheckoutRequest, _accounts_pb2.AddCreditsResponse]
     """/ Completes an approved checkout: the payment is taken and the credits land with their
     / invoice, once (a second call returns the first result with `replayed`).
@@ -171,6 +173,8 @@ class AccountsAsyncStub(AccountsStub):
     """/ Starts buying credits through the payment provider: a checkout to approve. The same
     / idempotency key returns the same checkout.
     """
+    GetCheckout: _aio.UnaryUnaryMultiCallable[_accounts_pb2.GetCheckoutRequest, _accounts_pb2.Checkout]  # type: ignore[assignment]
+    """/ A checkout of the workspace, pending or completed (kept in memory for an hour)."""
     CompleteCheckout: _aio.UnaryUnaryMultiCallable[_accounts_pb2.CompleteCheckoutRequest, _accounts_pb2.AddCreditsResponse]  # type: ignore[assignment]
     """/ Completes an approved checkout: the payment is taken and the credits land with their
     / invoice, once (a second call returns the first result with `replayed`).
@@ -309,6 +313,14 @@ class AccountsServicer(metaclass=_abc_1.ABCMeta):
         """/ Starts buying credits through the payment provider: a checkout to approve. The same
         / idempotency key returns the same checkout.
         """
+
+    @_abc_1.abstractmethod
+    def GetCheckout(
+        self,
+        request: _accounts_pb2.GetCheckoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.Checkout, _abc.Awaitable[_accounts_pb2.Checkout]]:
+        """/ A checkout of the workspace, pending or completed (kept in memory for an hour)."""
 
     @_abc_1.abstractmethod
     def CompleteCheckout(

@@ -37,6 +37,7 @@ CALL_KINDS: Final = {
     "GetStarterOffer": CallKind.READ,
     "ClaimStarterCredits": CallKind.WRITE,
     "StartCheckout": CallKind.WRITE,
+    "GetCheckout": CallKind.READ,
     "CompleteCheckout": CallKind.WRITE,
     "GetAlerts": CallKind.READ,
     "SetAlerts": CallKind.WRITE,
@@ -50,6 +51,7 @@ ACCESS: Final = {
     "GetStarterOffer": Access.OWNER,
     "ClaimStarterCredits": Access.USER,
     "StartCheckout": Access.OWNER,
+    "GetCheckout": Access.OWNER,
     "CompleteCheckout": Access.OWNER,
     "GetAlerts": Access.OWNER,
     "SetAlerts": Access.OWNER,
@@ -205,6 +207,13 @@ class CustomerCalls:
             request.workspace_id, request.amount_cents * NANO_PER_CENT, request.idempotency_key
         )
         return self._checkout_pb(checkout)
+
+    async def GetCheckout(
+        self, request: accounts_pb2.GetCheckoutRequest, context: Context
+    ) -> accounts_pb2.Checkout:
+        return self._checkout_pb(
+            self._checkouts.get(request.workspace_id, request.checkout_id[:100])
+        )
 
     async def CompleteCheckout(
         self, request: accounts_pb2.CompleteCheckoutRequest, context: Context

@@ -160,8 +160,13 @@ async def start_checkout(request: web.Request, visitor: Visitor) -> web.StreamRe
 
 @page
 async def checkout_page(request: web.Request, visitor: Visitor) -> web.StreamResponse:
-    checkout_id = request.match_info["checkout"]
-    return render_page(request, "checkout.html", checkout_id=checkout_id)
+    checkout = await accounts(request).GetCheckout(
+        pb.GetCheckoutRequest(
+            workspace_id=visitor.workspace_id, checkout_id=request.match_info["checkout"]
+        ),
+        metadata=metadata(request),
+    )
+    return render_page(request, "checkout.html", checkout=checkout)
 
 
 @page

@@ -94,6 +94,8 @@ def money(text: str) -> str:
 
 
 def test_customer_journey(web_stack: Stack, browser: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
     base = web_stack.http_url
     shot = Shots(tmp_path)
     context = browser.new_context(
@@ -142,6 +144,7 @@ def test_customer_journey(web_stack: Stack, browser: Any, tmp_path: Path) -> Non
     page.click("#buy-form button")
     page.wait_for_url("**/dashboard/credits/checkout/*")
     checkout_url = page.url
+    assert page.inner_text("#checkout-amount") == "$12.34"
     shot(page, "checkout")
     page.click("#approve")
     page.wait_for_url("**/dashboard/credits")
@@ -160,7 +163,8 @@ def test_customer_journey(web_stack: Stack, browser: Any, tmp_path: Path) -> Non
     secret = page.inner_text("#new-secret")
     assert secret.startswith("corvex-")
     page.click("#copy-secret")
-    assert page.inner_text("#copy-secret") == "Copied"
+    # The clipboard answers asynchronously: wait for the button to say so.
+    expect(page.locator("#copy-secret")).to_have_text("Copied")
     assert page.evaluate("navigator.clipboard.readText()") == secret
     shot(page, "keys")
     page.reload()

@@ -104,6 +104,9 @@ OWNER_CALLS: dict[str, Build] = {
     "StartCheckout": lambda c: pb.StartCheckoutRequest(
         workspace_id=c.workspace_id, amount_cents=500, idempotency_key="x"
     ),
+    "GetCheckout": lambda c: pb.GetCheckoutRequest(
+        workspace_id=c.workspace_id, checkout_id=c.checkout_id
+    ),
     "CompleteCheckout": lambda c: pb.CompleteCheckoutRequest(
         workspace_id=c.workspace_id, checkout_id=c.checkout_id
     ),
@@ -119,6 +122,9 @@ MIXED_CALLS: dict[str, Callable[[Customer, Customer], Any]] = {
     ),
     "ListRecentRequests": lambda own, other: pb.ListRecentRequestsRequest(
         workspace_id=own.workspace_id, key_id=other.key_id
+    ),
+    "GetCheckout": lambda own, other: pb.GetCheckoutRequest(
+        workspace_id=own.workspace_id, checkout_id=other.checkout_id
     ),
     "CompleteCheckout": lambda own, other: pb.CompleteCheckoutRequest(
         workspace_id=own.workspace_id, checkout_id=other.checkout_id
