@@ -28,6 +28,7 @@ from corvex.pricing_docs import (
     ReservedRow,
     ReservedTable,
     parse_html,
+    parse_reserved_html,
     parse_reserved_table,
     parse_table,
 )
@@ -372,7 +373,7 @@ def run(*, rate_card: Path, page: Path, served_url: str | None) -> int:
     """`corvex drift-gate [--served-url URL]`: prints each drift; 0 clean, 1 drift, 2 error."""
     page_source = str(page)
     served_source = models_url(served_url) if served_url is not None else "/v1/models"
-    served_page = None
+    served_page = served_reserved = None
     try:
         card = load_rate_card(rate_card)
         page_text = page.read_text(encoding="utf-8")
@@ -381,7 +382,9 @@ def run(*, rate_card: Path, page: Path, served_url: str | None) -> int:
         served = fetch_served(served_url) if served_url is not None else None
         if served_url is not None:
             page_url = pricing_url(served_url)
-            served_page = parse_html(fetch_served_page(served_url), source=page_url)
+            served_html = fetch_served_page(served_url)
+            served_page = parse_html(served_html, source=page_url)
+            served_reserved = parse_reserved_html(served_html, source=page_url)
     except (RateCardError, PricingPageError, ServedCatalogueError) as exc:
         print(f"drift gate: error: {exc}", file=sys.stderr)
         return 2
@@ -404,6 +407,7 @@ def run(*, rate_card: Path, page: Path, served_url: str | None) -> int:
             None,
             page_version=served_page.version,
             page_source=pricing_url(served_url or ""),
+            page_reserved=served_reserved,
         )
     for drift in drifts:
         print(drift)

@@ -116,6 +116,27 @@ def render_block(card: RateCard) -> list[str]:
     return lines
 
 
+def reserved_rows(card: RateCard) -> list[ReservedRow]:
+    """The reserved table's rows, in rate-card order (Markdown and HTML alike)."""
+    return [
+        ReservedRow(
+            o.id, card.by_id[o.model].name, o.gpus_per_replica, o.usd_per_replica_hour,
+            o.minimum_hours,
+        )
+        for o in card.reserved
+    ]  # fmt: skip
+
+
+def _reserved_cells(row: ReservedRow) -> tuple[str, str, str, str, str]:
+    return (
+        f"`{row.offering}`",
+        row.model_name,
+        str(row.gpus_per_replica),
+        f"${row.usd_per_replica_hour}",
+        _term(row.minimum_hours),
+    )
+
+
 def render_reserved_block(card: RateCard) -> list[str]:
     """The lines that belong between the reserved markers, in rate-card order."""
     lines = [
@@ -126,15 +147,10 @@ def render_reserved_block(card: RateCard) -> list[str]:
         RESERVED_HEADER,
         RESERVED_RULE,
     ]
-    for offering in card.reserved:
-        model = card.by_id[offering.model]
-        if "|" in model.name or "\n" in model.name:
-            raise PricingPageError(f"model {model.id}: its name cannot go in a table cell")
-        term = _term(offering.minimum_hours)
-        lines.append(
-            f"| `{offering.id}` | {model.name} | {offering.gpus_per_replica} "
-            f"| ${offering.usd_per_replica_hour} | {term} |"
-        )
+    for row in reserved_rows(card):
+        if "|" in row.model_name or "\n" in row.model_name:
+            raise PricingPageError(f"model {row.model_name}: its name cannot go in a table cell")
+        lines.append("| " + " | ".join(_reserved_cells(row)) + " |")
     lines.append("")
     return lines
 
@@ -146,12 +162,13 @@ def _term(hours: int) -> str:
 
 
 HTML_TABLE_ID = "rate-table"
+RESERVED_HTML_TABLE_ID = "reserved-table"
 
 
-def render_html(version: str, rows: Sequence[PageRow]) -> str:
-    """The same table as HTML, for the served /pricing page (the edge builds `rows` from the
-    catalogue it serves; the drift gate reads them back with `parse_html`). Card cells link
-    to the model cards."""
+def render_html(version: str, rows: Sequence[PageRow], reserved: Sequence[ReservedRow] = ()) -> str:
+    """The same tables as HTML, for the served /pricing page (the edge builds the rows from the
+    catalogue it serves; the drift gate reads them back with `parse_html` and
+    `parse_reserved_html`). Card cells link to the model cards."""
     esc = html.escape
     body = []
     for row in rows:
@@ -161,20 +178,40 @@ def render_html(version: str, rows: Sequence[PageRow]) -> str:
             f'<td><a href="{card}">{card}</a></td></tr>'
         )
     headers = "".join(f"<th>{h}</th>" for h in ("Model", "Input", "Output", "Card"))
-    return (
+    page = (
         f'<p class="rate-version" data-version="{esc(version)}">Rate card version '
         f"<code>{esc(version)}</code>; prices are in USD per 1M tokens.</p>\n"
         f'<table id="{HTML_TABLE_ID}"><thead><tr>{headers}</tr></thead><tbody>\n'
         + "\n".join(body)
         + "\n</tbody></table>"
     )
+    if not reserved:
+        return page
+    reserved_body = []
+    for r in reserved:
+        offering, *rest = (esc(c) for c in _reserved_cells(r))
+        cells = "".join(f"<td>{c}</td>" for c in rest)
+        reserved_body.append(f"<tr><td><code>{offering.strip('`')}</code></td>{cells}</tr>")
+    columns = ("Offering", "Model", "GPUs per replica", "Per replica-hour", "Minimum term")
+    headers = "".join(f"<th>{h}</th>" for h in columns)
+    return (
+        page
+        + f'\n<p class="rate-version" data-reserved-version="{esc(version)}">Rate card version '
+        f"<code>{esc(version)}</code>; prices are in USD per replica-hour, accrued by the "
+        "minute.</p>\n"
+        f'<table id="{RESERVED_HTML_TABLE_ID}"><thead><tr>{headers}</tr></thead><tbody>\n'
+        + "\n".join(reserved_body)
+        + "\n</tbody></table>"
+    )
 
 
 class _TableReader(HTMLParser):
-    """Collects the version and the body cells of the rate table of a served page."""
+    """Collects the version and the body cells of one table of a served page."""
 
-    def __init__(self) -> None:
+    def __init__(self, table_id: str, version_attribute: str) -> None:
         super().__init__()
+        self._table_id = table_id
+        self._version_attribute = version_attribute
         self.version: str | None = None
         self.rows: list[list[str]] = []
         self._in_table = self._in_body = False
@@ -182,9 +219,9 @@ class _TableReader(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         found = dict(attrs)
-        if tag == "p" and "data-version" in found:
-            self.version = found["data-version"]
-        elif tag == "table" and found.get("id") == HTML_TABLE_ID:
+        if tag == "p" and self._version_attribute in found:
+            self.version = found[self._version_attribute]
+        elif tag == "table" and found.get("id") == self._table_id:
             self._in_table = True
         elif self._in_table and tag == "tbody":
             self._in_body = True
@@ -205,16 +242,34 @@ class _TableReader(HTMLParser):
             self._cell.append(data)
 
 
-def parse_html(page_html: str, *, source: str = "/pricing") -> RateTable:
-    """Reads the rate table back from a served page, as strictly as `parse_table` reads the
-    Markdown one (each row through the same cell rules)."""
-    reader = _TableReader()
+def _read(page_html: str, table_id: str, version_attribute: str, source: str) -> _TableReader:
+    reader = _TableReader(table_id, version_attribute)
     reader.feed(page_html)
     reader.close()
     if reader.version is None:
-        raise PricingPageError(f"{source}: the page has no rate-card version line")
+        raise PricingPageError(f"{source}: the page has no {table_id} version line")
+    return reader
+
+
+def parse_html(page_html: str, *, source: str = "/pricing") -> RateTable:
+    """Reads the rate table back from a served page, as strictly as `parse_table` reads the
+    Markdown one (each row through the same cell rules)."""
+    reader = _read(page_html, HTML_TABLE_ID, "data-version", source)
+    assert reader.version is not None
     lines = [(n, "| " + " | ".join(cells) + " |") for n, cells in enumerate(reader.rows, 1)]
     return RateTable(version=reader.version, rows=_parse_rows(lines, f"{source} row"))
+
+
+def parse_reserved_html(page_html: str, *, source: str = "/pricing") -> ReservedTable:
+    """Reads the reserved table back from a served page, through the Markdown row rules."""
+    reader = _read(page_html, RESERVED_HTML_TABLE_ID, "data-reserved-version", source)
+    assert reader.version is not None
+    rows = []
+    for n, cells in enumerate(reader.rows, 1):
+        first, *rest = cells or [""]
+        line = "| " + " | ".join([f"`{first}`", *rest]) + " |"
+        rows.append(_parse_reserved_row(line, f"{source} reserved row {n}"))
+    return ReservedTable(version=reader.version, rows=rows)
 
 
 def _find_markers(

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from corvex import pricing_docs
 from corvex.v1 import inference_pb2
+from gateway import models
 from gateway.dashboard import render
 from gateway.dashboard.sessions import DASHBOARD
 from gateway.errors import from_rpc
@@ -47,7 +48,16 @@ async def pricing(request: web.Request) -> web.StreamResponse:
         )
         for m in catalogue.models
     ]
-    table = pricing_docs.render_html(catalogue.rate_card_version, rows)
+    names = {m.id: m.display_name for m in catalogue.models}
+    reserved = [
+        pricing_docs.ReservedRow(
+            o.id, names.get(o.model, o.model), o.gpus_per_replica, o.usd_per_replica_hour,
+            o.minimum_hours,
+        )
+        for m in catalogue.models
+        for o in m.reserved_offerings
+    ]  # fmt: skip
+    table = pricing_docs.render_html(catalogue.rate_card_version, rows, reserved)
     return _page(request, "pricing.html", table=table)
 
 
@@ -63,4 +73,11 @@ async def model_card(request: web.Request) -> web.StreamResponse:
         return _page(request, "error.html", status=404, status_code=404,
                      message="No model has a card here; /pricing lists them all.")  # fmt: skip
     base = f"{request.scheme}://{request.host}"
-    return _page(request, "model.html", model=model, version=catalogue.rate_card_version, base=base)
+    return _page(
+        request,
+        "model.html",
+        model=model,
+        version=catalogue.rate_card_version,
+        base=base,
+        routes=models.routes(model),
+    )

@@ -19,9 +19,11 @@ from corvex.drift_gate import Drift, Field, ServedCatalogueError, compare, fetch
 from corvex.pricing_docs import (
     page_rows,
     parse_html,
+    parse_reserved_html,
     parse_reserved_table,
     parse_table,
     render_html,
+    reserved_rows,
 )
 from corvex.ratecard import RateCard, load_rate_card
 
@@ -86,7 +88,7 @@ class _Served:
         self.body = b"{}"
         # The served /pricing page: the committed rate card's table, as the edge renders it.
         card = load_rate_card(RATE_CARD)
-        self.page = render_html(card.version, page_rows(card)).encode()
+        self.page = render_html(card.version, page_rows(card), reserved_rows(card)).encode()
 
     def set(self, catalogue: Catalogue) -> None:
         self.body = json.dumps(catalogue).encode()
@@ -466,10 +468,24 @@ def test_run_reports_a_drift_of_the_served_pricing_page(
     ) in capsys.readouterr().out.splitlines()
 
 
-def test_the_served_page_reads_back_as_the_markdown_table(card: RateCard) -> None:
-    served = parse_html(render_html(card.version, page_rows(card)))
-    committed = parse_table(PAGE.read_text(encoding="utf-8"))
-    assert served == committed
+def test_the_served_page_reads_back_as_the_markdown_tables(card: RateCard) -> None:
+    page = render_html(card.version, page_rows(card), reserved_rows(card))
+    committed = PAGE.read_text(encoding="utf-8")
+    assert parse_html(page) == parse_table(committed)
+    assert parse_reserved_html(page) == parse_reserved_table(committed)
+
+
+def test_run_reports_a_reserved_drift_of_the_served_page(
+    card: RateCard, server: tuple[str, _Served], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, served = server
+    served.set(_catalogue(card))
+    served.page = served.page.replace(b"<td>$2.52</td>", b"<td>$2.50</td>")
+
+    assert drift_gate.run(rate_card=RATE_CARD, page=PAGE, served_url=url) == 1
+
+    out = capsys.readouterr().out
+    assert f"drift: {url}/pricing: deepseek-v4-flash-1gpu:" in out and "$2.50" in out
 
 
 def test_unreachable_catalogue_is_an_error_not_a_pass(

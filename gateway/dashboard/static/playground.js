@@ -1,6 +1,7 @@
 // The playground: a chat that streams from the edge's /v1/chat/completions with the
-// workspace's playground key, showing each turn's tokens and exact cost (usage.cost, decimal
-// text from the server: never recomputed here) and the balance after it.
+// workspace's playground key, showing each turn's tokens and exact cost (usage.cost_nano_usd,
+// the server's integer, written as decimal dollars: never recomputed here) and the balance
+// after it.
 (function () {
   "use strict";
   var root = document.getElementById("playground");
@@ -19,6 +20,14 @@
     log.appendChild(div);
     log.scrollTop = log.scrollHeight;
     return div;
+  }
+
+  // Exact dollars of an integer of nano-USD: 42000 → "0.000042", 5000000000 → "5.00".
+  function usd(nano) {
+    var whole = Math.floor(nano / 1e9);
+    var frac = String(nano % 1e9).padStart(9, "0").replace(/0+$/, "");
+    while (frac.length < 2) { frac += "0"; }
+    return whole + "." + frac;
   }
 
   function showError(text) {
@@ -100,7 +109,7 @@
       var meta = document.createElement("span");
       meta.className = "turn-meta";
       meta.textContent = usage.prompt_tokens + " prompt + " + usage.completion_tokens +
-        " completion tokens · $" + usage.cost;
+        " completion tokens · $" + usd(usage.cost_nano_usd);
       answer.appendChild(meta);
     }
     await refreshBalance();

@@ -17,11 +17,13 @@ import pytest
 
 from corvex.v1 import accounts_pb2 as pb
 from corvex.v1 import accounts_pb2_grpc
+from corvex_core.config import CoreConfig, ReservedConfig, ReservedPoolConfig
 from corvex_core.server import Core
 from tests.conftest import ADMIN_TOKEN, core_config
 from tests.core.servicers.test_inference_grpc import error_info
 
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+FLASH = "deepseek-v4-flash-1gpu"
 PASSWORD = "correct horse battery"
 
 
@@ -36,6 +38,7 @@ class Customer(msgspec.Struct):
     key_id: str = ""
     invoice: str = ""
     checkout_id: str = ""
+    endpoint_id: str = ""
 
 
 async def sign_up(stub: accounts_pb2_grpc.AccountsStub, email: str) -> Customer:
@@ -59,11 +62,39 @@ async def furnished(stub: accounts_pb2_grpc.AccountsStub, email: str) -> Custome
         metadata=auth,
     )
     customer.checkout_id = checkout.id
+    endpoint = await stub.CreateEndpoint(
+        pb.CreateEndpointRequest(workspace_id=ws, offering=FLASH, replicas=1, name="prod"),
+        metadata=auth,
+    )
+    customer.endpoint_id = endpoint.id
     return customer
 
 
+def config_with_pool(data_dir: Path) -> CoreConfig:
+    """The test core's configuration, with a capacity pool for reserved endpoints."""
+    config = core_config(data_dir)
+    pools = {FLASH: ReservedPoolConfig(replicas=4)}
+    return msgspec.structs.replace(config, reserved=ReservedConfig(pools=pools))
+
+
+@pytest.fixture
+async def core(tmp_path: Path) -> AsyncIterator[Core]:
+    instance = Core(config_with_pool(tmp_path / "data"))
+    await instance.start()
+    try:
+        yield instance
+    finally:
+        await stop(instance)
+
+
+@pytest.fixture
+async def channel(core: Core) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as chan:
+        yield chan
+
+
 async def start(tmp_path: Path, **customers: Any) -> Core:
-    config = core_config(tmp_path / "data")
+    config = config_with_pool(tmp_path / "data")
     if customers:
         config = msgspec.structs.replace(
             config, customers=msgspec.structs.replace(config.customers, **customers)
@@ -113,6 +144,14 @@ OWNER_CALLS: dict[str, Build] = {
     "GetAlerts": lambda c: pb.GetAlertsRequest(workspace_id=c.workspace_id),
     "SetAlerts": lambda c: pb.SetAlertsRequest(workspace_id=c.workspace_id),
     "ListRecentRequests": lambda c: pb.ListRecentRequestsRequest(workspace_id=c.workspace_id),
+    # Reserved endpoints (issue 17): by the workspace, or by the endpoint.
+    "CreateEndpoint": lambda c: pb.CreateEndpointRequest(
+        workspace_id=c.workspace_id, offering=FLASH, replicas=1, name="other"
+    ),
+    "ListEndpoints": lambda c: pb.ListEndpointsRequest(workspace_id=c.workspace_id),
+    "GetEndpoint": lambda c: pb.GetEndpointRequest(endpoint_id=c.endpoint_id),
+    "ResizeEndpoint": lambda c: pb.ResizeEndpointRequest(endpoint_id=c.endpoint_id, replicas=2),
+    "DeleteEndpoint": lambda c: pb.DeleteEndpointRequest(endpoint_id=c.endpoint_id),
 }
 # Calls that name a key as well as a workspace: the key of another workspace is refused even
 # with the caller's own workspace.
@@ -134,7 +173,10 @@ ADMIN_CALLS: dict[str, Any] = {
     "CreateWorkspace": pb.CreateWorkspaceRequest(name="x"),
     "ListWorkspaces": pb.ListWorkspacesRequest(),
     "AddCredits": None,  # names a workspace: built per test
+    "ListReservedCapacity": pb.ListReservedCapacityRequest(),
 }
+# An empty workspace means every workspace: the admin's alone.
+ADMIN_ONLY_FORMS: dict[str, Any] = {"ListEndpoints": pb.ListEndpointsRequest()}
 SELF_CALLS = {"SignUp", "SignIn", "SignOut", "WhoAmI"}
 GHOST = Customer(
     token="",
@@ -143,6 +185,7 @@ GHOST = Customer(
     key_id="key_0000000000000000",
     invoice="INV-999999",
     checkout_id="chk_000000000000000000000000",
+    endpoint_id="ep_0000000000000000",
 )
 
 
@@ -170,19 +213,25 @@ async def test_a_session_reaches_no_other_workspace(stub: accounts_pb2_grpc.Acco
         assert foreign[0] == "NOT_FOUND", rpc
         # Word for word what an id that does not exist gets, but for the id itself.
         expected = ghost[1]
-        for field in ("workspace_id", "key_id", "invoice", "checkout_id"):
+        for field in ("workspace_id", "key_id", "invoice", "checkout_id", "endpoint_id"):
             expected = expected.replace(getattr(GHOST, field), getattr(bob, field))
         assert foreign[1] == expected, rpc
     for rpc, mixed in MIXED_CALLS.items():
         reason, _ = await refusal(stub, rpc, mixed(alice, bob), alice.token)
         assert reason == "NOT_FOUND", rpc
-    # Nothing of Bob's changed: his key lives, his checkout is pending, no cap was set.
+    # Nothing of Bob's changed: his key lives, his endpoint runs, no cap was set.
     ws = await stub.GetWorkspace(
         pb.GetWorkspaceRequest(workspace_id=bob.workspace_id), metadata=ADMIN
     )
-    assert not ws.HasField("spend_cap_nano_usd") and ws.balance_nano_usd == 500 * 10**7
+    assert not ws.HasField("spend_cap_nano_usd")
+    # Nothing was credited: the starter claim, less what his own endpoint cost.
+    assert ws.balance_nano_usd + ws.month_spend_nano_usd == 500 * 10**7
     keys = await stub.ListKeys(pb.ListKeysRequest(workspace_id=bob.workspace_id), metadata=ADMIN)
     assert [k.revoked for k in keys.keys] == [False]
+    endpoint = await stub.GetEndpoint(
+        pb.GetEndpointRequest(endpoint_id=bob.endpoint_id), metadata=ADMIN
+    )
+    assert endpoint.replicas == 1 and endpoint.status != pb.ENDPOINT_STATUS_DELETED
 
 
 async def test_a_session_reaches_its_own_workspace(stub: accounts_pb2_grpc.AccountsStub) -> None:
@@ -206,7 +255,7 @@ async def test_admin_calls_refuse_sessions(stub: accounts_pb2_grpc.AccountsStub)
             workspace_id=alice.workspace_id, amount_cents=100, idempotency_key="free money"
         ),
     }
-    for rpc, request in requests.items():
+    for rpc, request in {**requests, **ADMIN_ONLY_FORMS}.items():
         assert (await refusal(stub, rpc, request, alice.token))[0] == "INVALID_ADMIN_TOKEN", rpc
     # And the user-only calls refuse the admin: there is no user to act for.
     assert (await refusal(stub, "WhoAmI", pb.WhoAmIRequest(), ADMIN_TOKEN))[0] == (
