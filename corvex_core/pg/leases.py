@@ -136,6 +136,71 @@ class LeaseExceeded(Exception):
     """Charges would take more than their lease holds: the caller admitted beyond its lease."""
 
 
+class Want(msgspec.Struct, frozen=True):
+    """What a core asks of a grant (credit in nano-USD, or tokens).
+
+    `least` is what makes the request it asks for admissible (0: a top-up ahead of need, which
+    may get nothing), `most` all that request could use, `ahead` what the core would like to
+    hold so that the next requests need no round trip (at least `most`). While the spendable
+    amount is at least `exact_below`, a grant is up to `ahead`; below it, up to `most`: near
+    $0 each admission leases only its own hold, so no credit is stranded on an idle core.
+    """
+
+    least: int
+    most: int
+    ahead: int
+    exact_below: int = 0
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.least <= self.most <= self.ahead, self
+        assert self.exact_below >= 0, self
+
+    def grant(self, room: int) -> int:
+        """What to grant out of `room` spendable: 0 if not even `least` (or 1) fits."""
+        if room < max(self.least, 1):
+            return 0
+        return min(room, self.ahead if room >= self.exact_below else self.most)
+
+
+class Money(msgspec.Struct, frozen=True):
+    """A workspace's money as a grant left it: what a core needs to explain a refusal."""
+
+    balance_nano: int
+    leased_nano: int
+    month: str
+    month_spend_nano: int
+    spend_cap_nano: int | None
+
+    @property
+    def room(self) -> Spendable:
+        return Spendable.of(msgspec.structs.asdict(self), self.month)
+
+
+class CreditGrant(msgspec.Struct, frozen=True):
+    """The result of `lease_credit`: the lease as it now stands (None when no lease was made),
+    what was added to it, and the workspace after the grant."""
+
+    lease: Lease | None
+    granted_nano: int
+    money: Money
+
+
+class KeyTokens(msgspec.Struct, frozen=True):
+    """A key's monthly tokens as a grant left them."""
+
+    limit: int | None
+    month: str
+    month_tokens: int
+    tokens_leased: int
+    revoked: bool
+
+
+class TokenGrant(msgspec.Struct, frozen=True):
+    lease: TokenLease | None
+    granted_tokens: int
+    tokens: KeyTokens
+
+
 _LOCK_WORKSPACE = """
 SELECT balance_nano, leased_nano, month, month_spend_nano, spend_cap_nano
 FROM workspaces WHERE id = $1
@@ -253,6 +318,116 @@ class LeaseStore:
             returned: int | None = await conn.fetchval(_RELEASE, lease_id)
         return returned
 
+    async def lease_credit(
+        self,
+        workspace_id: str,
+        core_id: str,
+        lease_id: int | None,
+        want: Want,
+        ttl_s: float,
+    ) -> CreditGrant:
+        """Grants credit by the policy of `want` (see `Want`): into a new lease when `lease_id`
+        is None (none is made if nothing is granted), else into that lease, whose TTL is then
+        extended to `ttl_s` from now whatever is granted. Raises LeaseGone if that lease was
+        released or is past its TTL. One transaction; one lock of the workspace row."""
+        now = self._now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            if lease_id is not None:
+                found = await conn.fetchval(
+                    "SELECT workspace_id FROM leases WHERE id = $1 AND expires_at > $2"
+                    " FOR NO KEY UPDATE",
+                    lease_id,
+                    now,
+                )
+                if found is None:
+                    raise LeaseGone(f"lease {lease_id} was released or has expired")
+                assert found == workspace_id, (found, workspace_id)
+            granted, money = await _grant_credit_by(conn, workspace_id, want, now)
+            if lease_id is None and not granted:
+                return CreditGrant(None, 0, money)
+            if lease_id is None:
+                row = await conn.fetchrow(
+                    "INSERT INTO leases (core_id, workspace_id, credit_nano, granted_at,"
+                    " expires_at) VALUES ($1, $2, $3, $4, $5)"
+                    " RETURNING id, core_id, workspace_id, credit_nano, expires_at",
+                    *(core_id, workspace_id, granted, now, _expiry(now, ttl_s)),
+                )
+            else:
+                row = await conn.fetchrow(
+                    "UPDATE leases SET credit_nano = credit_nano + $2, expires_at = $3"
+                    " WHERE id = $1 RETURNING id, core_id, workspace_id, credit_nano, expires_at",
+                    *(lease_id, granted, _expiry(now, ttl_s)),
+                )
+        assert row is not None
+        return CreditGrant(Lease(**dict(row)), granted, money)
+
+    async def shrink(self, lease_id: int, give_back_nano: int) -> int | None:
+        """Gives `give_back_nano` of a lease's credit back to its workspace (credit its core
+        no longer needs). Returns what the lease still holds, or None if it is gone. Raises
+        LeaseExceeded if the lease holds less than that."""
+        assert 0 < give_back_nano <= MAX_LEASE_NANO, give_back_nano
+        async with self._pool.acquire() as conn, conn.transaction():
+            credit = await conn.fetchval(
+                "SELECT credit_nano FROM leases WHERE id = $1 FOR NO KEY UPDATE", lease_id
+            )
+            if credit is None:
+                return None
+            await _give_back(conn, lease_id, give_back_nano)
+        remaining: int = credit - give_back_nano
+        return remaining
+
+    async def release_core(self, core_id: str) -> tuple[int, int]:
+        """Ends every credit and token lease of `core_id` (a core restarting: its requests in
+        flight died with it) and gives back what they held. Returns (credit, tokens) given
+        back."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "DELETE FROM leases WHERE id IN (SELECT id FROM leases WHERE core_id = $1"
+                " ORDER BY id FOR UPDATE) RETURNING workspace_id, credit_nano",
+                core_id,
+            )
+            back = Counter[str]()
+            for row in rows:
+                back[row["workspace_id"]] += row["credit_nano"]
+            await _lock_rows(conn, "workspaces", back)
+            await conn.execute(
+                "UPDATE workspaces AS w SET leased_nano = w.leased_nano - u.credit_nano"
+                " FROM unnest($1::text[], $2::bigint[]) AS u(id, credit_nano) WHERE w.id = u.id",
+                list(back),
+                list(back.values()),
+            )
+            token_rows = await conn.fetch(
+                "DELETE FROM token_leases WHERE id IN (SELECT id FROM token_leases"
+                " WHERE core_id = $1 ORDER BY id FOR UPDATE) RETURNING key_id, tokens",
+                core_id,
+            )
+            tokens_back = Counter[str]()
+            for row in token_rows:
+                tokens_back[row["key_id"]] += row["tokens"]
+            await _lock_rows(conn, "keys", tokens_back)
+            await conn.execute(
+                "UPDATE keys AS k SET tokens_leased = k.tokens_leased - u.tokens"
+                " FROM unnest($1::text[], $2::bigint[]) AS u(id, tokens) WHERE k.id = u.id",
+                list(tokens_back),
+                list(tokens_back.values()),
+            )
+        return sum(back.values()), sum(tokens_back.values())
+
+    async def leases_of(self, core_id: str) -> tuple[list[Lease], list[TokenLease]]:
+        """The credit and token leases `core_id` holds now, by id."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id, core_id, workspace_id, credit_nano, expires_at FROM leases"
+                " WHERE core_id = $1 ORDER BY id",
+                core_id,
+            )
+            token_rows = await conn.fetch(
+                "SELECT id, core_id, key_id, tokens, expires_at FROM token_leases"
+                " WHERE core_id = $1 ORDER BY id",
+                core_id,
+            )
+        return [Lease(**dict(r)) for r in rows], [TokenLease(**dict(r)) for r in token_rows]
+
     async def spendable(self, workspace_id: str) -> Spendable:
         """What an acquire could lease now (for a refusal's message)."""
         async with self._pool.acquire() as conn:
@@ -263,7 +438,9 @@ class LeaseStore:
 
     # ---- charges ---------------------------------------------------------------------------
 
-    async def charge(self, lease_id: int, charges: Sequence[Charge]) -> list[str]:
+    async def charge(
+        self, lease_id: int, charges: Sequence[Charge], *, give_back_nano: int = 0
+    ) -> list[str]:
         """Records a batch of charges paid from one lease, in one transaction (group commit).
 
         Each charge id is stored once: a retried batch pays only for charges not seen before.
@@ -271,6 +448,10 @@ class LeaseStore:
         and the tokens out of their token leases and into their keys' month. Returns the ids
         that were new. Raises LeaseGone (storing nothing) if the lease is gone and some charge
         is new, and LeaseExceeded if the new charges cost more than a lease holds.
+
+        `give_back_nano` of the lease's credit, after the charges, goes back to the workspace
+        in the same transaction (a core near $0 returning what its requests did not use). It
+        is not idempotent: a caller retrying a batch whose outcome it does not know passes 0.
         """
         assert len(charges) <= MAX_CHARGES_PER_BATCH, len(charges)
         ids = [c.charge_id for c in charges]
@@ -288,11 +469,15 @@ class LeaseStore:
                 if known == len(ids):
                     return []  # A retry of a batch that committed before the lease ended.
                 raise LeaseGone(f"lease {lease_id} was released or has expired")
-            rows = await conn.fetch(_INSERT_CHARGES, *_charge_columns(lease, charges))
-            new_ids = {row["charge_id"] for row in rows}
-            new = [c for c in charges if c.charge_id in new_ids]
+            new: list[Charge] = []
+            if charges:
+                rows = await conn.fetch(_INSERT_CHARGES, *_charge_columns(lease, charges))
+                new_ids = {row["charge_id"] for row in rows}
+                new = [c for c in charges if c.charge_id in new_ids]
             if new:
                 await _pay(conn, lease_id, lease["workspace_id"], new, utc_month(now))
+            if give_back_nano:
+                await _give_back(conn, lease_id, give_back_nano)
         return [c.charge_id for c in new]
 
     # ---- token leases ----------------------------------------------------------------------
@@ -339,6 +524,66 @@ class LeaseStore:
             )
         assert row is not None
         return TokenLease(**dict(row))
+
+    async def lease_tokens(
+        self, key_id: str, core_id: str, lease_id: int | None, want: Want, ttl_s: float
+    ) -> TokenGrant:
+        """As `lease_credit`, for a key's monthly token limit."""
+        now = self._now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            if lease_id is not None:
+                found = await conn.fetchval(
+                    "SELECT key_id FROM token_leases WHERE id = $1 AND expires_at > $2"
+                    " FOR NO KEY UPDATE",
+                    lease_id,
+                    now,
+                )
+                if found is None:
+                    raise LeaseGone(f"token lease {lease_id} was released or has expired")
+                assert found == key_id, (found, key_id)
+            granted, tokens = await _grant_tokens_by(conn, key_id, want, now)
+            if lease_id is None and not granted:
+                return TokenGrant(None, 0, tokens)
+            if lease_id is None:
+                row = await conn.fetchrow(
+                    "INSERT INTO token_leases (core_id, key_id, tokens, granted_at, expires_at)"
+                    " VALUES ($1, $2, $3, $4, $5) RETURNING id, core_id, key_id, tokens,"
+                    " expires_at",
+                    *(core_id, key_id, granted, now, _expiry(now, ttl_s)),
+                )
+            else:
+                row = await conn.fetchrow(
+                    "UPDATE token_leases SET tokens = tokens + $2, expires_at = $3 WHERE id = $1"
+                    " RETURNING id, core_id, key_id, tokens, expires_at",
+                    *(lease_id, granted, _expiry(now, ttl_s)),
+                )
+        assert row is not None
+        return TokenGrant(TokenLease(**dict(row)), granted, tokens)
+
+    async def shrink_tokens(self, lease_id: int, give_back_tokens: int) -> int | None:
+        """As `shrink`, for a token lease."""
+        assert 0 < give_back_tokens <= MAX_LEASE_TOKENS, give_back_tokens
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT key_id, tokens FROM token_leases WHERE id = $1 FOR NO KEY UPDATE",
+                lease_id,
+            )
+            if row is None:
+                return None
+            if row["tokens"] < give_back_tokens:
+                raise LeaseExceeded(f"token lease {lease_id} holds less than it gives back")
+            await conn.execute(
+                "UPDATE token_leases SET tokens = tokens - $2 WHERE id = $1",
+                lease_id,
+                give_back_tokens,
+            )
+            await conn.execute(
+                "UPDATE keys SET tokens_leased = tokens_leased - $2 WHERE id = $1",
+                row["key_id"],
+                give_back_tokens,
+            )
+        remaining: int = row["tokens"] - give_back_tokens
+        return remaining
 
     async def release_tokens(self, lease_id: int) -> int | None:
         """As `release`, for a token lease."""
@@ -412,45 +657,76 @@ async def _grant_credit(
 ) -> int:
     """Adds up to `want_nano` of spendable credit to the workspace's leased total, under its
     row lock, and returns it; 0 (changing nothing) if less than `min_nano` is spendable."""
+    want = Want(min_nano, want_nano, want_nano)
+    granted, _ = await _grant_credit_by(conn, workspace_id, want, now)
+    return granted
+
+
+async def _grant_credit_by(
+    conn: Connection, workspace_id: str, want: Want, now: dt.datetime
+) -> tuple[int, Money]:
+    """As `_grant_credit`, by the policy of `want`; also returns the workspace after it."""
     row = await conn.fetchrow(_LOCK_WORKSPACE + " FOR NO KEY UPDATE", workspace_id)
     if row is None:
         raise db.no_workspace(workspace_id)
     month = max(row["month"], utc_month(now))
     room = Spendable.of(row, month)
-    grant_nano = min(want_nano, room.spendable_nano)
-    if grant_nano < max(min_nano, 1):
-        return 0
+    grant_nano = want.grant(room.spendable_nano)
     spend_nano = row["month_spend_nano"] if month == row["month"] else 0
+    money = Money(
+        balance_nano=row["balance_nano"],
+        leased_nano=row["leased_nano"] + grant_nano,
+        month=month,
+        month_spend_nano=spend_nano,
+        spend_cap_nano=row["spend_cap_nano"],
+    )
+    if grant_nano == 0:
+        return 0, money
     await conn.execute(
         "UPDATE workspaces SET leased_nano = leased_nano + $2, month = $3, month_spend_nano = $4"
         " WHERE id = $1",
         *(workspace_id, grant_nano, month, spend_nano),
     )
-    return grant_nano
+    return grant_nano, money
 
 
 async def _grant_tokens(
     conn: Connection, key_id: str, want_tokens: int, min_tokens: int, now: dt.datetime
 ) -> int:
     """As `_grant_credit`, for a key's monthly token limit; 0 for a revoked key."""
+    granted, _ = await _grant_tokens_by(
+        conn, key_id, Want(min_tokens, want_tokens, want_tokens), now
+    )
+    return granted
+
+
+async def _grant_tokens_by(
+    conn: Connection, key_id: str, want: Want, now: dt.datetime
+) -> tuple[int, KeyTokens]:
+    """As `_grant_tokens`, by the policy of `want`; also returns the key's tokens after it.
+    A key without a monthly limit grants `want.ahead`."""
     row = await conn.fetchrow(_LOCK_KEY + " FOR NO KEY UPDATE", key_id)
     if row is None:
         raise db.no_key(key_id)
-    if row["revoked_at"] is not None:
-        return 0
     month = max(row["month"], utc_month(now))
     used = row["month_tokens"] if month == row["month"] else 0
     limit = row["limit_monthly_tokens"]
-    room = want_tokens if limit is None else limit - used - row["tokens_leased"]
-    grant_tokens = min(want_tokens, room)
-    if grant_tokens < max(min_tokens, 1):
-        return 0
+    revoked = row["revoked_at"] is not None
+    if revoked:
+        grant_tokens = 0
+    elif limit is None:
+        grant_tokens = want.ahead if want.ahead >= max(want.least, 1) else 0
+    else:
+        grant_tokens = want.grant(limit - used - row["tokens_leased"])
+    tokens = KeyTokens(limit, month, used, row["tokens_leased"] + grant_tokens, revoked)
+    if grant_tokens == 0:
+        return 0, tokens
     await conn.execute(
         "UPDATE keys SET tokens_leased = tokens_leased + $2, month = $3, month_tokens = $4"
         " WHERE id = $1",
         *(key_id, grant_tokens, month, used),
     )
-    return grant_tokens
+    return grant_tokens, tokens
 
 
 def _charge_columns(lease: Any, charges: Sequence[Charge]) -> list[object]:
@@ -530,6 +806,21 @@ async def _take_tokens(conn: Connection, new: list[Charge], by_lease: Counter[in
     )
     if len(taken) != len(ids):
         raise LeaseExceeded("charges take more tokens than their token lease holds")
+
+
+async def _give_back(conn: Connection, lease_id: int, nano: int) -> None:
+    """Moves `nano` of a lease's credit (its row locked) back to its workspace."""
+    workspace_id = await conn.fetchval(
+        "UPDATE leases SET credit_nano = credit_nano - $2 WHERE id = $1 AND credit_nano >= $2"
+        " RETURNING workspace_id",
+        lease_id,
+        nano,
+    )
+    if workspace_id is None:
+        raise LeaseExceeded(f"lease {lease_id} holds less than the {nano} nano-USD given back")
+    await conn.execute(
+        "UPDATE workspaces SET leased_nano = leased_nano - $2 WHERE id = $1", workspace_id, nano
+    )
 
 
 async def _lock_rows(conn: Connection, table: str, ids: Counter[str]) -> None:

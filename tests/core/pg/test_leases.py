@@ -10,7 +10,7 @@ import pytest
 from corvex_core import errors
 from corvex_core.pg import db
 from corvex_core.pg.accounts import AccountStore
-from corvex_core.pg.leases import LeaseExceeded, LeaseGone, LeaseStore
+from corvex_core.pg.leases import LeaseExceeded, LeaseGone, LeaseStore, Want
 from tests.core.pg.conftest import CENT, CheckLedger, FakeClock, MakeWorkspace, charge
 
 TTL_S = 30.0
@@ -358,3 +358,114 @@ async def test_a_new_month_resets_a_keys_tokens(
     fresh = await leases.acquire_tokens(key, "core-a", 500, 1, TTL_S)
     assert fresh is not None and fresh.tokens == 100
     assert (await accounts.key(key)).month == "2027-01"
+
+
+# ---- grants by policy, shrinking, a core's restart ---------------------------------------------
+
+
+async def test_lease_credit_grants_ahead_while_plenty_is_spendable_and_exactly_near_zero(
+    leases: LeaseStore, make_workspace: MakeWorkspace, check_ledger: CheckLedger
+) -> None:
+    ws = await make_workspace(100 * CENT)
+    want = Want(least=2 * CENT, most=3 * CENT, ahead=40 * CENT, exact_below=50 * CENT)
+    first = await leases.lease_credit(ws, "core-a", None, want, TTL_S)
+    assert first.lease is not None and first.granted_nano == 40 * CENT
+    assert first.money.leased_nano == 40 * CENT
+    # 60 cents left: still at least exact_below, so ahead again (all of it that fits).
+    second = await leases.lease_credit(ws, "core-b", None, want, TTL_S)
+    assert second.granted_nano == 40 * CENT
+    # 20 cents left, below exact_below: only what the request could use.
+    third = await leases.lease_credit(ws, "core-a", first.lease.id, want, TTL_S)
+    assert third.granted_nano == 3 * CENT
+    assert third.lease is not None and third.lease.credit_nano == 43 * CENT
+    assert third.money.room.spendable_nano == 17 * CENT
+    await check_ledger()
+
+
+async def test_lease_credit_refuses_below_least_and_makes_no_lease(
+    leases: LeaseStore, make_workspace: MakeWorkspace, check_ledger: CheckLedger
+) -> None:
+    ws = await make_workspace(5 * CENT, cap_nano=4 * CENT)
+    refused = await leases.lease_credit(ws, "core-a", None, Want(5 * CENT, 5 * CENT, 5 * CENT), 9)
+    assert (refused.lease, refused.granted_nano) == (None, 0)
+    assert refused.money.room.spendable_nano == 4 * CENT and refused.money.room.capped
+    assert (await leases.leases_of("core-a")) == ([], [])
+    await check_ledger()
+
+
+async def test_a_renewal_that_grants_nothing_still_extends_the_lease(
+    leases: LeaseStore, make_workspace: MakeWorkspace, clock: FakeClock
+) -> None:
+    ws = await make_workspace(10 * CENT)
+    grant = await leases.lease_credit(ws, "core-a", None, Want(1, 10 * CENT, 10 * CENT), TTL_S)
+    assert grant.lease is not None
+    clock.advance(TTL_S / 2)
+    renewed = await leases.lease_credit(ws, "core-a", grant.lease.id, Want(0, 0, 5 * CENT), TTL_S)
+    assert renewed.granted_nano == 0
+    assert renewed.lease is not None
+    assert renewed.lease.expires_at == clock.now + dt.timedelta(seconds=TTL_S)
+    clock.advance(TTL_S + 1)
+    with pytest.raises(LeaseGone):
+        await leases.lease_credit(ws, "core-a", grant.lease.id, Want(0, 0, 0), TTL_S)
+
+
+async def test_shrink_and_a_charge_that_gives_back_return_credit_to_the_workspace(
+    leases: LeaseStore,
+    accounts: AccountStore,
+    make_workspace: MakeWorkspace,
+    check_ledger: CheckLedger,
+) -> None:
+    ws = await make_workspace(10 * CENT)
+    grant = await leases.lease_credit(ws, "core-a", None, Want(1, 8 * CENT, 8 * CENT), TTL_S)
+    assert grant.lease is not None
+    lease_id = grant.lease.id
+    assert await leases.shrink(lease_id, 2 * CENT) == 6 * CENT
+    with pytest.raises(LeaseExceeded):
+        await leases.shrink(lease_id, 7 * CENT)
+    assert await leases.charge(lease_id, [charge(ws, CENT)], give_back_nano=4 * CENT)
+    row = await accounts.workspace(ws)
+    assert (row.balance_nano, row.leased_nano) == (9 * CENT, CENT)
+    await leases.release(lease_id)
+    assert await leases.shrink(lease_id, 1) is None
+    await check_ledger()
+
+
+async def test_token_grants_follow_the_same_policy(
+    leases: LeaseStore,
+    accounts: AccountStore,
+    make_workspace: MakeWorkspace,
+    check_ledger: CheckLedger,
+) -> None:
+    ws = await make_workspace(10 * CENT, monthly_tokens=1000)
+    key = f"{ws}-key"
+    want = Want(least=10, most=20, ahead=600, exact_below=700)
+    first = await leases.lease_tokens(key, "core-a", None, want, TTL_S)
+    assert first.granted_tokens == 600 and first.tokens.tokens_leased == 600
+    second = await leases.lease_tokens(key, "core-b", None, want, TTL_S)
+    assert second.granted_tokens == 20  # 400 left: below exact_below
+    assert second.lease is not None
+    assert await leases.shrink_tokens(second.lease.id, 5) == 15
+    assert (await accounts.key(key)).tokens_leased == 615
+    await accounts.revoke_key(key)
+    revoked = await leases.lease_tokens(key, "core-a", None, want, TTL_S)
+    assert revoked.granted_tokens == 0 and revoked.tokens.revoked
+    await check_ledger()
+
+
+async def test_release_core_ends_every_lease_of_that_core(
+    leases: LeaseStore,
+    accounts: AccountStore,
+    make_workspace: MakeWorkspace,
+    check_ledger: CheckLedger,
+) -> None:
+    ws = await make_workspace(10 * CENT, monthly_tokens=1000)
+    other = await make_workspace(10 * CENT)
+    await leases.lease_credit(ws, "core-a", None, Want(1, 3 * CENT, 3 * CENT), TTL_S)
+    await leases.lease_credit(other, "core-a", None, Want(1, 2 * CENT, 2 * CENT), TTL_S)
+    await leases.lease_credit(other, "core-b", None, Want(1, 1 * CENT, 1 * CENT), TTL_S)
+    await leases.lease_tokens(f"{ws}-key", "core-a", None, Want(1, 100, 100), TTL_S)
+    assert await leases.release_core("core-a") == (5 * CENT, 100)
+    credit, tokens = await leases.leases_of("core-a")
+    assert (credit, tokens) == ([], [])
+    assert (await accounts.workspace(other)).leased_nano == CENT
+    await check_ledger()
