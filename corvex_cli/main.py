@@ -1,9 +1,11 @@
 """The `corvex` command: one entry point for every process and tool.
 
-  corvex serve        core + edge together (the embedded default), with a dev key printed
+  corvex serve        core + edge together (the embedded default), with a dev key printed;
+                      --cores 2: a local cluster (PostgreSQL, two cores, one edge)
   corvex core         the gRPC core alone
-  corvex edge         the OpenAI REST edge alone
+  corvex edge         the OpenAI REST edge alone (--workers N: several sharing the port)
   corvex admin ...    the admin surface (workspaces, credits, caps, keys, usage, invoices)
+  corvex ledger ...   the cluster ledger: migrate a single core's journal into PostgreSQL
   corvex docs pricing regenerate (or --check) the rate table of docs/pricing.md
   corvex drift-gate   fail when the pricing page, the rate card and /v1/models disagree
   corvex bench ...    load generator and benchmark scenarios
@@ -76,8 +78,8 @@ def _ready_flag(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corvex", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_serve_parser, _core_parser, _edge_parser, _admin_parser, _docs_parser,
-                _gate_parser, _bench_parser):  # fmt: skip
+    for add in (_serve_parser, _core_parser, _edge_parser, _admin_parser, _ledger_parser,
+                _docs_parser, _gate_parser, _bench_parser):  # fmt: skip
         add(sub)
     return parser
 
@@ -96,8 +98,27 @@ def _serve_parser(sub: Subparsers) -> None:
     _config_arg(serve)
     serve.add_argument("--port", type=int, help="edge HTTP port")
     serve.add_argument("--host", help="edge address to listen on")
-    serve.add_argument("--core-port", type=int, help="core gRPC port")
+    serve.add_argument("--core-port", type=int, help="core gRPC port (the next cores: +1, +2)")
     serve.add_argument("--data-dir", metavar="DIR", help="core data directory")
+    serve.add_argument(
+        "--cores",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N cores sharing one ledger in PostgreSQL (default 1: the SQLite journal)",
+    )
+    serve.add_argument(
+        "--ledger-dsn",
+        metavar="URI",
+        default=os.environ.get("CORVEX_LEDGER_DSN"),
+        help="with --cores: an existing PostgreSQL (postgresql://...; default $CORVEX_LEDGER_DSN)"
+        " instead of a local one",
+    )
+    serve.add_argument(
+        "--pg-data",
+        metavar="DIR",
+        help="with --cores: the local PostgreSQL's data directory (default .corvex/postgres)",
+    )
 
 
 def _core_parser(sub: Subparsers) -> None:
@@ -125,7 +146,15 @@ def _edge_parser(sub: Subparsers) -> None:
     edge.add_argument(
         "--port", dest="edge_port", metavar="PORT", type=int, help="HTTP port (0: any)"
     )
-    edge.add_argument("--core", metavar="HOST:PORT", help="gRPC address of the core")
+    edge.add_argument(
+        "--core",
+        metavar="HOST:PORT[,...]",
+        help="gRPC address of the core (comma-separated: several)",
+    )
+    edge.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="edge processes sharing the port"
+    )
+    edge.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     edge.add_argument("--max-body-bytes", type=int, help="largest request body (413 beyond)")
     edge.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0: any, -1: off)")
     _log_flags(edge)
@@ -138,6 +167,26 @@ def _admin_parser(sub: Subparsers) -> None:
     admin_cli.add_arguments(
         sub.add_parser("admin", help="manage workspaces, credits, caps, keys, usage")
     )
+
+
+def _ledger_parser(sub: Subparsers) -> None:
+    ledger = sub.add_parser("ledger", help="the cluster ledger in PostgreSQL")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+    migrate = ledger_sub.add_parser(
+        "migrate",
+        help="copy a single core's journal into an empty PostgreSQL ledger, once",
+        description="Copies the workspaces, balances, caps, auto-reload settings, keys, "
+        "invoices, idempotency keys and usage of a stopped single core's journal into "
+        "PostgreSQL in one transaction. Refuses a target that already holds accounts.",
+    )
+    _config_arg(migrate)
+    migrate.add_argument(
+        "--to",
+        metavar="URI",
+        default=os.environ.get("CORVEX_LEDGER_DSN"),
+        help="postgresql://user:password@host:port/database (default $CORVEX_LEDGER_DSN)",
+    )
+    migrate.add_argument("--data-dir", metavar="DIR", help="the core's data directory")
 
 
 def _docs_parser(sub: Subparsers) -> None:
@@ -232,10 +281,39 @@ def _run_edge(args: argparse.Namespace) -> int:
     from gateway.app import serve
     from gateway.config import EdgeConfig
 
-    config = load_section("edge", EdgeConfig, path=args.config, flags=_flags(args, EDGE_FLAGS))
+    flags = _flags(args, EDGE_FLAGS)
+    if args.core and "," in args.core:
+        flags[("core",)] = None
+        flags[("cores",)] = [a.strip() for a in args.core.split(",") if a.strip()]
+    if args.reuse_port:
+        flags[("reuse_port",)] = True
+    config = load_section("edge", EdgeConfig, path=args.config, flags=flags)
+    if args.workers > 1:
+        from corvex_ops import workers
+        from corvex_ops.stack import command_line
+
+        base = command_line(
+            "edge", config=args.config, host=config.host, core=",".join(config.core_addresses),
+            max_body_bytes=args.max_body_bytes, log_level=args.log_level,
+            log_format=args.log_format,
+        )  # fmt: skip
+        return workers.run(
+            base, workers=args.workers, host=config.host, port=config.port,
+            metrics_port=config.metrics_port, ready_file=args.ready_file,
+        )  # fmt: skip
     logs.setup(process="edge", level=config.log_level, fmt=config.log_format)
-    uvloop.run(serve(config, ready_file=args.ready_file))
+    try:
+        uvloop.run(serve(config, ready_file=args.ready_file))
+    except ValueError as exc:
+        print(f"corvex edge: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _run_ledger(args: argparse.Namespace) -> int:
+    from corvex_ops import ledger_migrate
+
+    return ledger_migrate.run(args)
 
 
 def _run_docs(args: argparse.Namespace) -> int:
@@ -284,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from corvex_ops import admin
 
             return admin.run(args)
+        if args.command == "ledger":
+            return _run_ledger(args)
         if args.command == "docs":
             return _run_docs(args)
         if args.command == "drift-gate":

@@ -182,6 +182,68 @@ class JournalConfig(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool = True
 
 
+class PostgresTlsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """TLS on the connection to PostgreSQL. With `ca_file` the server's certificate must be
+    signed by it and name the DSN's host (libpq's verify-full); `cert_file`/`key_file` add a
+    client certificate for servers that ask for one."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+
+class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Where money lives. `journal`: this core alone, its SQLite journal in data_dir (what
+    `make run` starts). `postgres`: several cores share one ledger in PostgreSQL and spend out
+    of leases (docs/deploy-cluster.md)."""
+
+    backend: Literal["journal", "postgres"] = "journal"
+    # postgresql://user:password@host:port/database (libpq URI). Prefer the environment
+    # (CORVEX_CORE_LEDGER_DSN) to the file for the password.
+    dsn: str = ""
+    # This core's name in the ledger (its leases and heartbeat). Empty: made once and kept in
+    # data_dir/core_id, so a restarted core finds the leases it held before.
+    core_id: str = ""
+    # Where a charge is durable before the request's final chunk: "postgres" (group commit to
+    # the ledger) or "journal" (this core's SQLite journal, shipped to the ledger after).
+    charges: Literal["postgres", "journal"] = "postgres"
+    # Credit a core leases per workspace ahead of need, USD; while the workspace can spend less
+    # than `exact_below_usd`, each admission leases only its own hold.
+    lease_credit_usd: str = "1.00"
+    exact_below_usd: str = "5.00"
+    # The same for a key's monthly token limit.
+    lease_tokens: int = 100_000
+    exact_below_tokens: int = 500_000
+    # A lease not renewed for this long lapses and its credit returns to the workspace.
+    lease_ttl_s: float = 30.0
+    # How often leases are renewed (and topped up ahead of need), expired leases swept, this
+    # core's heartbeat written, and every cached account reloaded from the ledger.
+    renew_every_s: float = 5.0
+    sweep_every_s: float = 5.0
+    heartbeat_every_s: float = 2.0
+    resync_every_s: float = 60.0
+    # A request whose charge the ledger has not confirmed by then gets 503 (the charge stays
+    # queued and is recorded once the ledger is back, unless its lease has lapsed meanwhile).
+    charge_timeout_s: float = 10.0
+    # Connections to PostgreSQL (the listening connection is one more).
+    pool_size: int = 10
+    tls: PostgresTlsConfig = msgspec.field(default_factory=PostgresTlsConfig)
+
+
+class ServerTlsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """TLS on the core's gRPC port: its certificate and key (PEM files). With
+    `client_ca_file`, every client (edges, admin tools) must present a certificate signed by
+    it (mutual TLS)."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
 class CoreConfig(msgspec.Struct, forbid_unknown_fields=True):
     """The `core:` section."""
 
@@ -214,8 +276,13 @@ class CoreConfig(msgspec.Struct, forbid_unknown_fields=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # "auto": JSON lines unless stderr is a terminal.
     log_format: Literal["auto", "json", "text"] = "auto"
+    # TLS on the gRPC port. Without it the core listens only on a loopback address, unless
+    # allow_plaintext is set (a private network that encrypts for you).
+    tls: ServerTlsConfig = msgspec.field(default_factory=ServerTlsConfig)
+    allow_plaintext: bool = False
     accounts: AccountsConfig = msgspec.field(default_factory=AccountsConfig)
     customers: CustomersConfig = msgspec.field(default_factory=CustomersConfig)
+    ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
     engines: EnginesConfig = msgspec.field(default_factory=EnginesConfig)
     reserved: ReservedConfig = msgspec.field(default_factory=ReservedConfig)

@@ -198,11 +198,14 @@ class Journal:
             self._waiters.append((self._seq, future))
         return future
 
-    def snapshot(self, state: LedgerState) -> None:
-        """Queues a snapshot of the ledger as of the last appended record."""
+    def snapshot(self, state: LedgerState, *, seq: int | None = None) -> None:
+        """Queues a snapshot of the ledger as of the last appended record (or of record
+        `seq`, for a state that is valid then: a cluster core's empty one, once the charges up
+        to `seq` are in PostgreSQL)."""
+        assert seq is None or 0 <= seq <= self._seq, (seq, self._seq)
         body = _snapshot_encoder.encode(state)
         self._since_snapshot = 0
-        self._queue.put(_Snapshot(self._seq, body))
+        self._queue.put(_Snapshot(self._seq if seq is None else seq, body))
 
     async def close(self) -> None:
         """Writes everything queued, then stops the writer. Safe to call twice."""

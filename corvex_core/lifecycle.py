@@ -105,7 +105,10 @@ class Lifecycle:
         if kind not in _TAKES[self._state]:
             failed = self._state in (State.FAILED, State.READ_ONLY)
             retry = None if failed else _RETRY_AFTER_S
-            raise errors.ServiceUnavailable(self._reason, retry_after_s=retry)
+            # Nothing was done: an edge may send the request to another core.
+            raise errors.ServiceUnavailable(
+                self._reason, retry_after_s=retry, metadata={"admitted": "false"}
+            )
 
     @contextlib.contextmanager
     def stream(self, engine: Engine, hold_id: str) -> Iterator[None]:

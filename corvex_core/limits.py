@@ -293,6 +293,11 @@ class RateLimiter:
             month_tokens = tokens
         return LimitTicket(key.id, window_tokens, month_tokens, second, state.tokens)
 
+    def month_reserved(self, key_id: str) -> int:
+        """Tokens that requests in flight hold against the key's monthly limit."""
+        state = self._keys.get(key_id)
+        return 0 if state is None else state.month_reserved
+
     def count_request(self, key: ApiKey) -> None:
         """Takes one request from the key's requests-per-minute limit for a call that uses no
         tokens (Tokenize), or raises RateLimitExceeded."""

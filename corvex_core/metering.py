@@ -10,11 +10,13 @@ returns what was not used and charges what was, exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from corvex.ratecard import ModelRate
 from corvex_core import errors
+from corvex_core.cluster.mirror import UnknownKey
+from corvex_core.cluster.supply import LeaseSupply, Shortfall
 from corvex_core.ledger import Hold, Ledger
 from corvex_core.limits import LimitState, LimitTicket, RateLimiter
 from corvex_core.payments import AutoReloader
@@ -58,10 +60,26 @@ class Ticket:
         return self.hold.max_completion_tokens // self.choices
 
 
+class NeedsLease(Exception):
+    """This core's leases cannot cover a request (postgres mode): serving awaits
+    `Metering.replenish` with the shortfall (one round trip) and admits once more with it."""
+
+    def __init__(self, shortfall: Shortfall) -> None:
+        super().__init__("the core's leases do not cover this request")
+        self.shortfall = shortfall
+
+
 class Metering(Protocol):
     """What serving needs from metering (the Meter, or the benchmarks' UnmeteredMeter)."""
 
     def authenticate(self, secret: str | None) -> ApiKey: ...
+
+    async def find_key(self, refused: errors.InvalidApiKey) -> bool:
+        """After `authenticate` refused a key: whether it was found elsewhere (postgres mode:
+        made on another core a moment ago), so that authenticating again may succeed."""
+        ...
+
+    async def replenish(self, shortfall: Shortfall) -> None: ...
 
     def admit(
         self,
@@ -74,6 +92,7 @@ class Metering(Protocol):
         max_tokens: int | None,
         choices: int = 1,
         context_checked: bool = True,
+        shortfall: Shortfall | None = None,
     ) -> Ticket: ...
 
     def count_call(self, key: ApiKey) -> None: ...
@@ -127,12 +146,17 @@ class Meter:
         *,
         reloader: AutoReloader | None = None,
         on_charge: Callable[[str], None] | None = None,
+        supply: LeaseSupply | None = None,
+        key_lookup: Callable[[bytes], Awaitable[bool]] | None = None,
     ) -> None:
         self.ledger = ledger
         self.limiter = limiter
         self._reloader = reloader
         # Told the workspace id after every charge (the alerts), synchronously and cheaply.
         self._on_charge = on_charge
+        # Postgres mode: the leases admission spends from, and how an unknown key is looked up.
+        self._supply = supply
+        self._key_lookup = key_lookup
 
     def authenticate(self, secret: str | None) -> ApiKey:
         """The live key with this secret (from `authorization: Bearer <secret>`)."""
@@ -142,6 +166,15 @@ class Meter:
                 "`corvex admin key create` makes one."
             )
         return self.ledger.authenticate(secret)
+
+    async def find_key(self, refused: errors.InvalidApiKey) -> bool:
+        if not isinstance(refused, UnknownKey) or self._key_lookup is None:
+            return False
+        return await self._key_lookup(refused.secret_sha256)
+
+    async def replenish(self, shortfall: Shortfall) -> None:
+        assert self._supply is not None
+        await self._supply.replenish(shortfall)
 
     def admit(
         self,
@@ -154,6 +187,7 @@ class Meter:
         max_tokens: int | None,
         choices: int = 1,
         context_checked: bool = True,
+        shortfall: Shortfall | None = None,
     ) -> Ticket:
         """Admits a request or raises the error of the first limit it breaks.
 
@@ -162,9 +196,15 @@ class Meter:
         the token limits and the affordable tokens (shared by the choices), and the engine
         stops there with finish_reason "length". `context_checked` False skips the context
         (embeddings, whose inputs are each bounded by the engine).
+
+        In postgres mode the leases must cover the request first: if they do not, this raises
+        NeedsLease, and the caller admits again with the `shortfall` once it is replenished.
         """
         explicit = max_tokens is not None
         want = context_bound(rate, prompt_tokens, max_tokens) if context_checked else max_tokens
+        if self._supply is not None:
+            self._leased(key, rate, prompt_tokens, (want or 0) * choices, explicit, choices,
+                         shortfall)  # fmt: skip
         now = self.limiter.now_ns()
         total = self.limiter.completion_bound(
             key, prompt_tokens, (want or 0) * choices, explicit=explicit, now_ns=now
@@ -185,7 +225,33 @@ class Meter:
             hold_id, key, rate, rate_card_version, prompt_tokens, bound * choices
         )
         limit_ticket = self.limiter.admit(key, prompt_tokens + bound * choices, now_ns=now)
+        if self._supply is not None:
+            self._supply.admitted(hold_id, key)
         return Ticket(key, hold, limit_ticket, self.limiter.state(key, now_ns=now), choices)
+
+    def _leased(
+        self,
+        key: ApiKey,
+        rate: ModelRate,
+        prompt_tokens: int,
+        max_total: int,
+        explicit: bool,
+        choices: int,
+        shortfall: Shortfall | None,
+    ) -> None:
+        """Postgres mode: raises NeedsLease unless the leases cover the request; after a
+        replenishment, puts what it brought into the mirror or raises the refusal."""
+        assert self._supply is not None
+        if shortfall is None:
+            short = self._supply.shortfall(
+                key, rate, prompt_tokens, max_total, explicit=explicit, choices=choices
+            )
+            if short is not None:
+                raise NeedsLease(short)
+            return
+        self._supply.apply(shortfall)
+        if not self._supply.covers(shortfall):
+            raise self._supply.refusal(shortfall)
 
     def count_call(self, key: ApiKey) -> None:
         """A call that is not metered (Tokenize) still counts against requests per minute."""
@@ -214,6 +280,15 @@ class Meter:
             completion_tokens=completion,
             cached_prompt_tokens=min(cached_prompt_tokens, prompt),
         )
+        if self._supply is not None:
+            used = charge.prompt_tokens + charge.completion_tokens if charge is not None else 0
+            self._supply.settled(
+                ticket.hold.id,
+                ticket.key,
+                ticket.hold.amount_nano - (charge.cost_nano if charge is not None else 0),
+                max(ticket.limits.month_tokens - used, 0),
+                charge,
+            )
         if charge is not None and self._reloader is not None:
             self._reloader.check(ticket.key.workspace_id)
         if charge is not None and self._on_charge is not None:
@@ -242,6 +317,12 @@ class UnmeteredMeter:
     def authenticate(self, secret: str | None) -> ApiKey:
         return self._KEY
 
+    async def find_key(self, refused: errors.InvalidApiKey) -> bool:
+        return False
+
+    async def replenish(self, shortfall: Shortfall) -> None:
+        raise AssertionError("the unmetered meter never needs a lease")
+
     def count_call(self, key: ApiKey) -> None:
         pass
 
@@ -256,6 +337,7 @@ class UnmeteredMeter:
         max_tokens: int | None,
         choices: int = 1,
         context_checked: bool = True,
+        shortfall: Shortfall | None = None,
     ) -> Ticket:
         bound = (
             context_bound(rate, prompt_tokens, max_tokens) if context_checked else max_tokens or 0

@@ -21,7 +21,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from corvex import readyfile
+from corvex import readyfile, tls
 from corvex.money import NANO_PER_USD, MoneyError, cents_from_usd
 from corvex.ratecard import ModelRate, RateCard, RateCardError, load_rate_card
 from corvex.v1 import accounts_pb2, accounts_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -30,6 +30,8 @@ from corvex_core.activity import Activity
 from corvex_core.alerts import Alerter
 from corvex_core.capacity import CapacityError, CapacityPool
 from corvex_core.catalogue import Catalogue
+from corvex_core.cluster.mirror import MirrorLedger
+from corvex_core.cluster.node import ClusterError, ClusterNode
 from corvex_core.config import CoreConfig
 from corvex_core.engines.base import Engine, EngineError
 from corvex_core.engines.registry import build_engine
@@ -43,6 +45,7 @@ from corvex_core.records import Record
 from corvex_core.reserved import ReservedEndpoints
 from corvex_core.servicers import accounts, inference
 from corvex_core.servicers.accounts import AccountsServicer
+from corvex_core.servicers.cluster_accounts import ClusterAccountsServicer
 from corvex_core.servicers.inference import InferenceServicer
 from corvex_core.servicers.interceptor import CallInterceptor
 from corvex_core.serving import Service
@@ -142,11 +145,17 @@ class Core:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.lifecycle = Lifecycle()
-        self.ledger = Ledger()
+        # In a cluster the ledger is a mirror of PostgreSQL's, and the journal only holds
+        # charges (with `ledger.charges: journal`), if anything.
+        clustered = config.ledger.backend == "postgres"
+        self.ledger = MirrorLedger() if clustered else Ledger()
         self.limiter = RateLimiter()
+        journaled = config.journal.enabled and (
+            not clustered or config.ledger.charges == "journal"
+        )
         self.journal = (
             Journal(self.data_dir, max_batch=config.journal.max_batch, fsync=config.journal.fsync)
-            if config.journal.enabled
+            if journaled
             else None
         )
         self.health = health.aio.HealthServicer()
@@ -204,11 +213,28 @@ class Core:
             on_failure=self.alerter.check,
         )
         self.checkouts = Checkouts(self.ledger, provider, self.durable)
+        self.cluster: ClusterNode | None = None
+        if clustered:
+            assert isinstance(self.ledger, MirrorLedger)
+            try:
+                self.cluster = ClusterNode(
+                    config, self.ledger, self.limiter, self.telemetry, provider,
+                    journal=self.journal,
+                )  # fmt: skip
+            except (ClusterError, OSError, ValueError) as exc:
+                raise StartupError(f"core.ledger: {exc}") from exc
+        cluster = self.cluster
+        # In a cluster, auto-reload and alerts look at PostgreSQL's balances, not the mirror's.
         self.meter: Metering = (
             UnmeteredMeter()
             if config.benchmark_unmetered
             else Meter(
-                self.ledger, self.limiter, reloader=self.reloader, on_charge=self.alerter.check
+                self.ledger,
+                self.limiter,
+                reloader=None if cluster else self.reloader,
+                on_charge=None if cluster else self.alerter.check,
+                supply=cluster.supply if cluster else None,
+                key_lookup=cluster.sync.lookup if cluster else None,
             )
         )
         try:
@@ -226,8 +252,14 @@ class Core:
             after_charge=self._after_charge,
             accepting=lambda: self.lifecycle.accepting,
         )
+        confirm = cluster.confirm if cluster and cluster.journal is None else None
         self.service = Service(
-            self.catalogue, self.meter, self.lifecycle, self.durable, reserved=self.reserved
+            self.catalogue,
+            self.meter,
+            self.lifecycle,
+            self.durable,
+            reserved=self.reserved,
+            confirm=confirm,
         )
         self.starter_promotion_cents = _starter_promotion_cents(config)
         self.port = 0
@@ -247,26 +279,10 @@ class Core:
     async def start(self) -> None:
         """Serves health at once (NOT_SERVING), recovers the ledger, loads the engines, and
         only then reports SERVING and admits requests."""
-        accounts = self.config.accounts
         inference_pb2_grpc.add_InferenceServicer_to_server(
             InferenceServicer(self.service, self.catalogue, self._interceptor.guard), self.server
         )
-        accounts_pb2_grpc.add_AccountsServicer_to_server(
-            AccountsServicer(
-                self.ledger,
-                durable=self.durable,
-                starter_credits_cents=cents_from_usd(accounts.starter_credits_usd),
-                min_topup_cents=cents_from_usd(accounts.min_topup_usd),
-                reserved=self.reserved,
-                create_wait_s=self.config.reserved.create_wait_s,
-                customers=self.config.customers,
-                starter_promotion_cents=self.starter_promotion_cents,
-                checkouts=self.checkouts,
-                alerter=self.alerter,
-                activity=self.activity,
-            ),
-            self.server,
-        )
+        accounts_pb2_grpc.add_AccountsServicer_to_server(self._accounts_servicer(), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -274,7 +290,11 @@ class Core:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            credentials = self._server_credentials()
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {address}: {exc}") from exc
         if self.port == 0:
@@ -300,13 +320,92 @@ class Core:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("core serving %d models", len(engines))
 
+    def _accounts_servicer(self) -> accounts_pb2_grpc.AccountsServicer:
+        accounts = self.config.accounts
+        starter = cents_from_usd(accounts.starter_credits_usd)
+        min_topup = cents_from_usd(accounts.min_topup_usd)
+        if self.cluster is not None:
+            return ClusterAccountsServicer(
+                self.cluster.accounts, self.cluster.sync, self.cluster.link,
+                starter_credits_cents=starter, min_topup_cents=min_topup,
+            )  # fmt: skip
+        return AccountsServicer(
+            self.ledger,
+            durable=self.durable,
+            starter_credits_cents=starter,
+            min_topup_cents=min_topup,
+            reserved=self.reserved,
+            create_wait_s=self.config.reserved.create_wait_s,
+            customers=self.config.customers,
+            starter_promotion_cents=self.starter_promotion_cents,
+            checkouts=self.checkouts,
+            alerter=self.alerter,
+            activity=self.activity,
+        )
+
+    def _server_credentials(self) -> Any:
+        """TLS credentials for the gRPC port, or None for plaintext (loopback only, unless
+        allowed)."""
+        config = self.config
+        if not config.tls.enabled:
+            if not tls.is_loopback(config.host) and not config.allow_plaintext:
+                raise StartupError(
+                    f"core.host {config.host} is not a loopback address and core.tls is not "
+                    "set: configure core.tls.cert_file and key_file (and client_ca_file for "
+                    "mutual TLS), or set core.allow_plaintext: true on a network that "
+                    "encrypts for you"
+                )
+            return None
+        try:
+            certificate = tls.read_pem(config.tls.cert_file, "core.tls.cert_file")
+            key = tls.read_pem(config.tls.key_file, "core.tls.key_file")
+            client_ca = (
+                tls.read_pem(config.tls.client_ca_file, "core.tls.client_ca_file")
+                if config.tls.client_ca_file
+                else None
+            )
+        except tls.TlsError as exc:
+            raise StartupError(str(exc)) from exc
+        return grpc.ssl_server_credentials(
+            [(key, certificate)],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+
     async def durable(self) -> None:
         """Returns once every change made so far is on disk (raises JournalError if it
-        cannot be). Without a journal (benchmarks), at once."""
-        if self.journal is not None:
+        cannot be). Without a journal (benchmarks), at once. In a cluster, see
+        `ClusterNode.durable`."""
+        if self.cluster is not None:
+            await self.cluster.durable()
+        elif self.journal is not None:
             await self.journal.sync_point()
 
+    async def _join_cluster(self) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        journal = self.journal
+        if journal is not None:
+            journal.on_batch = self.telemetry.on_journal_batch
+            journal.on_failure = self._on_journal_failure
+        on_record = self.telemetry.on_record
+
+        def sink(record: Record) -> None:
+            cluster.sink(record)
+            on_record(record)
+
+        self.ledger.set_sink(sink)
+        try:
+            await cluster.start(f"{tls.host_of(self.config.host) or '127.0.0.1'}:{self.port}")
+        except ClusterError as exc:
+            raise StartupError(str(exc)) from exc
+        if journal is not None:
+            journal.start()
+
     async def _recover(self) -> None:
+        if self.cluster is not None:
+            await self._join_cluster()
+            return
         if self.config.benchmark_unmetered:
             log.warning("benchmark_unmetered is on: no key, limit or charge is checked")
         if self.journal is None:
@@ -366,7 +465,7 @@ class Core:
             await asyncio.sleep(_HOUSEKEEPING_S)
             self.limiter.sweep()
             journal = self.journal
-            if journal is None or journal.failure is not None:
+            if journal is None or journal.failure is not None or self.cluster is not None:
                 continue
             if journal.records_since_snapshot >= self.config.journal.snapshot_every:
                 journal.snapshot(self.ledger.state)
@@ -388,6 +487,11 @@ class Core:
         assert self.journal is not None
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         aborted = await self.lifecycle.abort_all()
+        if self.cluster is not None:
+            # The mirror is PostgreSQL's, not the journal's: it stays; nothing is admitted.
+            self.lifecycle.read_only()
+            log.warning("%d streams aborted, unbilled; the core takes no more requests", aborted)
+            return
         try:
             durable = await asyncio.to_thread(self.journal.read_durable)
         except JournalError as exc:
@@ -472,6 +576,7 @@ class Core:
                 else {"enabled": False}
             ),
             "active_streams": self.lifecycle.active_streams,
+            "ledger": self.cluster.health() if self.cluster else {"backend": "journal"},
             "reserved": {
                 view.endpoint.id: {
                     "model": view.endpoint.model_id,
@@ -565,6 +670,8 @@ class Core:
         await self.reserved.close()
         await self.alerter.close()
         await asyncio.gather(*(e.shutdown() for e in self.catalogue.engines))
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.journal is not None:
             await self.journal.close()
             log.info("core stopped; journal flushed at record %d", self.journal.last_seq)

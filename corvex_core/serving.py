@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -22,6 +23,7 @@ import msgspec
 from corvex.quoting import quote
 from corvex_core import errors
 from corvex_core.catalogue import Catalogue, Served
+from corvex_core.cluster.shipper import ChargeLost, ChargeUnconfirmed
 from corvex_core.engines.base import (
     ChatContext,
     ChatMessage,
@@ -40,7 +42,7 @@ from corvex_core.engines.base import (
 from corvex_core.journal import JournalError
 from corvex_core.lifecycle import Lifecycle
 from corvex_core.limits import LimitState
-from corvex_core.metering import Metering, Ticket
+from corvex_core.metering import Metering, NeedsLease, Ticket
 from corvex_core.records import Charged
 from corvex_core.reserved import EndpointView, ReservedEndpoints
 from corvex_core.state import ApiKey
@@ -54,6 +56,8 @@ MAX_EMBED_TOKENS: Final = 300_000
 YIELD_EVERY_CHARS: Final = 65_536
 
 Durable = Callable[[], Awaitable[None]]
+# Postgres mode with charges committed there: returns once this charge is.
+Confirm = Callable[[Charged], Awaitable[None]]
 
 
 class ChatParams(msgspec.Struct, frozen=True):
@@ -106,15 +110,24 @@ class Service:
         lifecycle: Lifecycle,
         durable: Durable,
         reserved: ReservedEndpoints | None = None,
+        *,
+        confirm: Confirm | None = None,
     ) -> None:
         self._catalogue = catalogue
         self._meter = meter
         self._lifecycle = lifecycle
         self._durable = durable
         self._reserved = reserved
+        self._confirm = confirm
 
-    def authenticate(self, secret: str | None, call: CallRecord) -> ApiKey:
-        key = self._meter.authenticate(secret)
+    async def authenticate(self, secret: str | None, call: CallRecord) -> ApiKey:
+        try:
+            key = self._meter.authenticate(secret)
+        except errors.InvalidApiKey as refused:
+            # A key made on another core a moment ago is looked up once (postgres mode).
+            if not await self._meter.find_key(refused):
+                raise
+            key = self._meter.authenticate(secret)
         call.key_id, call.workspace_id = key.id, key.workspace_id
         return key
 
@@ -138,7 +151,7 @@ class Service:
         served = self.lookup(key, params.model, call)
         with engine_errors():
             prompt = await served.engine.render_chat(params.messages, params.context)
-        return self._admit(
+        return await self._admit(
             key, served, prompt, params.max_tokens, params.sampling, params.whole, call
         )
 
@@ -149,11 +162,11 @@ class Service:
         served = self.lookup(key, params.model, call)
         with engine_errors():
             prompt = await served.engine.render_completion(params.prompt)
-        return self._admit(
+        return await self._admit(
             key, served, prompt, params.max_tokens, params.sampling, params.whole, call
         )
 
-    def _admit(
+    async def _admit(
         self,
         key: ApiKey,
         served: Served,
@@ -164,10 +177,9 @@ class Service:
         call: CallRecord,
     ) -> Generation:
         hold_id = "hold_" + secrets.token_hex(12)
-        ticket = self._meter.admit(
+        ticket = await self._admitted(
             key,
-            served.rate,
-            served.rate_card_version,
+            served,
             hold_id,
             prompt_tokens=prompt.num_tokens,
             max_tokens=max_tokens,
@@ -193,10 +205,9 @@ class Service:
         with engine_errors():
             counts = await _count_inputs(engine, inputs)
         _check_embed_sizes(counts, served.rate.context_length)
-        ticket = self._meter.admit(
+        ticket = await self._admitted(
             key,
-            served.rate,
-            served.rate_card_version,
+            served,
             "hold_" + secrets.token_hex(12),
             prompt_tokens=sum(counts),
             max_tokens=0,
@@ -209,7 +220,7 @@ class Service:
             used = result.prompt_tokens
         finally:
             charge = self._settle(ticket, call, prompt_tokens=used, completion_tokens=0)
-        await self._make_durable()
+        await self._make_durable(charge)
         return EmbedResult(result, charge, served.rate_card_version, ticket.limit_state)
 
     async def tokenize(
@@ -225,6 +236,36 @@ class Service:
             else:
                 count = await served.engine.count_tokens(text)
         return count, served.rate.context_length
+
+    async def _admitted(
+        self,
+        key: ApiKey,
+        served: Served,
+        hold_id: str,
+        *,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        choices: int = 1,
+        context_checked: bool = True,
+    ) -> Ticket:
+        """Admits a request (one synchronous step). In postgres mode, when this core's leases
+        cannot cover it, waits for one replenishment and tries once more."""
+        admit = functools.partial(
+            self._meter.admit,
+            key,
+            served.rate,
+            served.rate_card_version,
+            hold_id,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            choices=choices,
+            context_checked=context_checked,
+        )
+        try:
+            return admit()
+        except NeedsLease as need:
+            await self._meter.replenish(need.shortfall)
+            return admit(shortfall=need.shortfall)
 
     def _settle(
         self,
@@ -250,9 +291,13 @@ class Service:
             call.cost_nano = charge.cost_nano
         return charge
 
-    async def _make_durable(self) -> None:
+    async def _make_durable(self, charge: Charged | None) -> None:
         try:
             await self._durable()
+            if charge is not None and self._confirm is not None:
+                await self._confirm(charge)
+        except (ChargeUnconfirmed, ChargeLost) as exc:
+            raise errors.ServiceUnavailable(str(exc)) from exc
         except JournalError as exc:
             raise errors.ServiceUnavailable(
                 "The charge of this request could not be recorded; it was not billed. Retry later."
@@ -314,7 +359,7 @@ class Generation:
             finally:
                 # Reached however the stream ends, cancellation included.
                 charge = self._settle(produced, last)
-            await service._make_durable()
+            await service._make_durable(charge)
         assert last is not None
         deltas = [fold(held[i]) for i in sorted(held)] if self._whole else [last]
         yield Finished(deltas, charge, served.rate_card_version, reasoning)

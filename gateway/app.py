@@ -1,6 +1,7 @@
 """The edge's aiohttp application: routes, middlewares (telemetry outside, errors inside), the
-gRPC channel's life (opened and closed with the app), and `serve` to run it as a process with
-its connection policy (`gateway.protocol`) and its ops port (`gateway.ops_http`)."""
+cores' channels and their health watch (`gateway.routing`, opened and closed with the app),
+and `serve` to run it as a process with its connection policy (`gateway.protocol`) and its
+ops port (`gateway.ops_http`)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 from aiohttp import web
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from corvex import readyfile
-from corvex.v1 import inference_pb2_grpc
 from gateway import ops_http, telemetry, upstream
 from gateway.chat import chat_completions
 from gateway.completions import completions
@@ -24,6 +24,7 @@ from gateway.embeddings import embeddings
 from gateway.error_middleware import handle_errors
 from gateway.models import list_models, retrieve_model
 from gateway.protocol import EdgeRunner
+from gateway.routing import RoutedInference, Router
 from gateway.state import EDGE, Edge
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,20 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Ready when the core answers its health check with SERVING."""
-    stub = health_pb2_grpc.HealthStub(request.app[EDGE].channel)
-    try:
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-    except grpc.aio.AioRpcError as exc:
-        return web.json_response({"status": "unavailable", "core": exc.code().name}, status=503)
-    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-    return web.json_response(
-        {"status": "ready" if serving else "not_serving"}, status=200 if serving else 503
-    )
+    """Ready when a core answers its health check with SERVING."""
+    router = request.app[EDGE].router
+    failure = "NOT_SERVING"
+    for link in router.links:
+        try:
+            reply = await link.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            failure = exc.code().name
+            continue
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return web.json_response({"status": "ready"})
+    if len(router.links) == 1 and failure != "NOT_SERVING":
+        return web.json_response({"status": "unavailable", "core": failure}, status=503)
+    return web.json_response({"status": "not_serving"}, status=503)
 
 
 def create_app(config: EdgeConfig) -> web.Application:
@@ -52,10 +57,15 @@ def create_app(config: EdgeConfig) -> web.Application:
     )
 
     async def channel_ctx(app: web.Application) -> AsyncIterator[None]:
-        channel = upstream.open_channel(config)
-        app[EDGE] = Edge(config, channel, inference_pb2_grpc.InferenceStub(channel))
+        router = Router(
+            config.core_addresses,
+            lambda address: upstream.open_channel(config, address),
+            models_refresh_s=config.models_refresh_s,
+        )
+        await router.start()
+        app[EDGE] = Edge(config, router, RoutedInference(router))
         yield
-        await channel.close()
+        await router.close()
 
     app.cleanup_ctx.append(channel_ctx)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -72,12 +82,16 @@ def create_app(config: EdgeConfig) -> web.Application:
 
 async def serve(config: EdgeConfig, *, ready_file: str | None = None) -> None:
     """Runs the edge until SIGTERM/SIGINT, then lets in-flight responses finish."""
+    upstream.check_plaintext(config)
     runner = EdgeRunner(create_app(config), config)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+    site = web.TCPSite(
+        runner, config.host, config.port, backlog=1024, reuse_port=config.reuse_port or None
+    )
     await site.start()
     port = runner.addresses[0][1]
-    log.info("edge listening on http://%s:%d, core at %s", config.host, port, config.core)
+    log.info("edge listening on http://%s:%d, cores at %s", config.host, port,
+             ", ".join(config.core_addresses))  # fmt: skip
     ops: web.AppRunner | None = None
     metrics_port = 0
     if config.metrics_port >= 0:

@@ -18,6 +18,14 @@ class DashboardConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Sign-in and sign-up attempts per client address per minute (the core also limits
     # failed sign-ins per email).
     sign_in_per_minute: int = 20
+class CoreTlsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """TLS to the cores: their certificates must be signed by `ca_file` and name the host the
+    edge dials; `cert_file`/`key_file` are this edge's own, for cores that require clients to
+    present one (mutual TLS). Empty: plaintext (loopback cores only)."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
 
 
 class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -25,6 +33,16 @@ class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
     port: int = 8000
     # gRPC address of the core.
     core: str = "127.0.0.1:50051"
+    # gRPC addresses of several cores: each request goes to a healthy one that serves its
+    # model, with the fewest requests in flight (gateway/routing.py). Empty: `core` alone.
+    cores: list[str] = msgspec.field(default_factory=list)
+    # How often the edge reads each core's served models again.
+    models_refresh_s: Seconds = 10.0
+    core_tls: CoreTlsConfig = msgspec.field(default_factory=CoreTlsConfig)
+    # Plaintext to cores that are not on a loopback address (a network that encrypts for you).
+    allow_plaintext: bool = False
+    # Let several edge processes listen on one port (SO_REUSEPORT; `corvex edge --workers N`).
+    reuse_port: bool = False
     # Prometheus /metrics, on its own port like the core's (the API port serves only the API,
     # /health and /ready). Port 0 picks a free port; -1 turns the endpoint off.
     metrics_host: str = "127.0.0.1"
@@ -50,3 +68,7 @@ class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = "auto"
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
+
+    @property
+    def core_addresses(self) -> list[str]:
+        return list(self.cores) or [self.core]

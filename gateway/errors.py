@@ -151,6 +151,11 @@ def from_rpc(error: grpc.aio.AioRpcError) -> ApiError:
     return ApiError(500, "Internal server error.")
 
 
+def details_of(error: grpc.aio.AioRpcError) -> _Details | None:
+    """The reason, metadata and hints of a failed call's rich status, if it has one."""
+    return _details(error)
+
+
 def _details(error: grpc.aio.AioRpcError) -> _Details | None:
     """The rich status of a failed call. grpcio-status' synchronous `from_call` reads an
     AioRpcError as it is (its `code()`, `details()` and `trailing_metadata()` are plain

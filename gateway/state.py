@@ -1,5 +1,5 @@
-"""The edge's shared state: its configuration and its one gRPC channel to the core, and the
-keys of what a request carries between the middlewares and its handler."""
+"""The edge's shared state: its configuration and the cores it routes to (`gateway.routing`),
+and the keys of what a request carries between the middlewares and its handler."""
 
 from __future__ import annotations
 
@@ -9,15 +9,21 @@ from typing import Final
 import grpc
 from aiohttp import web
 
-from corvex.v1 import inference_pb2_grpc
 from gateway.config import EdgeConfig
+from gateway.routing import RoutedInference, Router
 
 
 @dataclass(slots=True)
 class Edge:
     config: EdgeConfig
-    channel: grpc.aio.Channel
-    inference: inference_pb2_grpc.InferenceStub
+    router: Router
+    # The Inference stub's methods, each call sent to the core `router` picks.
+    inference: RoutedInference
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """A channel for calls any core answers alike (the dashboard's Accounts calls)."""
+        return self.router.any_channel()
 
 
 EDGE: Final = web.AppKey("edge", Edge)

@@ -15,6 +15,7 @@ from typing import Any, Final
 import grpc
 from aiohttp import web
 
+from corvex import tls
 from gateway.config import EdgeConfig
 from gateway.errors import ApiError
 from gateway.state import EDGE, REQUEST_ID
@@ -43,8 +44,42 @@ def channel_options(config: EdgeConfig) -> list[tuple[str, int]]:
     ]
 
 
-def open_channel(config: EdgeConfig) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(config.core, options=channel_options(config))
+def open_channel(config: EdgeConfig, address: str | None = None) -> grpc.aio.Channel:
+    """A channel to one core (`config.core` unless `address`), with TLS if configured."""
+    target = address or config.core
+    tls_config = config.core_tls
+    if not tls_config.ca_file:
+        return grpc.aio.insecure_channel(target, options=channel_options(config))
+    try:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=tls.read_pem(tls_config.ca_file, "edge.core_tls.ca_file"),
+            private_key=(
+                tls.read_pem(tls_config.key_file, "edge.core_tls.key_file")
+                if tls_config.key_file
+                else None
+            ),
+            certificate_chain=(
+                tls.read_pem(tls_config.cert_file, "edge.core_tls.cert_file")
+                if tls_config.cert_file
+                else None
+            ),
+        )
+    except tls.TlsError as exc:
+        raise ValueError(str(exc)) from exc
+    return grpc.aio.secure_channel(target, credentials, options=channel_options(config))
+
+
+def check_plaintext(config: EdgeConfig) -> None:
+    """Plaintext to a core that is not on this machine is refused: configure core_tls."""
+    if config.core_tls.ca_file or config.allow_plaintext:
+        return
+    remote = [a for a in config.core_addresses if not tls.is_loopback(tls.host_of(a))]
+    if remote:
+        raise ValueError(
+            f"the cores {', '.join(remote)} are not on a loopback address and edge.core_tls "
+            "is not set: configure edge.core_tls.ca_file (and cert_file/key_file for mutual TLS), "
+            "or edge.allow_plaintext: true on a network that encrypts for you"
+        )
 
 
 def call_options(request: web.Request) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from corvex_core.records import KeyLimits, TopUpMethod
 from corvex_core.state import AutoReload, Invoice
 
 TOPUP_METHODS: Final = ("manual", "starter", "auto_reload")
+# The most rows one listing returns (workspaces, keys): a cluster's core mirrors them all.
+MAX_LISTED: Final = 1_000_000
 MAX_ERROR_CHARS: Final = 500
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -38,6 +40,29 @@ class WorkspaceRow(msgspec.Struct, frozen=True):
     spend_cap_nano: int | None
     auto_reload: AutoReload | None
     auto_reload_error: str
+
+
+class UsageTotal(msgspec.Struct, frozen=True):
+    day: str
+    key_id: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_nano: int
+
+
+_USAGE = """
+SELECT to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, key_id, model,
+       sum(requests)::bigint AS requests, sum(prompt_tokens)::bigint AS prompt_tokens,
+       sum(completion_tokens)::bigint AS completion_tokens, sum(cost_nano)::bigint AS cost_nano
+FROM charges
+WHERE workspace_id = $1 AND ($2 = '' OR key_id = $2)
+  AND ($3 = '' OR at >= ($3 || ' 00:00:00+00')::timestamptz)
+  AND ($4 = '' OR at < ($4 || ' 00:00:00+00')::timestamptz + interval '1 day')
+GROUP BY 1, 2, 3
+ORDER BY 1, 2, 3
+"""
 
 
 class KeyRow(msgspec.Struct, frozen=True):
@@ -140,6 +165,38 @@ class AccountStore:
             )
         return [_invoice(row) for row in rows]
 
+    async def workspaces(self) -> list[WorkspaceRow]:
+        """Every workspace, by id (bounded by MAX_LISTED)."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM workspaces ORDER BY created_at, id LIMIT $1", MAX_LISTED
+            )
+        return [_workspace(row) for row in rows]
+
+    async def last_invoice_number(self, workspace_id: str) -> int:
+        """The number of the workspace's latest invoice, 0 if it has none."""
+        async with self._pool.acquire() as conn:
+            number = await conn.fetchval(
+                "SELECT coalesce(max(number), 0) FROM invoices WHERE workspace_id = $1",
+                workspace_id,
+            )
+        return int(number)
+
+    async def invoice(self, number: int) -> Invoice | None:
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM invoices WHERE number = $1", number)
+        return None if row is None else _invoice(row)
+
+    async def usage(
+        self, workspace_id: str, *, key_id: str = "", since: str = "", until: str = ""
+    ) -> list[UsageTotal]:
+        """Usage of a workspace by UTC day, key and model between two days (inclusive), as
+        the single-core ledger reports it."""
+        async with self._pool.acquire() as conn:
+            await db.require_workspace(conn, workspace_id)
+            rows = await conn.fetch(_USAGE, workspace_id, key_id, since, until)
+        return [UsageTotal(**dict(row)) for row in rows]
+
     # ---- keys ------------------------------------------------------------------------------
 
     async def create_key(
@@ -192,6 +249,23 @@ class AccountStore:
             change = notify.AccountChange("key_limits_set", row["workspace_id"], key_id)
             await notify.send(conn, change)
         return _key(row)
+
+    async def keys(self, workspace_id: str | None = None) -> list[KeyRow]:
+        """The keys of a workspace (of every workspace with None), by id (bounded by
+        MAX_LISTED)."""
+        async with self._pool.acquire() as conn:
+            if workspace_id is None:
+                rows = await conn.fetch(
+                    "SELECT * FROM keys ORDER BY created_at, id LIMIT $1", MAX_LISTED
+                )
+            else:
+                await db.require_workspace(conn, workspace_id)
+                rows = await conn.fetch(
+                    "SELECT * FROM keys WHERE workspace_id = $1 ORDER BY created_at, id LIMIT $2",
+                    workspace_id,
+                    MAX_LISTED,
+                )
+        return [_key(row) for row in rows]
 
     async def key(self, key_id: str) -> KeyRow:
         async with self._pool.acquire() as conn:

@@ -5,8 +5,11 @@ It owns how a core connects (pool bounds, timeouts) and nothing about what is st
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as dt
-from collections.abc import Callable
+import ssl as ssl_module
+from collections.abc import Callable, Iterator
 from typing import Final
 
 import asyncpg
@@ -36,11 +39,59 @@ def utc_month(at: dt.datetime) -> str:
     return f"{utc.year:04d}-{utc.month:02d}"
 
 
-async def open_pool(dsn: str, *, max_size: int = POOL_MAX_SIZE) -> Pool:
-    """A pool of up to `max_size` connections; close it with `await pool.close()`."""
-    return await asyncpg.create_pool(
-        dsn, min_size=1, max_size=max_size, command_timeout=COMMAND_TIMEOUT_S
+# What the statements run in this context are for (a core counts its round trips by it).
+PURPOSE: Final[contextvars.ContextVar[str]] = contextvars.ContextVar("pg_purpose", default="other")
+StatementCounter = Callable[[str], None]
+
+
+@contextlib.contextmanager
+def purpose(name: str) -> Iterator[None]:
+    """Statements run inside (in this task and the tasks it starts) count as `name`."""
+    token = PURPOSE.set(name)
+    try:
+        yield
+    finally:
+        PURPOSE.reset(token)
+
+
+async def open_pool(
+    dsn: str,
+    *,
+    max_size: int = POOL_MAX_SIZE,
+    ssl: ssl_module.SSLContext | None = None,
+    on_statement: StatementCounter | None = None,
+) -> Pool:
+    """A pool of up to `max_size` connections; close it with `await pool.close()`.
+    `on_statement` is told the purpose (see `purpose`) of every statement sent: one round trip
+    each (BEGIN and COMMIT included)."""
+    pool = make_pool(dsn, max_size=max_size, ssl=ssl, on_statement=on_statement)
+    await pool
+    return pool
+
+
+def make_pool(
+    dsn: str,
+    *,
+    max_size: int = POOL_MAX_SIZE,
+    ssl: ssl_module.SSLContext | None = None,
+    on_statement: StatementCounter | None = None,
+) -> Pool:
+    """As `open_pool`, not yet connected: `await` it (on the running loop) before use. Lets a
+    core wire its stores before it starts."""
+
+    async def init(conn: asyncpg.Connection) -> None:
+        if on_statement is not None:
+            conn.add_query_logger(lambda record: on_statement(PURPOSE.get()))
+
+    pool: Pool = asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        command_timeout=COMMAND_TIMEOUT_S,
+        ssl=ssl,
+        init=init,
     )
+    return pool
 
 
 async def require_workspace(conn: Connection, workspace_id: str) -> None:
@@ -59,3 +110,17 @@ def no_workspace(workspace_id: str) -> errors.NotFound:
 
 def no_key(key_id: str) -> errors.NotFound:
     return errors.NotFound(f"no key {key_id}", metadata={"key_id": key_id})
+
+
+# What "the database cannot be reached right now" looks like: refused or dropped connections,
+# a server shutting down or starting up, a statement cancelled by COMMAND_TIMEOUT_S, no free
+# connection slot. A core turns these into clean refusals (UNAVAILABLE) and retries; anything
+# else is a bug or a constraint doing its job.
+UNREACHABLE: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.InterfaceError,
+    asyncpg.TooManyConnectionsError,
+)

@@ -480,6 +480,14 @@ class LeaseStore:
                 await _give_back(conn, lease_id, give_back_nano)
         return [c.charge_id for c in new]
 
+    async def known_charges(self, charge_ids: Sequence[str]) -> set[str]:
+        """Which of these charges the ledger has (to settle a batch whose outcome is unknown)."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT charge_id FROM charges WHERE charge_id = ANY($1::text[])", list(charge_ids)
+            )
+        return {row["charge_id"] for row in rows}
+
     # ---- token leases ----------------------------------------------------------------------
 
     async def acquire_tokens(

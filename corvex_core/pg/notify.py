@@ -11,16 +11,18 @@ or falls behind says so, and the core must then reload every account it caches.
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_module
 from typing import Any, Final, Literal
 
 import asyncpg
 import msgspec
 
-from corvex_core.pg.db import Connection
+from corvex_core.pg.db import UNREACHABLE, Connection
 
 CHANNEL: Final = "corvex_accounts"
 # Notices waiting for the core to read them; past this the subscription counts as lost.
 MAX_PENDING: Final = 10_000
+CONNECT_TIMEOUT_S: Final = 10.0
 
 What = Literal[
     "workspace_created",
@@ -63,9 +65,9 @@ class Subscription:
         self._lost = False
 
     @classmethod
-    async def open(cls, dsn: str) -> Subscription:
+    async def open(cls, dsn: str, *, ssl: ssl_module.SSLContext | None = None) -> Subscription:
         """Listening when this returns: every change committed afterwards is delivered."""
-        conn = await asyncpg.connect(dsn)
+        conn = await asyncpg.connect(dsn, ssl=ssl, timeout=CONNECT_TIMEOUT_S)
         subscription = cls(conn)
         await conn.add_listener(CHANNEL, subscription._on_notice)
         conn.add_termination_listener(subscription._on_terminated)
@@ -80,8 +82,24 @@ class Subscription:
             raise SubscriptionLost("the subscription's connection ended or fell behind")
         return change
 
+    async def alive(self, timeout_s: float) -> bool:
+        """Whether the listening connection still answers (a connection cut without a word,
+        by a partition, would otherwise look alive and deliver nothing). A failed check loses
+        the subscription."""
+        if self._lost:
+            return False
+        try:
+            await self._conn.execute("SELECT 1", timeout=timeout_s)
+        except UNREACHABLE:
+            self._lose()
+            return False
+        return True
+
     async def close(self) -> None:
-        await self._conn.close()
+        try:
+            await self._conn.close(timeout=CONNECT_TIMEOUT_S)
+        except UNREACHABLE:
+            self._conn.terminate()
 
     async def __aenter__(self) -> Subscription:
         return self

@@ -66,7 +66,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.ChatRequest, context: Context
     ) -> None:
         call = _call()
-        key = self._service.authenticate(_secret(context), call)
+        key = await self._service.authenticate(_secret(context), call)
         run = await self._service.admit_chat(key, wire.chat_params(request), call)
         await _stream(context, run, call, whole=request.final_only, echo=False)
 
@@ -74,7 +74,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.CompleteRequest, context: Context
     ) -> None:
         call = _call()
-        key = self._service.authenticate(_secret(context), call)
+        key = await self._service.authenticate(_secret(context), call)
         run = await self._service.admit_completion(key, wire.completion_params(request), call)
         await _stream(context, run, call, whole=request.final_only, echo=request.echo)
 
@@ -82,7 +82,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.EmbedRequest, context: Context
     ) -> inference_pb2.EmbedResponse:
         call = _call()
-        key = self._service.authenticate(_secret(context), call)
+        key = await self._service.authenticate(_secret(context), call)
         if request.HasField("dimensions") and request.dimensions < 1:
             raise errors.InvalidRequest("dimensions must be at least 1", param="dimensions")
         result = await self._service.embed(
@@ -118,7 +118,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.TokenizeRequest, context: Context
     ) -> inference_pb2.TokenizeResponse:
         call = _call()
-        key = self._service.authenticate(_secret(context), call)
+        key = await self._service.authenticate(_secret(context), call)
         if request.messages and request.text:
             raise errors.InvalidRequest("send either messages or text, not both", param="text")
         messages = wire.chat_messages(request.messages) if request.messages else []
