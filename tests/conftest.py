@@ -3,21 +3,27 @@ stack as processes (for tests that use it as a client would)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import msgspec
 import pytest
 
 from corvex.v1 import accounts_pb2
 from corvex_core.config import CoreConfig, SimulatedEngineConfig
+from corvex_core.pg import server as pg
+from corvex_core.pg.server import PgServer
 from corvex_core.server import Core
 from corvex_ops.admin import Client
 from corvex_ops.stack import Stack, running_stack
 
 ADMIN_TOKEN = "test-admin-token"
+# The database of the session's PostgreSQL that tests/core/pg makes its schemas in.
+DATABASE = "corvex_test"
 FAST_ENGINE: dict[str, Any] = {
     "backend": "simulated",
     "ttft_ms": 0,
@@ -105,3 +111,20 @@ def new_account(
         accounts_pb2.CreateKeyRequest(workspace_id=ws.id, name=name, limits=limits)
     )
     return Account(ws.id, created.key.id, created.secret)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One throwaway PostgreSQL for the whole session, stopped (and deleted) at its end: the
+    ledger tests make a schema per test in it, the cluster tests a database per module."""
+    with pg.running() as running:
+        asyncio.run(execute_sql(running.dsn(), f"CREATE DATABASE {DATABASE}"))
+        yield running
+
+
+async def execute_sql(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()

@@ -23,6 +23,7 @@ from typing import Final
 
 import msgspec
 
+from corvex_core import errors
 from corvex_core.cluster.link import Link, unavailable
 from corvex_core.cluster.mirror import MirrorLedger
 from corvex_core.cluster.supply import LeaseSupply
@@ -240,6 +241,13 @@ class AccountSync:
             await self.apply(change)
 
     async def apply(self, change: AccountChange) -> None:
+        try:
+            await self._apply(change)
+        except errors.NotFound:
+            pass  # gone, or of another ledger on the same database (its schema): not ours
+        self.changes_applied += 1
+
+    async def _apply(self, change: AccountChange) -> None:
         what = change.what
         if what == "workspace_created":
             await self.refresh_workspace(change.workspace_id)
@@ -250,7 +258,6 @@ class AccountSync:
             assert change.key_id is not None
             await self.refresh_key(change.key_id)
         # Top-ups and auto-reload settings need nothing here: the next grant reads them.
-        self.changes_applied += 1
 
     def _lose(self, error: BaseException) -> None:
         if self._fresh:

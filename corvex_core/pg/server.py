@@ -115,6 +115,17 @@ def stop(server: PgServer) -> None:
         shutil.rmtree(server.data_dir)
 
 
+def pause(server: PgServer) -> None:
+    """Stops the server (fast: open sessions are ended), keeping its data and its directory,
+    throwaway or not; `resume` starts it again on the same port. An operator's restart."""
+    _pg_ctl(server.data_dir, "-m", "fast", "stop")
+
+
+def resume(server: PgServer) -> None:
+    log = str(server.data_dir / LOG_FILE)
+    _pg_ctl(server.data_dir, "-o", f"-p {server.port}", "-l", log, "start")
+
+
 @contextlib.contextmanager
 def running(data_dir: Path | None = None, *, port: int = 0) -> Iterator[PgServer]:
     """A server for the duration of a `with` block, stopped on the way out.

