@@ -28,6 +28,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -239,18 +240,20 @@ def _run(argv: list[str]) -> None:
     hold a pipe open, and reading it to the end would never finish.
     """
     owner = _service_account()
-    uid, gid = owner if owner is not None else (None, None)
+    command = argv
+    if owner is not None:
+        # A fresh interpreter drops privileges and execs: subprocess's own user=/group= would
+        # fork() this process for real, and the child of a process using gRPC crashes in
+        # gRPC's fork handlers. Without them subprocess uses vfork, which runs none.
+        command = [sys.executable, "-c", _AS_USER, str(owner[0]), str(owner[1]), *argv]
     with tempfile.TemporaryFile() as out:
         done = subprocess.run(
-            argv,
+            command,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd="/",
             env={"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"},
-            user=uid,
-            group=gid,
-            extra_groups=[] if owner is not None else None,
             timeout=START_TIMEOUT_S + 30,
             check=False,
         )
@@ -259,6 +262,12 @@ def _run(argv: list[str]) -> None:
     if done.returncode != 0:
         name = Path(argv[0]).name
         raise PgServerError(f"{name} exited with {done.returncode}: {output.strip()}")
+
+
+_AS_USER: Final = (
+    "import os, sys; uid, gid = int(sys.argv[1]), int(sys.argv[2]); os.setgroups([]); "
+    "os.setgid(gid); os.setuid(uid); os.execv(sys.argv[3], sys.argv[3:])"
+)
 
 
 def _log_tail(data_dir: Path, lines: int = 20) -> str:
