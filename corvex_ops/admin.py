@@ -25,6 +25,7 @@ import grpc
 import msgspec
 from google.protobuf import field_mask_pb2
 
+from corvex import tls
 from corvex.config import load_section
 from corvex.money import MoneyError, cents_from_usd, format_usd
 from corvex.v1 import accounts_pb2, accounts_pb2_grpc
@@ -74,6 +75,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=os.environ.get("CORVEX_CONFIG"), metavar="FILE")
     parser.add_argument("--core", metavar="HOST:PORT", help="core address ($CORVEX_ADMIN_CORE)")
     parser.add_argument("--admin-token", help="admin credential ($CORVEX_ADMIN_TOKEN)")
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("CORVEX_ADMIN_TLS_CA"),
+        metavar="FILE",
+        help="talk TLS to the core, whose certificate this CA signed ($CORVEX_ADMIN_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=os.environ.get("CORVEX_ADMIN_TLS_CERT"),
+        metavar="FILE",
+        help="this client's certificate, for cores that require mutual TLS",
+    )
+    parser.add_argument(
+        "--tls-key", default=os.environ.get("CORVEX_ADMIN_TLS_KEY"), metavar="FILE",
+        help="its key",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="admin_command", required=True, metavar="OBJECT")
     for add in (_workspace_args, _credits_args, _cap_args, _reload_args, _key_args,
                 _usage_args, _invoice_args, _endpoint_args):  # fmt: skip
@@ -222,8 +239,28 @@ def connection(args: argparse.Namespace) -> tuple[str, str]:
 class Client:
     """A small synchronous Accounts client that adds the admin credential to every call."""
 
-    def __init__(self, address: str, token: str) -> None:
-        self._channel = grpc.insecure_channel(address)
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        *,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
+    ) -> None:
+        """With `ca_file`, over TLS (the core's certificate signed by it); `cert_file` and
+        `key_file` present this client's own certificate (cores that require mutual TLS)."""
+        if ca_file:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=tls.read_pem(ca_file, "CA file"),
+                private_key=tls.read_pem(key_file, "key file") if key_file else None,
+                certificate_chain=tls.read_pem(cert_file, "certificate file")
+                if cert_file
+                else None,
+            )
+            self._channel = grpc.secure_channel(address, credentials)
+        else:
+            self._channel = grpc.insecure_channel(address)
         self._stub = accounts_pb2_grpc.AccountsStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self.address = address
@@ -527,12 +564,18 @@ def _endpoint(client: Client, args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     try:
         address, token = connection(args)
-        client = Client(address, token)
+        client = Client(
+            address,
+            token,
+            ca_file=args.tls_ca or "",
+            cert_file=args.tls_cert or "",
+            key_file=args.tls_key or "",
+        )
         try:
             result = execute(client, args)
         finally:
             client.close()
-    except AdminError as exc:
+    except (AdminError, tls.TlsError) as exc:
         print(f"corvex admin: {exc}", file=sys.stderr)
         return 1
     if isinstance(result, str):

@@ -287,12 +287,14 @@ def running_cluster(
     env: Mapping[str, str] | None = None,
     log_to_file: bool = True,
     edge_workers: int = 1,
+    core_configs: list[Mapping[str, Any]] | None = None,
 ) -> Iterator[Cluster]:
     """`cores` cores in postgres mode on loopback, and an edge across them (unless edge_port
     is None); everything (the local PostgreSQL too) stopped on exit.
 
     Without `dsn` a PostgreSQL server runs for the cluster: on `pg_dir` (kept), or a
     throwaway. The DSN reaches the cores through the environment, never their command line.
+    `core_configs` gives each core a configuration of its own (`config` is then the edge's).
     """
     assert cores >= 1
     with contextlib.ExitStack() as exits:
@@ -320,8 +322,12 @@ def running_cluster(
         for index in range(cores):
             port = core_ports[index] if core_ports else 0
             metrics = metrics_ports[index] if metrics_ports else 0
+            own_config = config_path
+            if core_configs is not None:
+                own_config = str(workdir / f"core-{index + 1}.yaml")
+                Path(own_config).write_bytes(msgspec.yaml.encode(dict(core_configs[index])))
             args = command_line(
-                "core", config=config_path, host=host, port=port,
+                "core", config=own_config, host=host, port=port,
                 data_dir=data / f"core-{index + 1}", metrics_port=metrics,
             )  # fmt: skip
             all_args.append(args)

@@ -128,9 +128,10 @@ def nothing_lost(cluster: Cluster, traffic: Traffic) -> None:
     async def check() -> None:
         ws = traffic.workspace_id
         invoices = await fetch(
-            cluster.dsn, "SELECT idempotency_key, amount_nano FROM invoices WHERE workspace_id = $1",
+            cluster.dsn,
+            "SELECT idempotency_key, amount_nano FROM invoices WHERE workspace_id = $1",
             ws,
-        )  # fmt: skip
+        )
         charges = await fetch(
             cluster.dsn, "SELECT request_id, cost_nano FROM charges WHERE workspace_id = $1", ws
         )
