@@ -15,6 +15,7 @@ Also this core's share of each key's per-minute limits: its index among the live
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import ssl as ssl_module
@@ -241,10 +242,9 @@ class AccountSync:
             await self.apply(change)
 
     async def apply(self, change: AccountChange) -> None:
-        try:
+        # Not found: gone, or of another ledger on the same database (its schema): not ours.
+        with contextlib.suppress(errors.NotFound):
             await self._apply(change)
-        except errors.NotFound:
-            pass  # gone, or of another ledger on the same database (its schema): not ours
         self.changes_applied += 1
 
     async def _apply(self, change: AccountChange) -> None:
