@@ -1,0 +1,123 @@
+"""`corvex serve --cores 2`: a local PostgreSQL, two cores and an edge, the same banner as one
+core, the README tour's calls, and nothing left running after Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import openai
+import psutil
+import pytest
+
+from tests.conftest import FAST_ENGINE, MODEL
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A directory PostgreSQL's own user may pass through (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="corvex-serve-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_serve_with_two_cores_runs_the_tour_and_stops_everything(scratch: Path) -> None:
+    config = scratch / "corvex.yaml"
+    config.write_bytes(
+        msgspec.yaml.encode(
+            {
+                "core": {"metrics_port": -1, "engines": {"default": FAST_ENGINE}},
+                "edge": {"metrics_port": -1},
+            }
+        )
+    )
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "corvex_cli",
+            "serve",
+            "--cores",
+            "2",
+            "--config",
+            str(config),
+            "--port",
+            "0",
+            "--core-port",
+            "0",
+            "--data-dir",
+            str(scratch / "data"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert serve.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = serve.stdout.readline()
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        banner = "".join(lines)
+        assert (
+            "Corvex is running (simulated engines, 2 cores sharing a PostgreSQL ledger)" in banner
+        )
+        url = re.search(r"OpenAI API   (\S+)", banner)
+        key = re.search(r"API key      (\S+)", banner)
+        cores = re.search(r"gRPC core    (\S+), (\S+)", banner)
+        workspace = re.search(r"workspace    dev \((ws_\w+)\), balance \$5\.00", banner)
+        assert url and key and cores and workspace, banner
+        assert "ledger       PostgreSQL 127.0.0.1:" in banner
+        with openai.OpenAI(base_url=url[1], api_key=key[1], max_retries=0) as client:
+            reply = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=12
+            )
+        assert reply.usage is not None and (reply.usage.model_extra or {})["cost"]
+        token = (scratch / "data" / "admin_token").read_text().strip()
+        shown = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "corvex_cli",
+                "admin",
+                "--core",
+                cores[2],
+                "--admin-token",
+                token,
+                "workspace",
+                "show",
+                workspace[1],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        balance = json.loads(shown.stdout)["balance_usd"]
+        assert balance == f"{5 - float((reply.usage.model_extra or {})['cost']):.8f}".rstrip("0")
+        children = psutil.Process(serve.pid).children(recursive=True)
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        assert serve.wait(60) == 0
+        if serve.stdout is not None:
+            serve.stdout.close()
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
