@@ -33,7 +33,7 @@ from benchmarks.vocabulary import Slo
 from benchmarks.workload import Lengths, Workload, parse_model_mix
 
 COMMANDS = ("suite", "run", "micro", "profile", "report", "harnesses", "paced", "capacity",
-            "soak", "stalls")  # fmt: skip
+            "soak", "stalls", "cluster")  # fmt: skip
 DEFAULT_OUT = Path("benchmarks/results")
 DEFAULT_README = Path("benchmarks/README.md")
 
@@ -228,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--minutes", type=float, default=10.0)
     soak.add_argument("--fraction", type=float, default=0.75, help="of the capacity's streams")
     soak.add_argument("--streams", type=int, help="this many streams (skips the capacity)")
+    clu = sub.add_parser(
+        "cluster",
+        help="1 core vs 2 cores vs the default; charges committed to PostgreSQL vs journaled",
+        parents=[common],
+    )
+    clu.add_argument("--concurrency", "-c", type=int, default=32)
+    clu.add_argument("--duration", type=float, default=5.0, help="measured s per case")
+    clu.add_argument("--repeats", type=int, default=2, help="interleaved rounds")
+    clu.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     rep = sub.add_parser("report", help="re-render latest.md, charts and README from JSON")
     rep.add_argument("--from", dest="source", type=Path, default=DEFAULT_OUT / "latest.json")
     _suite_args(rep)
@@ -501,6 +510,13 @@ def command_soak(args: argparse.Namespace) -> int:
     return 0 if all(f.flat for f in result.flatness.values()) else 1
 
 
+def command_cluster(args: argparse.Namespace) -> int:
+    from benchmarks import cluster
+
+    args.progress = _progress(args)
+    return cluster.command(args)
+
+
 def command_stalls(args: argparse.Namespace) -> int:
     from benchmarks import stalls
 
@@ -528,5 +544,5 @@ def main(argv: list[str]) -> int:
                 "profile": command_profile, "report": command_report,
                 "harnesses": command_harnesses, "paced": command_paced,
                 "capacity": command_capacity, "soak": command_soak,
-                "stalls": command_stalls}  # fmt: skip
+                "stalls": command_stalls, "cluster": command_cluster}  # fmt: skip
     return handlers[args.command](args)
