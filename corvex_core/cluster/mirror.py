@@ -39,7 +39,7 @@ from corvex_core.ledger import (
     _check_name,
     hash_secret,
 )
-from corvex_core.records import KeyLimits
+from corvex_core.records import Charged, KeyLimits, Record
 from corvex_core.state import ApiKey, Workspace, check
 
 # A mirrored key's month: later than any real one, so `roll_key_month` never resets the count
@@ -133,6 +133,12 @@ class MirrorLedger(Ledger):
         known.revoked = known.revoked or key.revoked
         known.limits = limits
         return known
+
+    def apply(self, record: Record) -> None:
+        super().apply(record)
+        if isinstance(record, Charged):
+            # Usage lives in PostgreSQL; totals kept here would only grow.
+            self._state.usage.pop(record.workspace_id, None)
 
     def mirrored_key(self, key_id: str) -> ApiKey | None:
         return self._state.keys.get(key_id)

@@ -88,7 +88,11 @@ class AccountStore:
 
     # ---- workspaces and money --------------------------------------------------------------
 
-    async def create_workspace(self, workspace_id: str, name: str) -> WorkspaceRow:
+    async def create_workspace(
+        self, workspace_id: str, name: str, *, starter_nano: int = 0
+    ) -> WorkspaceRow:
+        """Makes a workspace, with `starter_nano` of starter credits (and their invoice,
+        idempotency key `starter:<id>`) in the same transaction."""
         now = self._clock()
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
@@ -97,6 +101,11 @@ class AccountStore:
                 *(workspace_id, name, now, utc_month(now)),
             )
             await notify.send(conn, notify.AccountChange("workspace_created", workspace_id))
+            if starter_nano:
+                key = f"starter:{workspace_id}"
+                await _issue(conn, workspace_id, starter_nano, "starter", key, now)
+                await notify.send(conn, notify.AccountChange("credits_added", workspace_id))
+                row = await conn.fetchrow("SELECT * FROM workspaces WHERE id = $1", workspace_id)
         return _workspace(row)
 
     async def top_up(

@@ -107,12 +107,9 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
         mirror.check_amount(starter * NANO_PER_CENT, allow_zero=True)
         workspace_id = "ws_" + secrets.token_hex(8)
         with db.purpose("accounts"), self._link.watching():
-            row = await self._accounts.create_workspace(workspace_id, request.name)
-            if starter:
-                await self._accounts.top_up(
-                    workspace_id, starter * NANO_PER_CENT, "starter", f"starter:{workspace_id}"
-                )
-                row = await self._accounts.workspace(workspace_id)
+            row = await self._accounts.create_workspace(
+                workspace_id, request.name, starter_nano=starter * NANO_PER_CENT
+            )
         self._sync.install_workspace(row)
         return self._workspace_pb(row)
 
