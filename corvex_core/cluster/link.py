@@ -84,7 +84,7 @@ class Link:
                     with db.purpose("probe"):
                         async with self._pool.acquire() as conn:
                             await conn.fetchval("SELECT 1", timeout=PROBE_S * 4)
-                except db.UNREACHABLE:
+                except Exception:  # anything but an answer: still down
                     continue
                 self._up = True
                 log.info("the ledger database is reachable again")

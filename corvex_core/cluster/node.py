@@ -49,7 +49,11 @@ log = logging.getLogger(__name__)
 CORE_ID_FILE: Final = "core_id"
 # Start-up waits this long for the first full load of the accounts.
 FRESH_TIMEOUT_S: Final = 30.0
-# A core's heartbeat older than this many intervals counts as gone (for the shares).
+# A core counts as live (for the shares of per-minute limits) while its last heartbeat is
+# younger than this many intervals, and at least a lease TTL: a core joining shrinks every
+# share within a heartbeat, but one that seems gone (a late heartbeat on a busy machine)
+# grows the others' shares only once it would have lost its leases too, so a flap never lets
+# the shares sum past the limit.
 LIVE_INTERVALS: Final = 3
 _LOOPBACK: Final = ("127.0.0.1", "::1", "localhost")
 _COMMIT_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5)
@@ -276,9 +280,8 @@ class ClusterNode:
         with db.purpose("heartbeat"):
             now = self._clock()
             await self.link.call(membership.heartbeat(self.pool, self.core_id, self.address, now))
-            members = await self.link.call(
-                membership.live(self.pool, now, interval * LIVE_INTERVALS)
-            )
+            within = max(interval * LIVE_INTERVALS, self.config.lease_ttl_s)
+            members = await self.link.call(membership.live(self.pool, now, within))
         ids = sorted({m.core_id for m in members} | {self.core_id})
         self.live_cores = len(ids)
         self.sync.set_shares(len(ids), ids.index(self.core_id))

@@ -178,7 +178,11 @@ class ChargeShipper:
             if not self._pending():
                 self._idle.set()
                 continue
-            reachable = await self._pass()
+            try:
+                reachable = await self._pass()
+            except Exception:
+                log.critical("a pass of the charge shipper failed", exc_info=True)
+                reachable = False
             if reachable:
                 delay = RETRY_INITIAL_S
             else:
@@ -237,6 +241,12 @@ class ChargeShipper:
                     self._retry[lease_id] = batch
                 self._on_down(exc)
                 return False
+            except Exception:
+                # Never seen; if it happens the charges are kept and tried again, never lost.
+                log.critical("charging lease %d failed unexpectedly", lease_id, exc_info=True)
+                if batch:
+                    self._retry[lease_id] = batch
+                return False
             except LeaseGone:
                 await self._settle_gone(batch)
                 return True
@@ -264,6 +274,9 @@ class ChargeShipper:
                 return False
             except LeaseExceeded:
                 log.critical("token lease %d gave back more than it holds", token_lease_id)
+            except Exception:
+                log.critical("giving back tokens of lease %d failed", token_lease_id,
+                             exc_info=True)  # fmt: skip
         return True
 
     async def _settle_gone(self, batch: list[tuple[str, Charge]]) -> None:

@@ -66,7 +66,7 @@ class _Slot:
     """One lease of this core: the credit of a workspace or the tokens of a key."""
 
     __slots__ = ("acquiring", "exact", "expires_at", "generation", "holds", "last_used",
-                 "lease_id", "owner", "topping")  # fmt: skip
+                 "lease_id", "owner", "refused", "topping")  # fmt: skip
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
@@ -78,6 +78,10 @@ class _Slot:
         # The workspace (key) had less than `exact_below` spendable at the last grant.
         self.exact = False
         self.acquiring: asyncio.Future[None] | None = None
+        # The least the last acquire asked for and what PostgreSQL said (the workspace's money
+        # or the key's tokens), when it got nothing: requests that waited for it and need as
+        # much are refused alike, without asking.
+        self.refused: tuple[int, Any] | None = None
         self.topping = False
         self.holds = 0
         self.last_used = time.monotonic()
@@ -301,6 +305,10 @@ class LeaseSupply:
             if slot.acquiring is not None:
                 await asyncio.shield(slot.acquiring)
                 self._set_aside(short, slot, None)
+                said = self._refused_alike(short, slot, short.credit_least - short.set_aside_nano)
+                if said is not None:
+                    short.refusal = short.refusal or self._unaffordable(short, said)
+                    return
                 continue
             self._drop_stale(short, slot)
             need_most = short.credit_most - short.set_aside_nano
@@ -323,8 +331,11 @@ class LeaseSupply:
             if grant.granted_nano < need_least or (slot.lease_id is None and need_least == 0):
                 self.grants["refused"] += 1
                 short.refusal = self._unaffordable(short, grant.money)
+                if slot.lease_id is None:
+                    slot.refused = (need_least, grant.money)
             else:
                 self.grants["granted"] += 1
+                slot.refused = None
             return
 
     async def _grant_credit(self, slot: _Slot, want: Want) -> CreditGrant:
@@ -368,6 +379,10 @@ class LeaseSupply:
             if slot.acquiring is not None:
                 await asyncio.shield(slot.acquiring)
                 self._set_aside(short, None, slot)
+                said = self._refused_alike(short, slot, short.tokens_least - short.set_aside_tokens)
+                if said is not None:
+                    short.refusal = short.refusal or self._token_limit(short, said)
+                    return
                 continue
             if short.token_generation != slot.generation:
                 short.set_aside_tokens = 0
@@ -391,6 +406,10 @@ class LeaseSupply:
             self._take_tokens(short, slot, grant, max(need_most, 0))
             if grant.granted_tokens < need_least or (slot.lease_id is None and need_least == 0):
                 short.refusal = short.refusal or self._token_limit(short, grant)
+                if slot.lease_id is None:
+                    slot.refused = (need_least, grant)
+            else:
+                slot.refused = None
             return
 
     async def _grant_tokens(self, slot: _Slot, want: Want) -> TokenGrant:
@@ -428,6 +447,15 @@ class LeaseSupply:
         if tokens.limit is not None:
             room = tokens.limit - tokens.month_tokens - tokens.tokens_leased
             slot.exact = room + granted < self._policy.exact_below_tokens
+
+    @staticmethod
+    def _refused_alike(short: Shortfall, slot: _Slot, need_least: int) -> Any:
+        """After waiting for another request's acquire that got nothing: what PostgreSQL said
+        then, if this request needs at least as much (it is refused alike, with no round trip
+        of its own); else None."""
+        if slot.lease_id is not None or slot.refused is None or need_least < slot.refused[0]:
+            return None
+        return slot.refused[1]
 
     # ---- what PostgreSQL's numbers say -------------------------------------------------------
 
@@ -596,6 +624,8 @@ class LeaseSupply:
                 await self.renew_all()
             except errors.ServiceUnavailable:
                 continue  # the link is down; leases lapse on their own if it stays down
+            except Exception:
+                log.exception("renewing leases failed; trying again next round")
 
     async def renew_all(self) -> None:
         with db.purpose("renew"):
@@ -701,6 +731,8 @@ class LeaseSupply:
                 await self._renew_credit(slot, asyncio.Semaphore(1))
         except errors.ServiceUnavailable:
             pass
+        except Exception:
+            log.exception("topping up the lease of %s failed", slot.owner)
         finally:
             slot.topping = False
 

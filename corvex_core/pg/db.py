@@ -114,8 +114,10 @@ def no_key(key_id: str) -> errors.NotFound:
 
 # What "the database cannot be reached right now" looks like: refused or dropped connections,
 # a server shutting down or starting up, a statement cancelled by COMMAND_TIMEOUT_S, no free
-# connection slot. A core turns these into clean refusals (UNAVAILABLE) and retries; anything
-# else is a bug or a constraint doing its job.
+# connection slot, and the driver's own confusion on a connection that broke under it
+# (InternalClientError "another operation is in progress", seen when a server restarts). A
+# core turns these into clean refusals (UNAVAILABLE) and retries; anything else is a bug or a
+# constraint doing its job.
 UNREACHABLE: Final = (
     OSError,
     TimeoutError,
@@ -123,4 +125,5 @@ UNREACHABLE: Final = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.InterfaceError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.exceptions.InternalClientError,
 )

@@ -28,7 +28,9 @@ the UPDATE rechecks from its statement snapshot's older row version and waits fo
 lock that a concurrent `FOR NO KEY UPDATE` holds while it waits for us (test_races found it).
 Rows are always locked in one order (lease, token leases by id, workspace, keys by id), and
 the expiry sweep skips leases that others hold locked (they expire on the next sweep), so
-these transactions never deadlock one another.
+these transactions never deadlock one another. A charge batch, the one operation on a core's
+hot path, runs as a single statement: the same steps in the same order, in the server-side
+function `corvex_charge` (migration 0003), so group commit costs one round trip per batch.
 
 Time comes from the caller's clock (`expires_at` is computed here, never by now() in SQL), so
 tests can move it. A month rolls over on the first write in a later UTC month and never goes
@@ -43,6 +45,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Final
 
+import asyncpg
 import msgspec
 
 from corvex_core.pg import db
@@ -211,6 +214,15 @@ SELECT revoked_at, limit_monthly_tokens, month, month_tokens, tokens_leased
 FROM keys WHERE id = $1
 """
 
+_CHARGE = """
+SELECT corvex_charge($1, $2, $3, $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[],
+                     $9::bigint[], $10::bigint[], $11::bigint[], $12::text[],
+                     $13::timestamptz[], $14::bigint[])
+"""
+# The SQLSTATEs corvex_charge raises (migration 0003).
+_GONE: Final = "CX001"
+_EXCEEDED: Final = "CX002"
+
 _RELEASE = """
 WITH gone AS (DELETE FROM leases WHERE id = $1 RETURNING workspace_id, credit_nano)
 UPDATE workspaces AS w SET leased_nano = w.leased_nano - g.credit_nano
@@ -224,38 +236,6 @@ UPDATE keys AS k SET tokens_leased = k.tokens_leased - g.tokens
 FROM gone AS g WHERE k.id = g.key_id
 RETURNING g.tokens
 """
-
-_INSERT_CHARGES = """
-INSERT INTO charges (charge_id, request_id, workspace_id, key_id, core_id, model, prompt_tokens,
-                     completion_tokens, cached_prompt_tokens, cost_nano, rate_card_version, at)
-SELECT u.charge_id, u.request_id, $1, u.key_id, $2, u.model, u.prompt_tokens,
-       u.completion_tokens, u.cached_prompt_tokens, u.cost_nano, u.rate_card_version, u.at
-FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[],
-            $9::bigint[], $10::bigint[], $11::text[], $12::timestamptz[])
-     AS u(charge_id, request_id, key_id, model, prompt_tokens, completion_tokens,
-          cached_prompt_tokens, cost_nano, rate_card_version, at)
-ON CONFLICT (charge_id) DO NOTHING
-RETURNING charge_id
-"""
-
-_PAY_WORKSPACE = """
-UPDATE workspaces
-SET balance_nano = balance_nano - $2,
-    leased_nano = leased_nano - $2,
-    month_spend_nano = CASE WHEN $3 > month THEN 0 ELSE month_spend_nano END + $2,
-    month = GREATEST(month, $3)
-WHERE id = $1
-"""
-
-_COUNT_KEY_TOKENS = """
-UPDATE keys AS k
-SET month_tokens = CASE WHEN $4 > k.month THEN 0 ELSE k.month_tokens END + u.tokens,
-    month = GREATEST(k.month, $4),
-    tokens_leased = k.tokens_leased - u.leased
-FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(id, tokens, leased)
-WHERE k.id = u.id
-"""
-
 
 class LeaseStore:
     """The lease operations of one core (or of a test), each one transaction."""
@@ -452,33 +432,28 @@ class LeaseStore:
         `give_back_nano` of the lease's credit, after the charges, goes back to the workspace
         in the same transaction (a core near $0 returning what its requests did not use). It
         is not idempotent: a caller retrying a batch whose outcome it does not know passes 0.
+
+        One statement: the steps are the server-side function `corvex_charge` (migration
+        0003), in the lock order of this module.
         """
         assert len(charges) <= MAX_CHARGES_PER_BATCH, len(charges)
         ids = [c.charge_id for c in charges]
         assert len(set(ids)) == len(ids), "a charge id twice in one batch"
-        now = self._now()
-        async with self._pool.acquire() as conn, conn.transaction():
-            lease = await conn.fetchrow(
-                "SELECT core_id, workspace_id FROM leases WHERE id = $1 FOR NO KEY UPDATE",
-                lease_id,
-            )
-            if lease is None:
-                known = await conn.fetchval(
-                    "SELECT count(*) FROM charges WHERE charge_id = ANY($1::text[])", ids
+        assert 0 <= give_back_nano <= MAX_LEASE_NANO, give_back_nano
+        month = utc_month(self._now())
+        async with self._pool.acquire() as conn:
+            try:
+                new = await conn.fetchval(
+                    _CHARGE, lease_id, month, give_back_nano, *_charge_columns(charges)
                 )
-                if known == len(ids):
-                    return []  # A retry of a batch that committed before the lease ended.
-                raise LeaseGone(f"lease {lease_id} was released or has expired")
-            new: list[Charge] = []
-            if charges:
-                rows = await conn.fetch(_INSERT_CHARGES, *_charge_columns(lease, charges))
-                new_ids = {row["charge_id"] for row in rows}
-                new = [c for c in charges if c.charge_id in new_ids]
-            if new:
-                await _pay(conn, lease_id, lease["workspace_id"], new, utc_month(now))
-            if give_back_nano:
-                await _give_back(conn, lease_id, give_back_nano)
-        return [c.charge_id for c in new]
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate == _GONE:
+                    raise LeaseGone(str(exc)) from exc
+                if exc.sqlstate == _EXCEEDED:
+                    raise LeaseExceeded(str(exc)) from exc
+                raise
+        committed = set(new)
+        return [charge_id for charge_id in ids if charge_id in committed]
 
     async def known_charges(self, charge_ids: Sequence[str]) -> set[str]:
         """Which of these charges the ledger has (to settle a batch whose outcome is unknown)."""
@@ -737,12 +712,9 @@ async def _grant_tokens_by(
     return grant_tokens, tokens
 
 
-def _charge_columns(lease: Any, charges: Sequence[Charge]) -> list[object]:
-    """The arguments of _INSERT_CHARGES: the lease's workspace and core, then one array per
-    column."""
+def _charge_columns(charges: Sequence[Charge]) -> list[object]:
+    """The arrays of corvex_charge, one per column, in its parameters' order."""
     return [
-        lease["workspace_id"],
-        lease["core_id"],
         [c.charge_id for c in charges],
         [c.request_id for c in charges],
         [c.key_id for c in charges],
@@ -753,67 +725,8 @@ def _charge_columns(lease: Any, charges: Sequence[Charge]) -> list[object]:
         [c.cost_nano for c in charges],
         [c.rate_card_version for c in charges],
         [c.at for c in charges],
+        [c.token_lease_id for c in charges],
     ]
-
-
-async def _pay(
-    conn: Connection, lease_id: int, workspace_id: str, new: list[Charge], month: str
-) -> None:
-    """Moves the new charges' cost and tokens out of their leases (see `charge`)."""
-    by_token_lease = Counter[int]()
-    for c in new:
-        if c.token_lease_id is not None:
-            by_token_lease[c.token_lease_id] += c.tokens
-    await _take_tokens(conn, new, by_token_lease)
-    cost_nano = sum(c.cost_nano for c in new)
-    paid = await conn.fetchval(
-        "UPDATE leases SET credit_nano = credit_nano - $2 WHERE id = $1 AND credit_nano >= $2"
-        " RETURNING id",
-        lease_id,
-        cost_nano,
-    )
-    if paid is None:
-        raise LeaseExceeded(f"charges of {cost_nano} nano-USD exceed lease {lease_id}")
-    await conn.execute(_PAY_WORKSPACE, workspace_id, cost_nano, month)
-    tokens = Counter[str]()
-    leased = Counter[str]()
-    for c in new:
-        tokens[c.key_id] += c.tokens
-        leased[c.key_id] += c.tokens if c.token_lease_id is not None else 0
-    await _lock_rows(conn, "keys", tokens)
-    keys = list(tokens)
-    await conn.execute(
-        _COUNT_KEY_TOKENS, keys, [tokens[k] for k in keys], [leased[k] for k in keys], month
-    )
-
-
-async def _take_tokens(conn: Connection, new: list[Charge], by_lease: Counter[int]) -> None:
-    """Takes each token lease's share of the new charges' tokens out of it."""
-    if not by_lease:
-        return
-    ids = sorted(by_lease)
-    rows = await conn.fetch(
-        "SELECT id, key_id FROM token_leases WHERE id = ANY($1::bigint[]) ORDER BY id"
-        " FOR NO KEY UPDATE",
-        ids,
-    )
-    key_of = {row["id"]: row["key_id"] for row in rows}
-    for c in new:
-        if c.token_lease_id is None:
-            continue
-        if c.token_lease_id not in key_of:
-            raise LeaseGone(f"token lease {c.token_lease_id} was released or has expired")
-        if key_of[c.token_lease_id] != c.key_id:
-            raise LeaseExceeded(f"token lease {c.token_lease_id} is not of key {c.key_id}")
-    taken = await conn.fetch(
-        "UPDATE token_leases AS t SET tokens = t.tokens - u.tokens"
-        " FROM unnest($1::bigint[], $2::bigint[]) AS u(id, tokens)"
-        " WHERE t.id = u.id AND t.tokens >= u.tokens RETURNING t.id",
-        ids,
-        [by_lease[i] for i in ids],
-    )
-    if len(taken) != len(ids):
-        raise LeaseExceeded("charges take more tokens than their token lease holds")
 
 
 async def _give_back(conn: Connection, lease_id: int, nano: int) -> None:

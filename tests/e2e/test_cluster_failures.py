@@ -61,6 +61,7 @@ class Traffic:
         self.shown: dict[str, int] = {}  # request id → cost the client saw
         self.outcomes: dict[str, str] = {}
         self.acknowledged: set[str] = set()
+        self.cuts: list[str] = []  # what a client saw of a stream cut short
         self.stop = asyncio.Event()
         self._numbers = iter(range(10**6))
 
@@ -89,8 +90,9 @@ class Traffic:
                     else:
                         assert client is not None
                         outcome = await via_edge(client, 60, request_id=rid)
-                except (openai.APIConnectionError, openai.APIError):
+                except (openai.APIConnectionError, openai.APIError) as exc:
                     outcome = ("cut", 0, 0)
+                    self.cuts.append(f"{type(exc).__name__}: {exc}")
                 self.outcomes[rid] = outcome[0]
                 if outcome[0] == "ok":
                     self.shown[rid] = outcome[1]
@@ -246,7 +248,12 @@ def test_postgres_restarted_under_load_means_clean_refusals_and_nothing_lost(
         seen = {traffic.outcomes[rid] for rid in during_outage}
         assert "service_unavailable" in seen or "UNAVAILABLE" in seen
         # Requests: an answer or a clean 503; top-ups: done or UNAVAILABLE.
-        assert {o for o in traffic.outcomes.values()} <= CLEAN | {"UNAVAILABLE"}
+        errors = [line for core in cluster.cores for line in core.log_text().splitlines()
+                  if '"level":"error"' in line or '"level":"critical"' in line]  # fmt: skip
+        assert {o for o in traffic.outcomes.values()} <= CLEAN | {"UNAVAILABLE"}, (
+            traffic.cuts[:3],
+            errors[:3],
+        )
         nothing_lost(cluster, traffic)
         admin.close()
 
