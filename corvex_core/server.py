@@ -150,9 +150,7 @@ class Core:
         clustered = config.ledger.backend == "postgres"
         self.ledger = MirrorLedger() if clustered else Ledger()
         self.limiter = RateLimiter()
-        journaled = config.journal.enabled and (
-            not clustered or config.ledger.charges == "journal"
-        )
+        journaled = config.journal.enabled and (not clustered or config.ledger.charges == "journal")
         self.journal = (
             Journal(self.data_dir, max_batch=config.journal.max_batch, fsync=config.journal.fsync)
             if journaled

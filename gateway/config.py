@@ -18,6 +18,8 @@ class DashboardConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Sign-in and sign-up attempts per client address per minute (the core also limits
     # failed sign-ins per email).
     sign_in_per_minute: int = 20
+
+
 class CoreTlsConfig(msgspec.Struct, forbid_unknown_fields=True):
     """TLS to the cores: their certificates must be signed by `ca_file` and name the host the
     edge dials; `cert_file`/`key_file` are this edge's own, for cores that require clients to

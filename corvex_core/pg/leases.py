@@ -237,6 +237,7 @@ FROM gone AS g WHERE k.id = g.key_id
 RETURNING g.tokens
 """
 
+
 class LeaseStore:
     """The lease operations of one core (or of a test), each one transaction."""
 

@@ -21,7 +21,7 @@ from corvex_core import errors
 from corvex_core.cluster import mirror
 from corvex_core.cluster.link import Link
 from corvex_core.cluster.sync import AccountSync, ms
-from corvex_core.invoices import invoice_html, invoice_json
+from corvex_core.invoices import invoice_html, invoice_json, invoice_pdf, parse_invoice_number
 from corvex_core.ledger import MAX_IDEMPOTENCY_KEY_CHARS
 from corvex_core.pg import db
 from corvex_core.pg.accounts import AccountStore, KeyRow, WorkspaceRow
@@ -31,7 +31,6 @@ from corvex_core.servicers.accounts import (
     invoice_pb,
     key_pb,
     limits_from_pb,
-    parse_invoice_number,
     workspace_pb,
 )
 from corvex_core.state import ApiKey, AutoReload, Workspace
@@ -290,11 +289,72 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
         ws = workspace_of(row, self._clock())
         if request.format == accounts_pb2.INVOICE_FORMAT_HTML:
             content_type, document = "text/html; charset=utf-8", invoice_html(invoice, ws)
+        elif request.format == accounts_pb2.INVOICE_FORMAT_PDF:
+            content_type, document = "application/pdf", invoice_pdf(invoice, ws)
         else:
             content_type, document = "application/json", invoice_json(invoice, ws)
         return accounts_pb2.InvoiceDocument(
             invoice=invoice_pb(invoice), content_type=content_type, document=document
         )
+
+    # ---- what a cluster refuses -------------------------------------------------------------
+    # Users, sessions, checkout, alerts and recent requests (issue 16), and reserved endpoints
+    # (issue 17), live in a single core's journal and memory; a cluster's ledger does not hold
+    # them yet. They are refused by name, never accepted and ignored.
+
+    async def SignUp(self, request: Any, context: Context) -> Any:
+        raise _customers_refused()
+
+    async def SignIn(self, request: Any, context: Context) -> Any:
+        raise _customers_refused()
+
+    async def SignOut(self, request: Any, context: Context) -> Any:
+        raise _customers_refused()
+
+    async def WhoAmI(self, request: Any, context: Context) -> Any:
+        raise _customers_refused()
+
+    async def GetStarterOffer(self, request: Any, context: Context) -> Any:
+        raise _customers_refused()
+
+    async def ClaimStarterCredits(self, request: Any, context: Context) -> Any:
+        raise _customers_refused()
+
+    async def StartCheckout(self, request: Any, context: Context) -> Any:
+        raise _customers_refused()
+
+    async def GetCheckout(self, request: Any, context: Context) -> Any:
+        raise _customers_refused()
+
+    async def CompleteCheckout(self, request: Any, context: Context) -> Any:
+        raise _customers_refused()
+
+    async def GetAlerts(self, request: Any, context: Context) -> Any:
+        raise _customers_refused()
+
+    async def SetAlerts(self, request: Any, context: Context) -> Any:
+        raise _customers_refused()
+
+    async def ListRecentRequests(self, request: Any, context: Context) -> Any:
+        raise _customers_refused()
+
+    async def CreateEndpoint(self, request: Any, context: Context) -> Any:
+        raise _endpoints_refused()
+
+    async def ListEndpoints(self, request: Any, context: Context) -> Any:
+        raise _endpoints_refused()
+
+    async def GetEndpoint(self, request: Any, context: Context) -> Any:
+        raise _endpoints_refused()
+
+    async def ResizeEndpoint(self, request: Any, context: Context) -> Any:
+        raise _endpoints_refused()
+
+    async def DeleteEndpoint(self, request: Any, context: Context) -> Any:
+        raise _endpoints_refused()
+
+    async def ListReservedCapacity(self, request: Any, context: Context) -> Any:
+        raise _endpoints_refused()
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -322,3 +382,19 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
             raise errors.InvalidRequest(
                 f"The smallest top-up is ${self._min_topup_cents / 100:.2f}.", param=param
             )
+
+
+def _customers_refused() -> errors.InvalidRequest:
+    return errors.InvalidRequest(
+        "Customer accounts (sign-up and sign-in, checkout, alerts, recent requests) are not "
+        "available when cores share a PostgreSQL ledger (core.ledger.backend: postgres): they "
+        "live in a single core's journal. Use the admin credential, or a single core."
+    )
+
+
+def _endpoints_refused() -> errors.InvalidRequest:
+    return errors.InvalidRequest(
+        "Reserved endpoints are not available when cores share a PostgreSQL ledger "
+        "(core.ledger.backend: postgres): their billing lives in a single core's journal. "
+        "Run them on a core with the journal ledger."
+    )

@@ -110,7 +110,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         secret = _secret(context)
         if secret is not None:
             # With a key, the workspace's own reserved endpoints too (and only its own).
-            key = self._service.authenticate(secret, _call())
+            key = await self._service.authenticate(secret, _call())
             models.extend(_endpoint_model(view) for view in self._service.endpoints_of(key))
         return inference_pb2.ListModelsResponse(models=models, rate_card_version=card.version)
 
