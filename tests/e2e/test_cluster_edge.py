@@ -1,19 +1,16 @@
 """The edge in front of several cores: each request goes to a core that serves its model, the
 load is spread, a draining core is taken out (what it refuses before admitting is sent to the
-other core once, so no client sees it), and `--workers 2` edge processes share one port."""
+other core once, so no client sees it). `--workers` is tested with the races
+(test_cluster_races.py), whose edge runs two processes on one port."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import openai
-import psutil
 import pytest
 
 from corvex_core.pg.server import PgServer
@@ -124,32 +121,3 @@ def test_a_draining_core_is_taken_out_and_nothing_it_refuses_reaches_a_client(
         assert answers == ["ok"] * 30
         assert long_outcomes == "ok"  # the draining core let its streams finish
         assert cluster.cores[0].popen.wait(30) == 0
-
-
-def test_edge_workers_share_one_port(pg_server: PgServer) -> None:
-    with (
-        cluster_database(pg_server) as dsn,
-        running_cluster(dsn=dsn, config=cluster_config(), edge_workers=2) as cluster,
-    ):
-        assert cluster.edge is not None
-        workers = psutil.Process(cluster.edge.pid).children()
-        assert len(workers) == 2
-        admin = Client(cluster.grpc_address, cluster.admin_token or "")
-        _, _, secret = new_workspace(admin, credits_cents=1000)
-        admin.close()
-        before = {w.pid: w.cpu_times().user + w.cpu_times().system for w in workers}
-        body = json.dumps(
-            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
-        ).encode()
-        # A new connection each time (urllib keeps none): the kernel spreads connections.
-        for _ in range(40):
-            request = urllib.request.Request(
-                cluster.http_url + "/v1/chat/completions",
-                data=body,
-                headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=30) as reply:
-                assert reply.status == 200
-        time.sleep(0.2)
-        after = {w.pid: w.cpu_times().user + w.cpu_times().system for w in workers}
-        assert all(after[pid] > before[pid] for pid in before), (before, after)

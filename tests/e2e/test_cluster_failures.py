@@ -65,6 +65,14 @@ class Traffic:
         self.stop = asyncio.Event()
         self._numbers = iter(range(10**6))
 
+    async def answered(self, count: int, timeout_s: float = 60) -> None:
+        """Waits until clients were shown `count` answers (a point in the traffic, not a time
+        a loaded machine can outrun)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.shown) < count:
+            assert time.monotonic() < deadline, f"only {len(self.shown)} answers of {count}"
+            await asyncio.sleep(0.02)
+
     async def run(self, during: Callable[[], Any]) -> None:
         addresses = self.cluster.grpc_addresses
         async with openai.AsyncOpenAI(
@@ -170,11 +178,10 @@ def test_kill_9_of_one_core_loses_nothing_and_its_leases_return(dsn: str) -> Non
         dead_id = (cluster.core_data_dir(0) / "core_id").read_text().strip()
 
         async def kill_then_keep_serving() -> None:
-            await asyncio.sleep(1.5)
+            await traffic.answered(15)
             dead.signal(signal.SIGKILL)
-            killed_at = len(traffic.shown)
-            await asyncio.sleep(2.5)  # the survivor renews its leases meanwhile
-            assert len(traffic.shown) > killed_at, "the other core stopped serving"
+            await traffic.answered(30)  # the other core keeps serving
+            await asyncio.sleep(1.2)  # and renews its leases after the kill
 
         asyncio.run(traffic.run(kill_then_keep_serving))
         assert dead.popen.wait(10) == -signal.SIGKILL
@@ -232,17 +239,13 @@ def test_postgres_restarted_under_load_means_clean_refusals_and_nothing_lost(
         during_outage: set[str] = set()
 
         async def restart_postgres() -> None:
-            await asyncio.sleep(1.0)
+            await traffic.answered(15)
             await asyncio.to_thread(pg.pause, pg_server)
             paused = set(traffic.outcomes)
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(1.5)
             during_outage.update(set(traffic.outcomes) - paused)
             await asyncio.to_thread(pg.resume, pg_server)
-            resumed_at = len(traffic.shown)
-            deadline = time.monotonic() + 20
-            while len(traffic.shown) < resumed_at + 20:
-                assert time.monotonic() < deadline, "the cluster did not resume"
-                await asyncio.sleep(0.1)
+            await traffic.answered(len(traffic.shown) + 20)  # it resumes
 
         asyncio.run(traffic.run(restart_postgres))
         seen = {traffic.outcomes[rid] for rid in during_outage}
@@ -271,7 +274,7 @@ def test_a_core_with_charges_in_its_journal_ships_them_after_kill_9(
         traffic = Traffic(cluster, secret, workspace_id)
 
         async def kill_while_postgres_is_away() -> None:
-            await asyncio.sleep(1.5)
+            await traffic.answered(15)
             await asyncio.to_thread(pg.pause, pg_server)
             await asyncio.sleep(0.5)  # streams in flight finish: charged on disk only
             cluster.cores[0].signal(signal.SIGKILL)

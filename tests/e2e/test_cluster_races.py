@@ -7,17 +7,21 @@ nano-dollar, and account changes made on one core are in force on the other with
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import openai
+import psutil
 import pytest
 
 from corvex.v1 import accounts_pb2, inference_pb2_grpc
 from corvex_core.pg.server import PgServer
 from corvex_ops.admin import AdminError, Client
 from corvex_ops.stack import Cluster, running_cluster
+from tests.conftest import MODEL
 from tests.e2e.cluster import (
     Outcome,
     cluster_config,
@@ -37,8 +41,12 @@ PROPAGATION_BOUND_S = 1.0
 
 @pytest.fixture(scope="module")
 def cluster(pg_server: PgServer) -> Iterator[Cluster]:
-    with cluster_database(pg_server) as dsn, running_cluster(dsn=dsn, config=cluster_config()) as c:
-        yield c
+    """Two cores, and an edge of two processes sharing one port (`corvex edge --workers 2`)."""
+    with (
+        cluster_database(pg_server) as dsn,
+        running_cluster(dsn=dsn, config=cluster_config(), edge_workers=2) as running,
+    ):
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +275,26 @@ def test_what_lives_only_in_a_single_core_is_refused_by_name(admins: list[Client
         admins[0].SignUp(accounts_pb2.SignUpRequest(email="a@example.com", password="x" * 12))
     with pytest.raises(AdminError, match=r"INVALID_ARGUMENT: Reserved endpoints are not available"):
         admins[1].ListEndpoints(accounts_pb2.ListEndpointsRequest())
+
+
+def test_edge_workers_share_one_port(cluster: Cluster, admins: list[Client]) -> None:
+    assert cluster.edge is not None
+    workers = psutil.Process(cluster.edge.pid).children()
+    assert len(workers) == 2
+    _, _, secret = new_workspace(admins[0], credits_cents=1000)
+    before = {w.pid: w.cpu_times().user + w.cpu_times().system for w in workers}
+    body = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+    ).encode()
+    # A new connection each time (urllib keeps none): the kernel spreads connections.
+    for _ in range(40):
+        request = urllib.request.Request(
+            cluster.http_url + "/v1/chat/completions",
+            data=body,
+            headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert reply.status == 200
+    time.sleep(0.2)
+    after = {w.pid: w.cpu_times().user + w.cpu_times().system for w in workers}
+    assert all(after[pid] > before[pid] for pid in before), (before, after)
