@@ -30,7 +30,9 @@ Rows are always locked in one order (lease, token leases by id, workspace, keys 
 the expiry sweep skips leases that others hold locked (they expire on the next sweep), so
 these transactions never deadlock one another. A charge batch, the one operation on a core's
 hot path, runs as a single statement: the same steps in the same order, in the server-side
-function `corvex_charge` (migration 0003), so group commit costs one round trip per batch.
+function `corvex_charge` (migration 0003), so group commit costs one round trip per batch;
+so does a credit grant (`lease_credit`, `corvex_lease_credit`, migration 0004), which near $0
+a core makes for each admission.
 
 Time comes from the caller's clock (`expires_at` is computed here, never by now() in SQL), so
 tests can move it. A month rolls over on the first write in a later UTC month and never goes
@@ -219,9 +221,13 @@ SELECT corvex_charge($1, $2, $3, $4::text[], $5::text[], $6::text[], $7::text[],
                      $9::bigint[], $10::bigint[], $11::bigint[], $12::text[],
                      $13::timestamptz[], $14::bigint[])
 """
-# The SQLSTATEs corvex_charge raises (migration 0003).
+_LEASE_CREDIT = """
+SELECT * FROM corvex_lease_credit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+"""
+# The SQLSTATEs corvex_charge and corvex_lease_credit raise (migrations 0003, 0004).
 _GONE: Final = "CX001"
 _EXCEEDED: Final = "CX002"
+_NO_WORKSPACE: Final = "CX003"
 
 _RELEASE = """
 WITH gone AS (DELETE FROM leases WHERE id = $1 RETURNING workspace_id, credit_nano)
@@ -310,37 +316,40 @@ class LeaseStore:
         """Grants credit by the policy of `want` (see `Want`): into a new lease when `lease_id`
         is None (none is made if nothing is granted), else into that lease, whose TTL is then
         extended to `ttl_s` from now whatever is granted. Raises LeaseGone if that lease was
-        released or is past its TTL. One transaction; one lock of the workspace row."""
+        released or is past its TTL. One statement: the server-side function
+        `corvex_lease_credit` (migration 0004), which locks the lease, then the workspace."""
         now = self._now()
-        async with self._pool.acquire() as conn, conn.transaction():
-            if lease_id is not None:
-                found = await conn.fetchval(
-                    "SELECT workspace_id FROM leases WHERE id = $1 AND expires_at > $2"
-                    " FOR NO KEY UPDATE",
-                    lease_id,
-                    now,
-                )
-                if found is None:
-                    raise LeaseGone(f"lease {lease_id} was released or has expired")
-                assert found == workspace_id, (found, workspace_id)
-            granted, money = await _grant_credit_by(conn, workspace_id, want, now)
-            if lease_id is None and not granted:
-                return CreditGrant(None, 0, money)
-            if lease_id is None:
+        async with self._pool.acquire() as conn:
+            try:
                 row = await conn.fetchrow(
-                    "INSERT INTO leases (core_id, workspace_id, credit_nano, granted_at,"
-                    " expires_at) VALUES ($1, $2, $3, $4, $5)"
-                    " RETURNING id, core_id, workspace_id, credit_nano, expires_at",
-                    *(core_id, workspace_id, granted, now, _expiry(now, ttl_s)),
+                    _LEASE_CREDIT,
+                    *(workspace_id, core_id, lease_id, want.least, want.most, want.ahead),
+                    *(want.exact_below, now, _expiry(now, ttl_s), utc_month(now)),
                 )
-            else:
-                row = await conn.fetchrow(
-                    "UPDATE leases SET credit_nano = credit_nano + $2, expires_at = $3"
-                    " WHERE id = $1 RETURNING id, core_id, workspace_id, credit_nano, expires_at",
-                    *(lease_id, granted, _expiry(now, ttl_s)),
-                )
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate == _GONE:
+                    raise LeaseGone(str(exc)) from exc
+                if exc.sqlstate == _NO_WORKSPACE:
+                    raise db.no_workspace(workspace_id) from exc
+                raise
         assert row is not None
-        return CreditGrant(Lease(**dict(row)), granted, money)
+        money = Money(
+            balance_nano=row["balance_nano"],
+            leased_nano=row["leased_nano"],
+            month=row["month"],
+            month_spend_nano=row["month_spend_nano"],
+            spend_cap_nano=row["spend_cap_nano"],
+        )
+        lease = None
+        if row["lease_id"] is not None:
+            lease = Lease(
+                id=row["lease_id"],
+                core_id=core_id,
+                workspace_id=workspace_id,
+                credit_nano=row["credit_nano"],
+                expires_at=row["expires_at"],
+            )
+        return CreditGrant(lease, row["granted_nano"], money)
 
     async def shrink(self, lease_id: int, give_back_nano: int) -> int | None:
         """Gives `give_back_nano` of a lease's credit back to its workspace (credit its core
