@@ -23,6 +23,7 @@ from gateway.dashboard import mount as mount_dashboard
 from gateway.embeddings import embeddings
 from gateway.error_middleware import handle_errors
 from gateway.models import list_models, retrieve_model
+from gateway.multiplex import Multiplexer
 from gateway.protocol import EdgeRunner
 from gateway.state import EDGE, Edge
 
@@ -53,8 +54,10 @@ def create_app(config: EdgeConfig) -> web.Application:
 
     async def channel_ctx(app: web.Application) -> AsyncIterator[None]:
         channel = upstream.open_channel(config)
-        app[EDGE] = Edge(config, channel, inference_pb2_grpc.InferenceStub(channel))
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        app[EDGE] = Edge(config, channel, stub, Multiplexer(stub))
         yield
+        await app[EDGE].streams.close()
         await channel.close()
 
     app.cleanup_ctx.append(channel_ctx)

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from corvex.v1 import inference_pb2_grpc
 from gateway.config import EdgeConfig
+from gateway.multiplex import Multiplexer
 
 
 @dataclass(slots=True)
@@ -18,6 +19,8 @@ class Edge:
     config: EdgeConfig
     channel: grpc.aio.Channel
     inference: inference_pb2_grpc.InferenceStub
+    # The Streams call that carries generation requests (edge.core_transport "streams").
+    streams: Multiplexer
 
 
 EDGE: Final = web.AppKey("edge", Edge)

@@ -15,6 +15,7 @@ from typing import Any, Final
 import grpc
 from aiohttp import web
 
+from corvex.v1 import inference_pb2
 from gateway.config import EdgeConfig
 from gateway.errors import ApiError
 from gateway.state import EDGE, REQUEST_ID
@@ -45,6 +46,21 @@ def channel_options(config: EdgeConfig) -> list[tuple[str, int]]:
 
 def open_channel(config: EdgeConfig) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(config.core, options=channel_options(config))
+
+
+def generate(
+    request: web.Request, rpc_request: inference_pb2.ChatRequest | inference_pb2.CompleteRequest
+) -> Any:
+    """Starts a generation request on the core: on the edge's Streams call, or as a call of
+    its own (edge.core_transport). Either way the handler gets something that reads as a
+    grpc.aio streaming call."""
+    edge = request.app[EDGE]
+    options = call_options(request)
+    if edge.config.core_transport == "streams":
+        return edge.streams.open(rpc_request, options["metadata"], options["timeout"])
+    if isinstance(rpc_request, inference_pb2.ChatRequest):
+        return edge.inference.Chat(rpc_request, **options)
+    return edge.inference.Complete(rpc_request, **options)
 
 
 def call_options(request: web.Request) -> dict[str, Any]:
