@@ -171,6 +171,7 @@ def _streaming(runs: Runs) -> dict[str, Spread]:
 
 P_CORVEX, P_CORVEX_GRPC = "paced.corvex", "paced.corvex-grpc"
 P_SKELETON, P_ECHO = "paced.skeleton", "paced.grpc-echo"
+P_CORVEX_CALLS = "paced.corvex-calls"
 
 
 def cpu_per_token(process: str) -> Metric:
@@ -216,6 +217,11 @@ def node_load(runs: Runs) -> dict[str, Spread]:
             P_ECHO,
             lambda r: core(r) if "core" in r.cpu else server(r),
             _ratio,
+        ),
+        "paced_calls_core_cpu_per_token_us": _of(runs, P_CORVEX_CALLS, core),
+        "paced_calls_edge_cpu_per_token_us": _of(runs, P_CORVEX_CALLS, edge),
+        "paced_streams_vs_calls_cpu_per_token": paired(
+            runs, P_CORVEX, P_CORVEX_CALLS, server_cpu_per_token, _ratio
         ),
         "paced_vs_ceiling_throughput": paired(runs, P_CORVEX, P_SKELETON, tokens_per_s, _ratio),
         "paced_tokens_per_s": _of(runs, P_CORVEX, tokens_per_s),

@@ -147,6 +147,11 @@ DERIVED_LABELS: dict[str, dict[str, tuple[str, int, float]]] = {
         "paced_grpc_core_cpu_per_token_us": ("Corvex gRPC direct: core µs/token", 1, 1.0),
         "paced_echo_cpu_per_token_us": ("bare grpc.aio paced echo, µs/token", 1, 1.0),
         "paced_grpc_vs_echo_cpu_per_token": ("Corvex gRPC ÷ bare echo, CPU per token", 2, 1.0),
+        "paced_calls_core_cpu_per_token_us": ("Corvex, a call per request: core µs/token", 1, 1.0),
+        "paced_calls_edge_cpu_per_token_us": ("Corvex, a call per request: edge µs/token", 1, 1.0),
+        "paced_streams_vs_calls_cpu_per_token": (
+            "Streams ÷ a call per request, CPU per token", 2, 1.0
+        ),
         "paced_vs_ceiling_throughput": ("Corvex ÷ skeleton, output tok/s", 2, 1.0),
         "paced_tokens_per_s": ("Corvex REST output tok/s", 0, 1.0),
         "paced_itl_p50_ms": ("Corvex REST ITL p50, ms (step 20)", 2, 1.0),

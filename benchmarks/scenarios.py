@@ -231,6 +231,8 @@ def paced_cases(options: SuiteOptions, streams: int = PACED_STREAMS) -> list[Cas
              "corvex-paced", "rest", PACED_STREAM, load),
         Case("paced.corvex-grpc", f"Corvex gRPC streaming, {tail}", "node-load",
              "corvex-paced", "grpc", PACED_STREAM, load),
+        Case("paced.corvex-calls", f"Corvex REST streaming, a call per request, {tail}",
+             "node-load", "corvex-paced-calls", "rest", PACED_STREAM, load),
     ]  # fmt: skip
 
 
@@ -238,6 +240,7 @@ def paced_cases(options: SuiteOptions, streams: int = PACED_STREAMS) -> list[Cas
 def paced_systems(workdir: Path, streams: int = PACED_STREAMS) -> Iterator[dict[str, System]]:
     """The paced ceilings and a Corvex whose engine steps every 20 ms whatever the batch."""
     variant = capacity.variant(PACED_STEP_MS, (streams,), {})
+    calls = capacity.variant(PACED_STEP_MS, (streams,), {"core_transport": "calls"})
     with contextlib.ExitStack() as stack:
         yield {
             "grpc-echo-paced": stack.enter_context(systems.grpc_echo(workdir, PACED_STEP_MS)),
@@ -245,6 +248,8 @@ def paced_systems(workdir: Path, streams: int = PACED_STREAMS) -> Iterator[dict[
                 systems.skeleton(workdir, "unary", PACED_STEP_MS)
             ),
             "corvex-paced": stack.enter_context(systems.corvex("corvex-paced", variant)),
+            # The edge's other transport (edge.core_transport: calls), for what Streams saves.
+            "corvex-paced-calls": stack.enter_context(systems.corvex("corvex-paced-calls", calls)),
         }
 
 

@@ -61,6 +61,7 @@ def create_app(config: EdgeConfig) -> web.Application:
             config.core_addresses,
             lambda address: upstream.open_channel(config, address),
             models_refresh_s=config.models_refresh_s,
+            transport=config.core_transport,
         )
         await router.start()
         app[EDGE] = Edge(config, router, RoutedInference(router))

@@ -33,7 +33,7 @@ from gateway.openai_types import (
     chat_decoder,
     check_refused,
 )
-from gateway.state import EDGE, REQUEST_ID
+from gateway.state import REQUEST_ID
 from gateway.usage import usage_json
 
 MAX_TOKENS_LIMIT: Final = 2**31 - 1
@@ -48,8 +48,7 @@ _encoder = msgspec.json.Encoder()
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     parsed = await decoding.decode(request, chat_decoder)
     rpc_request = to_rpc(parsed)
-    options = upstream.call_options(request)
-    call = request.app[EDGE].inference.Chat(rpc_request, **options)
+    call = upstream.generate(request, rpc_request)
     request_id = request[REQUEST_ID]
     try:
         if parsed.stream:

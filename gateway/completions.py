@@ -22,7 +22,7 @@ from gateway import choices, decoding, sse, upstream
 from gateway.chat import check_logprobs, check_max_tokens, sampling_of, stream_usage
 from gateway.errors import BadRequest
 from gateway.openai_types import CompletionRequest, check_refused, completion_decoder
-from gateway.state import EDGE, REQUEST_ID
+from gateway.state import REQUEST_ID
 from gateway.usage import usage_json
 
 # OpenAI's (and vLLM's) default for max_tokens on this endpoint.
@@ -34,7 +34,7 @@ _encoder = msgspec.json.Encoder()
 async def completions(request: web.Request) -> web.StreamResponse:
     parsed = await decoding.decode(request, completion_decoder)
     rpc_request = to_rpc(parsed)
-    call = request.app[EDGE].inference.Complete(rpc_request, **upstream.call_options(request))
+    call = upstream.generate(request, rpc_request)
     request_id = request[REQUEST_ID]
     try:
         if parsed.stream:

@@ -65,6 +65,10 @@ class EdgeConfig(msgspec.Struct, forbid_unknown_fields=True):
     # gRPC keepalive pings to the core, also while no call is in flight, every core_keepalive_s;
     # the core must accept pings that often (core.keepalive_min_ping_interval_s is lower).
     # A ping unanswered within core_keepalive_timeout_s closes the connection.
+    # How generation requests travel to the core: "streams", many on one Inference.Streams
+    # call whose chunks the core batches per engine step (the cheap way at load); "calls", a
+    # Chat or Complete call each (what an ordinary gRPC client does).
+    core_transport: Literal["streams", "calls"] = "streams"
     core_keepalive_s: Seconds = 30.0
     core_keepalive_timeout_s: Seconds = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"

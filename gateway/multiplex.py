@@ -2,7 +2,8 @@
 
 A `Multiplexer` keeps one Streams call open to its core and hands out a `StreamCall` per
 request, which reads exactly like the grpc.aio call of a Chat or Complete (`initial_metadata`,
-`read` to EOF, `trailing_metadata`, `done`, `cancel`, and a failure raised as the AioRpcError,
+`read` to EOF, `trailing_metadata`, `code`, `details`, `done`, `add_done_callback`, `cancel`,
+and a failure raised as the AioRpcError,
 rich status included, that the call would have raised), so the handlers and the error mapping
 are the same whichever transport carries a request. One reader task sorts the core's batched
 events into the requests. A request whose reader falls behind (a slow client) has its chunks
@@ -17,7 +18,7 @@ import collections
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 import grpc
@@ -50,6 +51,7 @@ class StreamCall:
         self._trailing: tuple[tuple[str, str], ...] = ()
         self._status: inference_pb2.StreamStatus | None = None
         self._cancelled = False
+        self._done_callbacks: list[Callable[[StreamCall], None]] = []
 
     # ---- what the reader task delivers ---------------------------------------------------------
 
@@ -78,6 +80,12 @@ class StreamCall:
         self._status = status
         if self._deadline is not None:
             self._deadline.cancel()
+        self._run_done_callbacks()
+
+    def _run_done_callbacks(self) -> None:
+        callbacks, self._done_callbacks = self._done_callbacks, []
+        for callback in callbacks:
+            callback(self)
 
     def _expire(self) -> None:
         """The request's deadline passed: the core aborts it, the handler gets
@@ -114,8 +122,26 @@ class StreamCall:
             await self._wait()
         return self._trailing
 
+    async def code(self) -> grpc.StatusCode:
+        while self._status is None and not self._cancelled:
+            await self._wait()
+        if self._status is None:
+            return grpc.StatusCode.CANCELLED
+        return grpc.StatusCode(_CODES[self._status.code])
+
+    async def details(self) -> str:
+        await self.code()
+        return self._status.message if self._status is not None else "Locally cancelled"
+
     def done(self) -> bool:
         return self._status is not None or self._cancelled
+
+    def add_done_callback(self, callback: Callable[[StreamCall], None]) -> None:
+        """`callback(call)` once the call ends (at once if it has)."""
+        if self.done():
+            callback(self)
+        else:
+            self._done_callbacks.append(callback)
 
     def cancel(self) -> bool:
         if self.done():
@@ -124,9 +150,13 @@ class StreamCall:
         if self._deadline is not None:
             self._deadline.cancel()
         self._multiplexer.cancel(self._id)
+        self._arrived.set()
+        self._run_done_callbacks()
         return True
 
     async def _wait(self) -> None:
+        if self._cancelled:
+            raise asyncio.CancelledError  # what a cancelled grpc.aio call raises to its reader
         self._arrived.clear()
         await self._arrived.wait()
 

@@ -12,7 +12,8 @@ engine refused (which bills nothing). A request the core admitted is never sent 
 client is never billed twice for one answer.
 
 `RoutedInference` has the methods of the generated Inference stub, so the route handlers use
-it as they would use one channel's stub.
+it as they would use one channel's stub. Chat and Complete travel on the picked core's Streams
+call (`gateway.multiplex`, one per core) or as calls of their own (edge.core_transport).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from corvex.v1 import errors_pb2, inference_pb2, inference_pb2_grpc
 from gateway import errors
+from gateway.multiplex import Multiplexer
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +39,18 @@ _UNCONNECTED: Final = ("failed to connect", "connection refused", "connections t
 _SAFE_REASONS: Final = frozenset({errors_pb2.ENGINE_UNAVAILABLE})
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
+Transport = Literal["streams", "calls"]
 
 
 class CoreLink:
     """One core as this edge sees it."""
 
-    def __init__(self, address: str, channel: grpc.aio.Channel) -> None:
+    def __init__(self, address: str, channel: grpc.aio.Channel, transport: Transport) -> None:
         self.address = address
         self.channel = channel
         self.inference = inference_pb2_grpc.InferenceStub(channel)
         self.health = health_pb2_grpc.HealthStub(channel)
+        self.streams = Multiplexer(self.inference) if transport == "streams" else None
         # Unknown until the first health answer: tried, so a fresh edge serves at once.
         self.serving: bool | None = None
         self.models: frozenset[str] | None = None
@@ -55,15 +59,26 @@ class CoreLink:
     def serves(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def generate(self, method: str, request: Any, options: dict[str, Any]) -> Any:
+        """Starts a Chat or Complete on this core: on its Streams call if the edge uses one."""
+        if self.streams is not None:
+            return self.streams.open(request, options["metadata"], options.get("timeout"))
+        return getattr(self.inference, method)(request, **options)
+
 
 class Router:
     """The cores of this edge and their health. `start()` watches them; `close()` stops."""
 
     def __init__(
-        self, addresses: Sequence[str], channel: ChannelFactory, *, models_refresh_s: float
+        self,
+        addresses: Sequence[str],
+        channel: ChannelFactory,
+        *,
+        models_refresh_s: float,
+        transport: Transport = "streams",
     ) -> None:
         assert addresses, "an edge needs at least one core"
-        self.links = [CoreLink(address, channel(address)) for address in addresses]
+        self.links = [CoreLink(address, channel(address), transport) for address in addresses]
         self._models_refresh_s = models_refresh_s
         self._turn = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
@@ -77,6 +92,7 @@ class Router:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(link.streams.close() for link in self.links if link.streams))
         await asyncio.gather(*(link.channel.close() for link in self.links))
 
     @property
@@ -157,7 +173,7 @@ class RoutedStream:
         self._call = self._start(self._link)
 
     def _start(self, link: CoreLink) -> Any:
-        call = getattr(link.inference, self._method)(self._request, **self._options)
+        call = link.generate(self._method, self._request, self._options)
         link.in_flight += 1
         call.add_done_callback(lambda _: _finished(link))
         return call

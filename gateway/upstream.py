@@ -16,6 +16,7 @@ import grpc
 from aiohttp import web
 
 from corvex import tls
+from corvex.v1 import inference_pb2
 from gateway.config import EdgeConfig
 from gateway.errors import ApiError
 from gateway.state import EDGE, REQUEST_ID
@@ -80,6 +81,18 @@ def check_plaintext(config: EdgeConfig) -> None:
             "is not set: configure edge.core_tls.ca_file (and cert_file/key_file for mutual TLS), "
             "or edge.allow_plaintext: true on a network that encrypts for you"
         )
+
+
+def generate(
+    request: web.Request, rpc_request: inference_pb2.ChatRequest | inference_pb2.CompleteRequest
+) -> Any:
+    """Starts a generation request on the core the router picks, on that core's Streams call
+    or as a call of its own (edge.core_transport). Either way the handler gets something that
+    reads as a grpc.aio streaming call."""
+    inference = request.app[EDGE].inference
+    if isinstance(rpc_request, inference_pb2.ChatRequest):
+        return inference.Chat(rpc_request, **call_options(request))
+    return inference.Complete(rpc_request, **call_options(request))
 
 
 def call_options(request: web.Request) -> dict[str, Any]:

@@ -332,10 +332,12 @@ class _Buffer:
     )
 
     def __init__(self) -> None:
+        # One buffer is made per choice each time its consumer reads (every token at load), so
+        # what most tokens leave empty (reasoning, tool calls, logprobs) is made on first use.
         self.text: list[str] = []
-        self.reasoning: list[str] = []
-        self.tool_calls: list[ToolCallDelta] = []
-        self.logprobs: list[TokenLogprob] = []
+        self.reasoning: list[str] | None = None
+        self.tool_calls: list[ToolCallDelta] | None = None
+        self.logprobs: list[TokenLogprob] | None = None
         self.tokens = 0
         self.reasoning_tokens = 0
         self.finish: FinishReason | None = None
@@ -344,6 +346,8 @@ class _Buffer:
     def add_tool_piece(self, piece: ToolCallDelta) -> None:
         # Argument text of the call already in the buffer joins it, so a slow consumer gets one
         # piece per call (its first piece keeps the id and name), as OpenAI streams them.
+        if self.tool_calls is None:
+            self.tool_calls = []
         last = self.tool_calls[-1] if self.tool_calls else None
         if last is not None and last.index == piece.index and piece.id is None:
             self.tool_calls[-1] = ToolCallDelta(
@@ -355,16 +359,27 @@ class _Buffer:
         else:
             self.tool_calls.append(piece)
 
+    def add_reasoning(self, piece: str) -> None:
+        if self.reasoning is None:
+            self.reasoning = []
+        self.reasoning.append(piece)
+
+    def add_logprob(self, entry: TokenLogprob) -> None:
+        if self.logprobs is None:
+            self.logprobs = []
+        self.logprobs.append(entry)
+
     def delta(self, index: int) -> Delta:
+        text = self.text[0] if len(self.text) == 1 else "".join(self.text)
         return Delta(
-            text="".join(self.text),
+            text=text,
             num_tokens=self.tokens,
             finish_reason=self.finish,
             index=index,
-            reasoning="".join(self.reasoning),
+            reasoning="".join(self.reasoning) if self.reasoning else "",
             reasoning_tokens=self.reasoning_tokens,
-            tool_calls=tuple(self.tool_calls),
-            logprobs=tuple(self.logprobs),
+            tool_calls=tuple(self.tool_calls) if self.tool_calls else (),
+            logprobs=tuple(self.logprobs) if self.logprobs else (),
             stop_reason=self.stop_reason,
         )
 
@@ -473,7 +488,7 @@ class _Choice:
             token, piece = self._sample(position, first=position == 0)
             self._logprob(buffer, token, piece, position, forced=False)
             if request.include_reasoning:
-                buffer.reasoning.append(piece)
+                buffer.add_reasoning(piece)
             if token in request.stop_token_ids:
                 return self._finish(FinishReason.STOP, token)
             return self._finish(FinishReason.LENGTH) if at_limit else False
@@ -538,7 +553,7 @@ class _Choice:
         u = _unit(self.seed, position, token)
         # A token a grammar forces (JSON, a tool call) is near certain; free text less so.
         probability = 0.99 + 0.0099 * u if forced else 0.4 + 0.59 * u
-        buffer.logprobs.append(_entry(token, piece, probability, k, self.seed, position))
+        buffer.add_logprob(_entry(token, piece, probability, k, self.seed, position))
 
     def _tool_step(self, buffer: _Buffer, body: int, position: int, at_limit: bool) -> bool:
         # Each call is its name (one token) and then its argument pieces.

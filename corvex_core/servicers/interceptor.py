@@ -70,6 +70,13 @@ def _tolerant(deserializer: Callable[[bytes], Any], method: str) -> Callable[[by
     return deserialize
 
 
+def _bytes_or(serializer: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    def serialize(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else serializer(message)
+
+    return serialize
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
     """See the module docstring. `kinds` maps each Corvex method name (e.g. "Chat") to what
     it does and `rules` each Accounts method to its access rule; a method missing from them is
@@ -116,8 +123,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
                 request_deserializer=deserializer,
                 unary_stream=self.guard(method, handler.unary_stream),
             )
-        # Streams: each of its requests goes through `guard` (see servicers/streams.py).
-        return handler._replace(request_deserializer=deserializer)
+        # Streams: each of its requests goes through `guard`, and it writes its batches
+        # already serialized (see servicers/streams.py).
+        return handler._replace(
+            request_deserializer=deserializer,
+            response_serializer=_bytes_or(handler.response_serializer),
+        )
 
     def guard(self, method: str, behavior: Behavior) -> Behavior:
         """`behavior` with everything a call of `method` goes through (module docstring)."""

@@ -6,6 +6,8 @@ call context that turns `send_initial_metadata`, `write` and `abort_with_status`
 that request. A `_Batcher` writes every event produced since its previous write as one message:
 when an engine step advances 256 streams together, their 256 chunks cost one gRPC message
 instead of 256, which is most of what a streamed token costs the core (benchmarks/README.md).
+Each event is serialized once, when it is made, and a batch is their concatenation (protobuf's
+encoding of a repeated field), so the call writes StreamsResponse bytes without building one.
 Nothing about a request changes but its transport: its admission, metering, errors (the status
 event carries the google.rpc.Status its call would end with) and chunks are the same.
 """
@@ -29,6 +31,27 @@ MAX_REQUESTS_PER_CALL: Final = 4096
 MAX_PENDING_EVENTS: Final = 16_384
 
 Method = Callable[[Any, Any], Awaitable[Any]]
+# Field tags of the wire format (field number << 3 | wire type).
+_EVENTS_TAG: Final = b"\x0a"  # StreamsResponse.events = 1, length-delimited
+_ID_TAG: Final = b"\x08"  # StreamEvent.id = 1, a varint
+_CHUNK_TAG: Final = b"\x1a"  # StreamEvent.chunk = 3, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf's base-128 varint (ids and lengths; lengths of a byte are most)."""
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(event: bytes) -> bytes:
+    """A serialized StreamEvent as one element of StreamsResponse.events."""
+    return _EVENTS_TAG + _varint(len(event)) + event
 
 
 class _Batcher:
@@ -36,13 +59,14 @@ class _Batcher:
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._context = context
-        self._pending: list[inference_pb2.StreamEvent] = []
+        self._pending: list[bytes] = []  # StreamsResponse.events elements, serialized
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self._done = False
 
-    async def put(self, event: inference_pb2.StreamEvent) -> None:
+    async def put(self, event: bytes) -> None:
+        """Queues an event serialized by `_field`."""
         while len(self._pending) >= MAX_PENDING_EVENTS:
             self._room.clear()
             await self._room.wait()
@@ -63,7 +87,8 @@ class _Batcher:
             events, self._pending = self._pending, []
             self._room.set()
             if events:
-                await self._context.write(inference_pb2.StreamsResponse(events=events))
+                # StreamsResponse bytes: the call's serializer passes bytes through.
+                await self._context.write(b"".join(events))
             if self._done and not self._pending:
                 return
 
@@ -79,6 +104,7 @@ class _RequestContext:
             metadata.append(("x-request-id", opened.request_id))
         self._metadata = tuple(metadata)
         self._trailing: tuple[tuple[str, str], ...] = ()
+        self._chunk_head = _ID_TAG + _varint(opened.id) + _CHUNK_TAG
         self.status: inference_pb2.StreamStatus | None = None
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -88,13 +114,14 @@ class _RequestContext:
         return False  # a cancelled request's task is cancelled: it never gets to ask
 
     async def send_initial_metadata(self, metadata: Any) -> None:
-        await self._batcher.put(self._metadata_event(metadata))
+        await self._batcher.put(_field(self._metadata_event(metadata).SerializeToString()))
 
     def set_trailing_metadata(self, metadata: Any) -> None:
         self._trailing = tuple(metadata)
 
     async def write(self, chunk: inference_pb2.ChatChunk) -> None:
-        await self._batcher.put(inference_pb2.StreamEvent(id=self._id, chunk=chunk))
+        body = chunk.SerializeToString()
+        await self._batcher.put(_field(self._chunk_head + _varint(len(body)) + body))
 
     async def abort_with_status(self, status: grpc.Status) -> None:
         details = next((v for k, v in status.trailing_metadata if k.endswith("-bin")), b"")
@@ -105,8 +132,11 @@ class _RequestContext:
 
     async def end(self, status: inference_pb2.StreamStatus) -> None:
         if self._trailing:
-            await self._batcher.put(self._metadata_event(self._trailing))
-        await self._batcher.put(inference_pb2.StreamEvent(id=self._id, status=status))
+            await self._batcher.put(
+                _field(self._metadata_event(self._trailing).SerializeToString())
+            )
+        ended = inference_pb2.StreamEvent(id=self._id, status=status)
+        await self._batcher.put(_field(ended.SerializeToString()))
 
     def _metadata_event(self, metadata: Any) -> inference_pb2.StreamEvent:
         entries = [inference_pb2.MetadataEntry(key=k, value=v) for k, v in metadata]

@@ -81,7 +81,11 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     inference_pb2_grpc.add_InferenceServicer_to_server(core, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    args = ["edge", "--port", "0", "--core", f"127.0.0.1:{port}", "--metrics-port", "0"]
+    # The scripted core serves Chat calls: the edge sends each request as a call of its own.
+    config = tmp_path / "edge.yaml"
+    config.write_text("edge:\n  core_transport: calls\n")
+    args = ["edge", "--config", str(config), "--port", "0", "--core", f"127.0.0.1:{port}",
+            "--metrics-port", "0"]  # fmt: skip
     edge = await asyncio.to_thread(launch, "edge", args, workdir=tmp_path)
     try:
         yield Rig(core, edge)

@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from corvex.v1 import inference_pb2, inference_pb2_grpc
@@ -125,3 +126,15 @@ async def test_a_cancelled_request_is_aborted_and_settled_for_what_it_produced(
     finally:
         await core.server.stop(grace=0)
         await core.close()
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16_383, 16_384, 2**32 - 1, 2**63 - 1])
+def test_the_batches_encoding_is_protobufs(n: int) -> None:
+    from corvex_core.servicers import streams
+
+    chunk = inference_pb2.ChatChunk(text="x" * (n % 500))
+    body = chunk.SerializeToString()
+    event = streams._ID_TAG + streams._varint(n) + streams._CHUNK_TAG
+    event += streams._varint(len(body)) + body
+    parsed = inference_pb2.StreamsResponse.FromString(streams._field(event) * 2)
+    assert [e.id for e in parsed.events] == [n, n] and parsed.events[0].chunk == chunk
