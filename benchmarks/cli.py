@@ -167,6 +167,41 @@ def _capacity_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
 
 
+def _profile_args(prof: argparse.ArgumentParser) -> None:
+    prof.add_argument("--target", choices=["edge", "grpc"], default="edge")
+    prof.add_argument("--tpot-ms", type=float, default=0.0, help="simulated ms per token")
+    prof.add_argument("--unmetered", action="store_true", help="benchmark_unmetered on")
+    prof.add_argument("--journal", choices=["fsync", "nofsync", "off"], default="fsync")
+    prof.add_argument("--out", type=Path, default=DEFAULT_OUT / "profiles")
+    prof.add_argument("--keep-raw", action="store_true", help="also keep py-spy's raw stacks")
+    _load_args(prof)
+
+
+def _harnesses_args(har: argparse.ArgumentParser) -> None:
+    har.add_argument("--harness", action="append", choices=["guidellm", "aiperf"],
+                     help="which (repeatable; default both)")  # fmt: skip
+    har.add_argument("--concurrency", "-c", type=int, default=16)
+    har.add_argument("--requests", "-n", type=int, default=64)
+    har.add_argument("--max-tokens", type=int, default=256)
+    har.add_argument("--prompt-tokens", type=int, default=64, help="prompt words")
+    har.add_argument("--tpot-ms", type=float, default=20.0, help="simulated ms per step")
+    har.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+
+
+def _paced_args(paced: argparse.ArgumentParser) -> None:
+    paced.add_argument("--concurrency", "-c", type=int, default=scenarios.PACED_STREAMS)
+    paced.add_argument("--duration", type=float, default=10.0, help="measured s per case")
+    paced.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    paced.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+
+
+def _cluster_args(clu: argparse.ArgumentParser) -> None:
+    clu.add_argument("--concurrency", "-c", type=int, default=32)
+    clu.add_argument("--duration", type=float, default=5.0, help="measured s per case")
+    clu.add_argument("--repeats", type=int, default=2, help="interleaved rounds")
+    clu.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -184,32 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser(
         "profile", help="py-spy profiles of core and edge under load", parents=[common]
     )
-    prof.add_argument("--target", choices=["edge", "grpc"], default="edge")
-    prof.add_argument("--tpot-ms", type=float, default=0.0, help="simulated ms per token")
-    prof.add_argument("--unmetered", action="store_true", help="benchmark_unmetered on")
-    prof.add_argument("--journal", choices=["fsync", "nofsync", "off"], default="fsync")
-    prof.add_argument("--out", type=Path, default=DEFAULT_OUT / "profiles")
-    prof.add_argument("--keep-raw", action="store_true", help="also keep py-spy's raw stacks")
-    _load_args(prof)
+    _profile_args(prof)
     har = sub.add_parser(
         "harnesses", help="guidellm and aiperf beside our load generator, same load"
     )
-    har.add_argument("--harness", action="append", choices=["guidellm", "aiperf"],
-                     help="which (repeatable; default both)")  # fmt: skip
-    har.add_argument("--concurrency", "-c", type=int, default=16)
-    har.add_argument("--requests", "-n", type=int, default=64)
-    har.add_argument("--max-tokens", type=int, default=256)
-    har.add_argument("--prompt-tokens", type=int, default=64, help="prompt words")
-    har.add_argument("--tpot-ms", type=float, default=20.0, help="simulated ms per step")
-    har.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    _harnesses_args(har)
     paced = sub.add_parser(
         "paced", help="node load: paced streams against Corvex and the paced ceilings",
         parents=[common],
     )  # fmt: skip
-    paced.add_argument("--concurrency", "-c", type=int, default=scenarios.PACED_STREAMS)
-    paced.add_argument("--duration", type=float, default=10.0, help="measured s per case")
-    paced.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
-    paced.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    _paced_args(paced)
     cap = sub.add_parser("capacity", help="node capacity: highest tok/s with ITL p50 ≤ step + 10%%",
                          parents=[common])  # fmt: skip
     _capacity_args(cap)
@@ -233,10 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="1 core vs 2 cores vs the default; charges committed to PostgreSQL vs journaled",
         parents=[common],
     )
-    clu.add_argument("--concurrency", "-c", type=int, default=32)
-    clu.add_argument("--duration", type=float, default=5.0, help="measured s per case")
-    clu.add_argument("--repeats", type=int, default=2, help="interleaved rounds")
-    clu.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    _cluster_args(clu)
     rep = sub.add_parser("report", help="re-render latest.md, charts and README from JSON")
     rep.add_argument("--from", dest="source", type=Path, default=DEFAULT_OUT / "latest.json")
     _suite_args(rep)

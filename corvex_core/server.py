@@ -136,6 +136,43 @@ def _starter_promotion_cents(config: CoreConfig) -> int:
     return cents
 
 
+def _grpc_server(config: CoreConfig, interceptor: CallInterceptor) -> grpc.aio.Server:
+    return grpc.aio.server(
+        interceptors=[interceptor],
+        # A bound on calls in flight bounds everything per call (streams, journal waiters);
+        # beyond it gRPC answers RESOURCE_EXHAUSTED at once.
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", config.max_request_bytes),
+            ("grpc.max_send_message_length", _MAX_SEND_BYTES),
+            ("grpc.so_reuseport", 0),
+            # Keepalive as grpc's doc/keepalive.md asks (the edge pings while idle).
+            ("grpc.keepalive_permit_without_calls", 1),
+            (
+                "grpc.http2.min_ping_interval_without_data_ms",
+                round(config.keepalive_min_ping_interval_s * 1000),
+            ),
+            ("grpc.http2.max_ping_strikes", 2),
+        ],
+    )
+
+
+def _rate_card(config: CoreConfig) -> RateCard:
+    try:
+        return load_rate_card(config.rate_card)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
+
+
+def _journal(config: CoreConfig, data_dir: Path) -> Journal | None:
+    """The core's journal: all of its durable state, or in a cluster only charges on their
+    way to PostgreSQL (`ledger.charges: journal`), or none."""
+    clustered = config.ledger.backend == "postgres"
+    if not config.journal.enabled or (clustered and config.ledger.charges != "journal"):
+        return None
+    return Journal(data_dir, max_batch=config.journal.max_batch, fsync=config.journal.fsync)
+
+
 class Core:
     """One core process. `start()`, then `wait()` until a signal drains it."""
 
@@ -150,12 +187,7 @@ class Core:
         clustered = config.ledger.backend == "postgres"
         self.ledger = MirrorLedger() if clustered else Ledger()
         self.limiter = RateLimiter()
-        journaled = config.journal.enabled and (not clustered or config.ledger.charges == "journal")
-        self.journal = (
-            Journal(self.data_dir, max_batch=config.journal.max_batch, fsync=config.journal.fsync)
-            if journaled
-            else None
-        )
+        self.journal = _journal(config, self.data_dir)
         self.health = health.aio.HealthServicer()
         self.telemetry = Telemetry()
         self.activity = Activity(self.ledger.now_ms)
@@ -178,28 +210,8 @@ class Core:
             kinds={**inference.CALL_KINDS, **accounts.CALL_KINDS},
             rules=accounts.ACCESS,
         )
-        self.server = grpc.aio.server(
-            interceptors=[interceptor],
-            # A bound on calls in flight bounds everything per call (streams, journal waiters);
-            # beyond it gRPC answers RESOURCE_EXHAUSTED at once.
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            options=[
-                ("grpc.max_receive_message_length", config.max_request_bytes),
-                ("grpc.max_send_message_length", _MAX_SEND_BYTES),
-                ("grpc.so_reuseport", 0),
-                # Keepalive as grpc's doc/keepalive.md asks (the edge pings while idle).
-                ("grpc.keepalive_permit_without_calls", 1),
-                (
-                    "grpc.http2.min_ping_interval_without_data_ms",
-                    round(config.keepalive_min_ping_interval_s * 1000),
-                ),
-                ("grpc.http2.max_ping_strikes", 2),
-            ],
-        )
-        try:
-            rate_card = load_rate_card(config.rate_card)
-        except ValueError as exc:
-            raise StartupError(str(exc)) from exc
+        self.server = _grpc_server(config, interceptor)
+        rate_card = _rate_card(config)
         self.catalogue = Catalogue(rate_card, initial_engines(config, rate_card))
         provider = payment_provider or make_provider(config.accounts.payment_provider)
         self.reloader = AutoReloader(
@@ -211,45 +223,10 @@ class Core:
             on_failure=self.alerter.check,
         )
         self.checkouts = Checkouts(self.ledger, provider, self.durable)
-        self.cluster: ClusterNode | None = None
-        if clustered:
-            assert isinstance(self.ledger, MirrorLedger)
-            try:
-                self.cluster = ClusterNode(
-                    config, self.ledger, self.limiter, self.telemetry, provider,
-                    journal=self.journal,
-                )  # fmt: skip
-            except (ClusterError, OSError, ValueError) as exc:
-                raise StartupError(f"core.ledger: {exc}") from exc
+        self.cluster = self._cluster_node(provider) if clustered else None
         cluster = self.cluster
-        # In a cluster, auto-reload and alerts look at PostgreSQL's balances, not the mirror's.
-        self.meter: Metering = (
-            UnmeteredMeter()
-            if config.benchmark_unmetered
-            else Meter(
-                self.ledger,
-                self.limiter,
-                reloader=None if cluster else self.reloader,
-                on_charge=None if cluster else self.alerter.check,
-                supply=cluster.supply if cluster else None,
-                key_lookup=cluster.sync.lookup if cluster else None,
-            )
-        )
-        try:
-            self.pool = CapacityPool.from_config(config, rate_card)
-        except CapacityError as exc:
-            raise StartupError(str(exc)) from exc
-        self.reserved = ReservedEndpoints(
-            self.ledger,
-            self.catalogue,
-            self.pool,
-            period_s=config.reserved.period_s,
-            engine_factory=lambda model, engine, context: build_engine(
-                model, engine, context_length=context
-            ),
-            after_charge=self._after_charge,
-            accepting=lambda: self.lifecycle.accepting,
-        )
+        self.meter = self._metering()
+        self.pool, self.reserved = self._reserved_endpoints(rate_card)
         confirm = cluster.confirm if cluster and cluster.journal is None else None
         self.service = Service(
             self.catalogue,
@@ -268,6 +245,48 @@ class Core:
         self._stopped = asyncio.Event()
         self._draining: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _cluster_node(self, provider: PaymentProvider) -> ClusterNode:
+        assert isinstance(self.ledger, MirrorLedger)
+        try:
+            return ClusterNode(
+                self.config, self.ledger, self.limiter, self.telemetry, provider,
+                journal=self.journal,
+            )  # fmt: skip
+        except (ClusterError, OSError, ValueError) as exc:
+            raise StartupError(f"core.ledger: {exc}") from exc
+
+    def _metering(self) -> Metering:
+        if self.config.benchmark_unmetered:
+            return UnmeteredMeter()
+        cluster = self.cluster
+        # In a cluster, auto-reload and alerts look at PostgreSQL's balances, not the mirror's.
+        return Meter(
+            self.ledger,
+            self.limiter,
+            reloader=None if cluster else self.reloader,
+            on_charge=None if cluster else self.alerter.check,
+            supply=cluster.supply if cluster else None,
+            key_lookup=cluster.sync.lookup if cluster else None,
+        )
+
+    def _reserved_endpoints(self, rate_card: RateCard) -> tuple[CapacityPool, ReservedEndpoints]:
+        try:
+            pool = CapacityPool.from_config(self.config, rate_card)
+        except CapacityError as exc:
+            raise StartupError(str(exc)) from exc
+        reserved = ReservedEndpoints(
+            self.ledger,
+            self.catalogue,
+            pool,
+            period_s=self.config.reserved.period_s,
+            engine_factory=lambda model, engine, context: build_engine(
+                model, engine, context_length=context
+            ),
+            after_charge=self._after_charge,
+            accepting=lambda: self.lifecycle.accepting,
+        )
+        return pool, reserved
 
     def _after_charge(self, workspace_id: str) -> None:
         """An endpoint's period was charged: the same follow-ups as a request's charge."""

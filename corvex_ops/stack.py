@@ -165,6 +165,11 @@ def command_line(command: str, **flags: object) -> list[str]:
     return args
 
 
+def _write_config(path: Path, config: Mapping[str, Any]) -> str:
+    path.write_bytes(msgspec.yaml.encode(dict(config)))
+    return str(path)
+
+
 @contextlib.contextmanager
 def running_stack(
     *,
@@ -192,8 +197,7 @@ def running_stack(
     with tempfile.TemporaryDirectory(prefix="corvex-stack-") as tmp:
         workdir = Path(tmp)
         if config is not None:
-            config_path = str(workdir / "corvex.yaml")
-            Path(config_path).write_bytes(msgspec.yaml.encode(dict(config)))
+            config_path = _write_config(workdir / "corvex.yaml", config)
         data = data_dir or workdir / "data"
         common = {"config": config_path}
         core_args = command_line(
@@ -305,8 +309,7 @@ def running_cluster(
             pg = exits.enter_context(pg_server.running(pg_dir))
             dsn = pg.dsn()
         if config is not None:
-            config_path = str(workdir / "corvex.yaml")
-            Path(config_path).write_bytes(msgspec.yaml.encode(dict(config)))
+            config_path = _write_config(workdir / "corvex.yaml", config)
         data = data_dir or workdir / "data"
         token = admin_token or cluster_admin_token(data)
         process_env = {
@@ -317,20 +320,25 @@ def running_cluster(
         }
         processes: list[Process] = []
         exits.callback(lambda: [p.stop() for p in reversed(processes)])
+        core_config_paths = [config_path] * cores
+        if core_configs is not None:
+            core_config_paths = [
+                _write_config(workdir / f"core-{index + 1}.yaml", core_configs[index])
+                for index in range(cores)
+            ]
+        all_args = [
+            command_line(
+                "core",
+                config=core_config_paths[index],
+                host=host,
+                port=core_ports[index] if core_ports else 0,
+                data_dir=data / f"core-{index + 1}",
+                metrics_port=metrics_ports[index] if metrics_ports else 0,
+            )
+            for index in range(cores)
+        ]
         started: list[Process] = []
-        all_args: list[list[str]] = []
-        for index in range(cores):
-            port = core_ports[index] if core_ports else 0
-            metrics = metrics_ports[index] if metrics_ports else 0
-            own_config = config_path
-            if core_configs is not None:
-                own_config = str(workdir / f"core-{index + 1}.yaml")
-                Path(own_config).write_bytes(msgspec.yaml.encode(dict(core_configs[index])))
-            args = command_line(
-                "core", config=own_config, host=host, port=port,
-                data_dir=data / f"core-{index + 1}", metrics_port=metrics,
-            )  # fmt: skip
-            all_args.append(args)
+        for index, args in enumerate(all_args):
             core = launch(f"core-{index + 1}", args, workdir=workdir, env=process_env,
                           log_to_file=log_to_file)  # fmt: skip
             processes.append(core)

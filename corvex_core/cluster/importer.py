@@ -25,7 +25,7 @@ from corvex_core.ledger import Ledger
 from corvex_core.pg import db
 from corvex_core.pg.migrate import migrate
 from corvex_core.records import Charged
-from corvex_core.state import LedgerState
+from corvex_core.state import ApiKey, Invoice, LedgerState, Workspace
 
 MIGRATED_CORE: Final = "migrated"
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -69,6 +69,27 @@ def _at(ms: int) -> dt.datetime:
     return _EPOCH + dt.timedelta(milliseconds=ms)
 
 
+_WORKSPACE_COLUMNS: Final = (
+    "id", "name", "created_at", "balance_nano", "leased_nano", "month", "month_spend_nano",
+    "spend_cap_nano", "auto_reload_threshold_nano", "auto_reload_amount_nano",
+    "auto_reload_error",
+)  # fmt: skip
+_KEY_COLUMNS: Final = (
+    "id", "workspace_id", "name", "prefix", "secret_sha256", "created_at", "revoked_at",
+    "limit_rpm", "limit_tpm", "limit_monthly_tokens", "month", "month_tokens",
+)  # fmt: skip
+_INVOICE_COLUMNS: Final = (
+    "number", "workspace_id", "created_at", "amount_nano", "method", "balance_after_nano",
+    "idempotency_key",
+)  # fmt: skip
+_CHARGE_COLUMNS: Final = (
+    "charge_id", "request_id", "workspace_id", "key_id", "core_id", "model", "prompt_tokens",
+    "completion_tokens", "cached_prompt_tokens", "cost_nano", "rate_card_version", "at",
+    "requests",
+)  # fmt: skip
+Row = tuple[object, ...]
+
+
 async def import_journal(
     conn: asyncpg.Connection, contents: JournalContents, now: dt.datetime
 ) -> Imported:
@@ -76,134 +97,18 @@ async def import_journal(
     await migrate(conn)
     state = contents.state
     current = db.utc_month(now)
+    usage_rows = _usage_rows(contents.snapshot_state)
+    charge_rows = [_charge_row(c) for c in contents.charges]
     async with conn.transaction():
-        await conn.execute("LOCK TABLE workspaces, invoices, charges IN EXCLUSIVE MODE")
-        taken = await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM workspaces) OR EXISTS (SELECT 1 FROM invoices)"
-            " OR EXISTS (SELECT 1 FROM charges)"
-        )
-        if taken:
-            raise ImportRefused(
-                "the target ledger already holds accounts: a journal is migrated into an empty "
-                "one, once"
-            )
-        await conn.copy_records_to_table(
-            "workspaces",
-            columns=[
-                "id",
-                "name",
-                "created_at",
-                "balance_nano",
-                "leased_nano",
-                "month",
-                "month_spend_nano",
-                "spend_cap_nano",
-                "auto_reload_threshold_nano",
-                "auto_reload_amount_nano",
-                "auto_reload_error",
-            ],
-            records=[
-                (
-                    ws.id,
-                    ws.name,
-                    _at(ws.created_ms),
-                    ws.balance_nano,
-                    0,
-                    ws.month or current,
-                    ws.month_spend_nano,
-                    ws.spend_cap_nano,
-                    ws.auto_reload.threshold_nano if ws.auto_reload else None,
-                    ws.auto_reload.amount_nano if ws.auto_reload else None,
-                    ws.auto_reload_error,
-                )
-                for ws in state.workspaces.values()
-            ],
-        )
-        await conn.copy_records_to_table(
-            "keys",
-            columns=[
-                "id",
-                "workspace_id",
-                "name",
-                "prefix",
-                "secret_sha256",
-                "created_at",
-                "revoked_at",
-                "limit_rpm",
-                "limit_tpm",
-                "limit_monthly_tokens",
-                "month",
-                "month_tokens",
-            ],
-            records=[
-                (
-                    k.id,
-                    k.workspace_id,
-                    k.name,
-                    k.prefix,
-                    k.secret_sha256,
-                    _at(k.created_ms),
-                    now if k.revoked else None,
-                    k.limits.requests_per_minute,
-                    k.limits.tokens_per_minute,
-                    k.limits.monthly_tokens,
-                    k.month or current,
-                    k.month_tokens,
-                )
-                for k in state.keys.values()
-            ],
-        )
-        await conn.copy_records_to_table(
-            "invoices",
-            columns=[
-                "number",
-                "workspace_id",
-                "created_at",
-                "amount_nano",
-                "method",
-                "balance_after_nano",
-                "idempotency_key",
-            ],
-            records=[
-                (
-                    i.number,
-                    i.workspace_id,
-                    _at(i.created_ms),
-                    i.amount_nano,
-                    i.method.value,
-                    i.balance_after_nano,
-                    i.idempotency_key,
-                )
-                for i in sorted(state.invoices.values(), key=lambda i: i.number)
-            ],
-        )
+        await _refuse_unless_empty(conn)
+        await _copy(conn, "workspaces", _WORKSPACE_COLUMNS,
+                    [_workspace_row(ws, current) for ws in state.workspaces.values()])  # fmt: skip
+        await _copy(conn, "keys", _KEY_COLUMNS,
+                    [_key_row(k, current, now) for k in state.keys.values()])  # fmt: skip
+        invoices = sorted(state.invoices.values(), key=lambda i: i.number)
+        await _copy(conn, "invoices", _INVOICE_COLUMNS, [_invoice_row(i) for i in invoices])
         await conn.execute("UPDATE invoice_counter SET next_number = $1", state.next_invoice)
-        usage_rows = _usage_rows(contents.snapshot_state)
-        charge_rows = [
-            (c.charge_id, c.request_id, c.workspace_id, c.key_id, MIGRATED_CORE, c.model,
-             c.prompt_tokens, c.completion_tokens, c.cached_prompt_tokens, c.cost_nano,
-             c.rate_card_version, _at(c.at_ms), 1)
-            for c in contents.charges
-        ]  # fmt: skip
-        await conn.copy_records_to_table(
-            "charges",
-            columns=[
-                "charge_id",
-                "request_id",
-                "workspace_id",
-                "key_id",
-                "core_id",
-                "model",
-                "prompt_tokens",
-                "completion_tokens",
-                "cached_prompt_tokens",
-                "cost_nano",
-                "rate_card_version",
-                "at",
-                "requests",
-            ],
-            records=[*usage_rows, *charge_rows],
-        )
+        await _copy(conn, "charges", _CHARGE_COLUMNS, [*usage_rows, *charge_rows])
         await _check_balances(conn)
     return Imported(
         workspaces=len(state.workspaces),
@@ -215,11 +120,63 @@ async def import_journal(
     )
 
 
-def _usage_rows(snapshot: LedgerState | None) -> list[tuple[object, ...]]:
+async def _refuse_unless_empty(conn: asyncpg.Connection) -> None:
+    await conn.execute("LOCK TABLE workspaces, invoices, charges IN EXCLUSIVE MODE")
+    taken = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM workspaces) OR EXISTS (SELECT 1 FROM invoices)"
+        " OR EXISTS (SELECT 1 FROM charges)"
+    )
+    if taken:
+        raise ImportRefused(
+            "the target ledger already holds accounts: a journal is migrated into an empty one, "
+            "once"
+        )
+
+
+async def _copy(
+    conn: asyncpg.Connection, table: str, columns: tuple[str, ...], rows: list[Row]
+) -> None:
+    await conn.copy_records_to_table(table, columns=list(columns), records=rows)
+
+
+def _workspace_row(ws: Workspace, current_month: str) -> Row:
+    reload = ws.auto_reload
+    return (
+        ws.id, ws.name, _at(ws.created_ms), ws.balance_nano, 0, ws.month or current_month,
+        ws.month_spend_nano, ws.spend_cap_nano, reload.threshold_nano if reload else None,
+        reload.amount_nano if reload else None, ws.auto_reload_error,
+    )  # fmt: skip
+
+
+def _key_row(key: ApiKey, current_month: str, now: dt.datetime) -> Row:
+    limits = key.limits
+    return (
+        key.id, key.workspace_id, key.name, key.prefix, key.secret_sha256, _at(key.created_ms),
+        now if key.revoked else None, limits.requests_per_minute, limits.tokens_per_minute,
+        limits.monthly_tokens, key.month or current_month, key.month_tokens,
+    )  # fmt: skip
+
+
+def _invoice_row(invoice: Invoice) -> Row:
+    return (
+        invoice.number, invoice.workspace_id, _at(invoice.created_ms), invoice.amount_nano,
+        invoice.method.value, invoice.balance_after_nano, invoice.idempotency_key,
+    )  # fmt: skip
+
+
+def _charge_row(c: Charged) -> Row:
+    return (
+        c.charge_id, c.request_id, c.workspace_id, c.key_id, MIGRATED_CORE, c.model,
+        c.prompt_tokens, c.completion_tokens, c.cached_prompt_tokens, c.cost_nano,
+        c.rate_card_version, _at(c.at_ms), 1,
+    )  # fmt: skip
+
+
+def _usage_rows(snapshot: LedgerState | None) -> list[Row]:
     """The usage a snapshot keeps only as totals: one row per (day, key, model)."""
     if snapshot is None:
         return []
-    rows: list[tuple[object, ...]] = []
+    rows: list[Row] = []
     for workspace_id, buckets in snapshot.usage.items():
         for bucket, totals in buckets.items():
             day, key_id, model = bucket.split("|", 2)
