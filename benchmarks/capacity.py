@@ -8,7 +8,7 @@ callable (tested on made-up data); `measure_stack` measures a real Corvex stack.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -23,11 +23,19 @@ TOLERANCE: Final = 0.10
 # Bisection stops when the bracket is this narrow (hi ÷ lo) or after MAX_SEARCH probes.
 RESOLUTION: Final = 0.10
 MAX_SEARCH: Final = 4
-# The stacks whose capacity is found, by name, with settings for the edge's section of the
-# configuration. When `corvex edge --workers N` exists, ("1 core + edge --workers 2",
-# {"workers": 2}) is the line to add: the edge's workers are children of its process, and CPU
-# and RSS are read over process trees.
-SHAPES: Final[tuple[tuple[str, Mapping[str, Any]], ...]] = (("1 core + 1 edge", {}),)
+
+
+class Shape(msgspec.Struct, frozen=True):
+    """A stack whose capacity is found: `edge` is merged into the edge's section of the
+    configuration, `edge_workers` edge processes share its port (`corvex edge --workers N`;
+    they are children of the edge's process, and CPU and RSS are read over process trees)."""
+
+    name: str
+    edge: dict[str, Any] = {}
+    edge_workers: int = 1
+
+
+SHAPES: Final = (Shape("1 core + 1 edge"), Shape("1 core + edge --workers 2", edge_workers=2))
 
 
 class Probe(msgspec.Struct):
@@ -152,22 +160,22 @@ class Settings(msgspec.Struct, frozen=True):
         )
 
 
-def variant(step_ms: float, grid: Sequence[int], edge: Mapping[str, Any]) -> CorvexVariant:
+def variant(step_ms: float, grid: Sequence[int], shape: Shape) -> CorvexVariant:
     """A stack whose engine never makes streams wait: a batch as large as the most streams
     tried, and a step that does not grow with it."""
     return CorvexVariant(tpot_ms=step_ms, batch_slowdown=0.0, max_batch=max(grid) * 2,
-                         edge=dict(edge))  # fmt: skip
+                         edge=dict(shape.edge), edge_workers=shape.edge_workers)  # fmt: skip
 
 
 def measure_stack(
-    shape: str,
-    edge: Mapping[str, Any],
+    shape: Shape,
     settings: Settings,
     say: Callable[[str], None] = lambda _: None,
 ) -> Capacity:
     """The capacity of one fresh Corvex stack (its RSS before the first probe is its idle)."""
     workload = Workload(stream=True, max_tokens=Lengths.fixed(settings.tokens))
-    with systems.corvex(shape, variant(settings.step_ms, settings.grid, edge)) as stack:
+    name = shape.name
+    with systems.corvex(name, variant(settings.step_ms, settings.grid, shape)) as stack:
         idle = {name: memory.tree_rss_bytes(memory.tree_pids(pid))
                 for name, pid in stack.processes.items()}  # fmt: skip
 
@@ -177,19 +185,19 @@ def measure_stack(
                 msgspec.structs.replace(workload, api_keys=stack.api_keys),
                 settings.load(concurrency),
                 watch=stack.processes,
-                label=f"capacity {shape}, {concurrency} streams",
+                label=f"capacity {name}, {concurrency} streams",
                 progress=settings.progress,
             )
             probe = probe_of(result)
             probe.rss_idle_bytes = idle
             verdict = "holds" if probe.sustains(settings.step_ms) else "falls behind"
             cpu_us = probe.cpu_total_per_token_us()
-            say(f"{shape}, {concurrency} streams: {probe.output_tokens_per_s:,.0f} tok/s, ITL "
+            say(f"{name}, {concurrency} streams: {probe.output_tokens_per_s:,.0f} tok/s, ITL "
                 f"p50 {probe.itl_p50_ms:.2f} ms ({verdict}), CPU {cpu_us:.1f} µs/token, "
                 f"errors {probe.errors}")  # fmt: skip
             return probe
 
-        found = search(measure, step_ms=settings.step_ms, shape=shape, grid=settings.grid,
+        found = search(measure, step_ms=settings.step_ms, shape=name, grid=settings.grid,
                        max_search=settings.max_search)  # fmt: skip
     found.tokens = settings.tokens
     return found

@@ -496,8 +496,7 @@ def _say(text: str) -> None:
 def command_capacity(args: argparse.Namespace) -> int:
     settings = msgspec.structs.replace(_settings(args), grid=args.grid,
                                        max_search=args.max_search)  # fmt: skip
-    found = [capacity.measure_stack(shape, edge, settings, _say)
-             for shape, edge in capacity.SHAPES]  # fmt: skip
+    found = [capacity.measure_stack(shape, settings, _say) for shape in capacity.SHAPES]
     _write_json(args.out / "capacity.json", found)
     try:
         from benchmarks import charts

@@ -239,8 +239,10 @@ def paced_cases(options: SuiteOptions, streams: int = PACED_STREAMS) -> list[Cas
 @contextlib.contextmanager
 def paced_systems(workdir: Path, streams: int = PACED_STREAMS) -> Iterator[dict[str, System]]:
     """The paced ceilings and a Corvex whose engine steps every 20 ms whatever the batch."""
-    variant = capacity.variant(PACED_STEP_MS, (streams,), {})
-    calls = capacity.variant(PACED_STEP_MS, (streams,), {"core_transport": "calls"})
+    variant = capacity.variant(PACED_STEP_MS, (streams,), capacity.SHAPES[0])
+    calls = capacity.variant(
+        PACED_STEP_MS, (streams,), capacity.Shape("calls", {"core_transport": "calls"})
+    )
     with contextlib.ExitStack() as stack:
         yield {
             "grpc-echo-paced": stack.enter_context(systems.grpc_echo(workdir, PACED_STEP_MS)),
@@ -266,7 +268,7 @@ def run_capacity(options: SuiteOptions) -> list[Capacity]:
     settings = paced_settings(options)
     if options.quick:
         settings = msgspec.structs.replace(settings, max_search=2)
-    return [capacity.measure_stack(shape, edge, settings, _say) for shape, edge in capacity.SHAPES]
+    return [capacity.measure_stack(shape, settings, _say) for shape in capacity.SHAPES]
 
 
 def peer_cases(options: SuiteOptions, workers: int) -> list[Case]:

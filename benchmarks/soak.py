@@ -75,7 +75,7 @@ def run(
         if found is None:
             say("no matching capacity.json: a short capacity search first")
             short = msgspec.structs.replace(settings, duration_s=min(settings.duration_s, 5.0))
-            found = capacity.measure_stack(*capacity.SHAPES[0], short, say)
+            found = capacity.measure_stack(capacity.SHAPES[0], short, say)
             source = "a short search before the soak"
         else:
             source = str(capacity_json)
@@ -87,7 +87,7 @@ def run(
     interval_s = max(0.5, duration_s / SAMPLES)
     spec = msgspec.structs.replace(settings, duration_s=duration_s).load(streams)
     workload = Workload(stream=True, max_tokens=Lengths.fixed(settings.tokens))
-    variant = capacity.variant(settings.step_ms, (streams,), capacity.SHAPES[0][1])
+    variant = capacity.variant(settings.step_ms, (streams,), capacity.SHAPES[0])
     say(f"soak: {streams} streams for {minutes:g} min, RSS every {interval_s:g} s")
     with systems.corvex("soak", variant) as stack:
         result = loadgen.run(

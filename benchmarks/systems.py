@@ -63,6 +63,8 @@ class CorvexVariant(msgspec.Struct, frozen=True):
     max_batch: int = 256
     keys: int = 4
     edge: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Edge processes sharing its port (`corvex edge --workers N`).
+    edge_workers: int = 1
 
     def config(self) -> dict[str, Any]:
         engine = {
@@ -108,7 +110,9 @@ def _provision(address: str, admin_token: str, keys: int) -> tuple[str, ...]:
 def corvex(name: str, variant: CorvexVariant) -> Iterator[System]:
     """A Corvex core + edge as `corvex serve` runs them, configured by `variant`."""
     admin_token = "bench-admin-" + secrets.token_hex(16)
-    with running_stack(config=variant.config(), admin_token=admin_token) as stack:
+    with running_stack(
+        config=variant.config(), admin_token=admin_token, edge_workers=variant.edge_workers
+    ) as stack:
         assert stack.edge is not None
         if variant.metered:
             keys = _provision(stack.grpc_address, admin_token, variant.keys)

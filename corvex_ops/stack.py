@@ -186,13 +186,14 @@ def running_stack(
     admin_token: str | None = "test-admin-token",
     env: Mapping[str, str] | None = None,
     log_to_file: bool = True,
+    edge_workers: int = 1,
 ) -> Iterator[Stack]:
     """A core (and an edge unless edge_port is None) on loopback; stopped on exit.
 
     `config` is written as the YAML config file (e.g. zero engine timings for tests);
     `config_path` names an existing one instead. Ports default to 0 (any free port);
     `metrics_port=None` (`edge_metrics_port=None`) leaves the core's (edge's) metrics port to
-    the configuration.
+    the configuration. `edge_workers` > 1 runs `corvex edge --workers N`.
     """
     with tempfile.TemporaryDirectory(prefix="corvex-stack-") as tmp:
         workdir = Path(tmp)
@@ -214,6 +215,7 @@ def running_stack(
                     "edge", **common, host=edge_host, port=edge_port,
                     core=f"{_client_host(host)}:{core.ready['grpc_port']}",
                     metrics_port=edge_metrics_port,
+                    workers=edge_workers if edge_workers > 1 else None,
                 )  # fmt: skip
                 edge = launch("edge", edge_args, workdir=workdir, env=env, log_to_file=log_to_file)
                 stack_processes.append(edge)
