@@ -59,6 +59,7 @@ from corvex_core.engines.vllm_requests import (
     completion_request_fields,
     finish_reason,
     message_dict,
+    sampling_params,
     template_kwargs,
     template_message,
     token_logprobs,
@@ -233,7 +234,7 @@ class _Job:
         defaults = built.sampling_defaults
         if prompt.chat is None:
             completion = api.CompletionRequest(**completion_request_fields(token_ids, options))
-            params = completion.to_sampling_params(options.max_tokens, defaults)
+            params = sampling_params(completion, options, defaults)
             return cls(built, options, token_ids, params)
         state = prompt.engine_data if isinstance(prompt.engine_data, _ChatState) else None
         messages = state.messages if state is not None else []
@@ -251,7 +252,7 @@ class _Job:
             parser = cls._parser(built, request, kwargs)
             parser.set_prompt_token_ids(token_ids)
             request = parser.adjust_request(request=request)
-        params = request.to_sampling_params(options.max_tokens, defaults)
+        params = sampling_params(request, options, defaults)
         ended = request.resolve_reasoning_ended(parser=parser, prompt_token_ids=token_ids)
         return cls(built, options, token_ids, params, request, ended, kwargs)
 

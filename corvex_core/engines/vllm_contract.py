@@ -83,7 +83,6 @@ REQUEST_FIELD_NAMES: Final = (
     "include_stop_str_in_output",
     "ignore_eos",
     "logit_bias",
-    "prompt_logprobs",
     "response_format",
     "stream",
 )
@@ -196,6 +195,8 @@ VLLM_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
     "vllm.inputs:TextPrompt": ("prompt",),
     "vllm.v1.engine.async_llm:AsyncLLM": ("model_config",),
     "vllm.config:ModelConfig": ("max_model_len", "max_logprobs"),
+    # Set after to_sampling_params (vllm_requests.sampling_params).
+    "vllm.sampling_params:SamplingParams": ("prompt_logprobs",),
     "vllm.outputs:RequestOutput": (
         "prompt_token_ids",
         "prompt_logprobs",

@@ -134,11 +134,22 @@ def request_fields(options: SamplingOptions) -> dict[str, Any]:
         "ignore_eos": options.ignore_eos,
         # OpenAI's JSON keys are strings; vLLM's request types them so.
         "logit_bias": {str(k): v for k, v in options.logit_bias.items()} or None,
-        "prompt_logprobs": options.prompt_logprobs,
         "response_format": response_format_dict(options.response_format),
-        # DELTA outputs: the adapter streams whatever the core then does with them.
+        # DELTA outputs: the adapter streams whatever the core then does with them. vLLM's
+        # request objects refuse prompt_logprobs with stream (its OpenAI server cannot stream
+        # them); its engine returns them on the first DELTA output, so `sampling_params` sets
+        # them on the SamplingParams instead.
         "stream": True,
     }
+
+
+def sampling_params(request: Any, options: SamplingOptions, defaults: Mapping[str, Any]) -> Any:
+    """vLLM's own `to_sampling_params` of a request built from `request_fields`, with the
+    prompt's logprobs asked of the engine (see request_fields)."""
+    params = request.to_sampling_params(options.max_tokens, defaults)
+    if options.prompt_logprobs is not None:
+        params.prompt_logprobs = options.prompt_logprobs
+    return params
 
 
 def chat_request_fields(

@@ -281,6 +281,20 @@ async def test_token_ids_outside_the_vocabulary_are_refused_before_vllm(
     assert fake_llm(fake_vllm).sent_params == []
 
 
+async def test_prompt_logprobs_are_asked_of_the_engine_not_of_vllms_streaming_request(
+    make_engine: EngineFactory, fake_vllm: ModuleType
+) -> None:
+    # vLLM's request objects refuse prompt_logprobs > 0 with stream=True (its OpenAI server
+    # cannot stream them), and the adapter streams DELTA outputs: they go on the params.
+    engine = await make_engine()
+    chat = await engine.render_chat(HI, ChatContext())
+    for prompt in (chat, await engine.render_completion("once upon a time")):
+        deltas = await run(engine, prompt, max_tokens=3, prompt_logprobs=2)
+        first = deltas[0].prompt_logprobs
+        assert first is not None and len(first) == deltas[-1].prompt_tokens
+        assert fake_llm(fake_vllm).sent_params[-1].prompt_logprobs == 2
+
+
 # -- completions --------------------------------------------------------------------------------
 
 

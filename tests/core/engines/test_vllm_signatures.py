@@ -35,7 +35,11 @@ from corvex_core.engines.vllm_contract import (
     contract_problems,
     has_field,
 )
-from corvex_core.engines.vllm_requests import chat_request_fields, completion_request_fields
+from corvex_core.engines.vllm_requests import (
+    chat_request_fields,
+    completion_request_fields,
+    sampling_params,
+)
 
 
 def import_quietly(name: str) -> Any:
@@ -147,7 +151,8 @@ def test_vllm_accepts_the_arguments_the_adapter_builds() -> None:
     completion = resolve("vllm.entrypoints.openai.completion.protocol:CompletionRequest")(
         **completion_request_fields([1, 2], every_option)
     )
-    assert completion.to_sampling_params(5, {}).prompt_logprobs == 1
+    assert sampling_params(completion, every_option, {}).prompt_logprobs == 1
+    assert sampling_params(chat, every_option, {}).output_kind == delta
     pooling = resolve("vllm.pooling_params:PoolingParams")(**pooling_kwargs(4))
     assert pooling.dimensions == 4
     config = VllmEngineConfig(

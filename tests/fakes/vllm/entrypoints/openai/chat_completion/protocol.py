@@ -4,8 +4,9 @@ adapter uses, written as vLLM writes them; fields it does not use are left out."
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vllm.exceptions import VLLMValidationError
 from vllm.renderers import ChatParams, merge_kwargs
 from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
@@ -53,8 +54,25 @@ def structured_outputs_from_response_format(
     return StructuredOutputsParams(json=response_format.json_schema.json_schema)
 
 
+def check_prompt_logprobs(data: Any) -> Any:
+    """The part of vLLM's `check_logprobs` (a `mode="before"` validator of both request
+    types) that the adapter's fields can meet: its OpenAI server cannot stream them."""
+    prompt_logprobs = data.get("prompt_logprobs") if isinstance(data, dict) else None
+    asked = prompt_logprobs is not None and (prompt_logprobs > 0 or prompt_logprobs == -1)
+    if asked and data.get("stream"):
+        raise VLLMValidationError(
+            "`prompt_logprobs` are not available when `stream=True`.", parameter="prompt_logprobs"
+        )
+    return data
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_logprobs(cls, data: Any) -> Any:
+        return check_prompt_logprobs(data)
 
     messages: list[dict[str, Any]]
     model: str | None = None

@@ -3,10 +3,11 @@ to_sampling_params the adapter uses, written as vLLM writes them."""
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ResponseFormat,
+    check_prompt_logprobs,
     structured_outputs_from_response_format,
 )
 from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -14,6 +15,11 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_logprobs(cls, data: Any) -> Any:
+        return check_prompt_logprobs(data)
 
     model: str | None = None
     prompt: list[int] | list[list[int]] | str | list[str] | None = None
