@@ -323,7 +323,7 @@ def goals(derived: Mapping[str, Spread]) -> list[Goal]:
         _goal("Node load: Corvex ÷ paced SSE skeleton, server CPU per token", "≤ 1.5×",
               derived.get("paced_vs_ceiling_cpu_per_token", spread([])), "×", 1.5,
               at_least=False),
-        _measured("Node capacity, 1 core + 1 edge: output tok/s with ITL p50 ≤ step + 10%",
+        _measured("Node capacity, 1 core + 1 edge: output tok/s, ITL p50 within 10% of the step",
                   derived.get("capacity_tokens_per_s"), " tok/s", 0),
         _measured("Memory: core RSS per 1,000 concurrent streams",
                   derived.get("rss_core_per_1000_streams_mib"), " MiB", 1),

@@ -7,7 +7,7 @@ python -m benchmarks micro                           the in-process microbenchma
 python -m benchmarks profile [--target ...]          py-spy profiles of core and edge
 python -m benchmarks paced [-c 256]                  node load: paced streams, Corvex and
                                                      the paced ceilings, per round
-python -m benchmarks capacity [--grid 64,256,1024]   node capacity (ITL p50 ≤ step + 10%%)
+python -m benchmarks capacity [--grid 64,256,1024]   node capacity (ITL p50 within 10%% of the step)
 python -m benchmarks soak [--minutes 10]             RSS over a soak (make bench-soak)
 python -m benchmarks harnesses [-c 16]               guidellm and aiperf beside ours
 python -m benchmarks report [--from JSON]            re-render the report from results
@@ -229,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )  # fmt: skip
     _paced_args(paced)
-    cap = sub.add_parser("capacity", help="node capacity: highest tok/s with ITL p50 ≤ step + 10%%",
-                         parents=[common])  # fmt: skip
+    cap = sub.add_parser(
+        "capacity", help="node capacity: highest tok/s, ITL p50 within 10%% of the step",
+        parents=[common],
+    )  # fmt: skip
     _capacity_args(cap)
     cap.add_argument("--grid", type=lambda t: tuple(int(x) for x in t.split(",")),
                      default=capacity.GRID, metavar="C1,C2,...",
