@@ -91,7 +91,7 @@ def test_capacity_figures_and_goals_from_a_search() -> None:
              "metering_logic_cpu_share_rest", "journal_fsync_cpu_share",
              "stream_cpu_per_token_us")}  # fmt: skip
     by_name = {g.goal: g for g in goals({**empty, **figures})}
-    node = by_name["Node capacity, 1 core + 1 edge: output tok/s with ITL p50 ≤ step + 10%"]
+    node = by_name["Node capacity, 1 core + 1 edge: output tok/s, ITL p50 within 10% of the step"]
     assert node.status == "measured"
     assert by_name["Node load (256 paced streams, 20 ms): core CPU per streamed token"].status == (
         "not measured"
