@@ -20,7 +20,7 @@ from corvex_core import errors
 from corvex_core.pg import db, notify
 from corvex_core.pg.db import Clock, Connection, Pool, utc_month, utc_now
 from corvex_core.records import KeyLimits, TopUpMethod
-from corvex_core.state import AutoReload, Invoice
+from corvex_core.state import Alerts, AutoReload, Invoice
 
 TOPUP_METHODS: Final = ("manual", "starter", "auto_reload")
 # The most rows one listing returns (workspaces, keys): a cluster's core mirrors them all.
@@ -40,6 +40,9 @@ class WorkspaceRow(msgspec.Struct, frozen=True):
     spend_cap_nano: int | None
     auto_reload: AutoReload | None
     auto_reload_error: str
+    # The customers' columns (migration 0005): its owner and alert settings.
+    owner_user_id: str = ""
+    alerts: Alerts = Alerts()
 
 
 class UsageTotal(msgspec.Struct, frozen=True):
@@ -355,6 +358,10 @@ def _workspace(row: Any) -> WorkspaceRow:
         spend_cap_nano=row["spend_cap_nano"],
         auto_reload=None if amount is None else AutoReload(threshold, amount),
         auto_reload_error=row["auto_reload_error"],
+        owner_user_id=row["owner_user_id"] or "",
+        alerts=Alerts(
+            row["alert_below_nano"], row["alert_webhook_url"], row["alert_webhook_secret"]
+        ),
     )
 
 

@@ -33,6 +33,7 @@ What = Literal[
     "key_created",
     "key_revoked",
     "key_limits_set",
+    "alerts_set",
 ]
 
 
