@@ -16,9 +16,9 @@ import collections
 import contextvars
 import enum
 import hmac
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from corvex.quoting import quote
 from corvex_core import errors
@@ -74,7 +74,55 @@ def set_current(principal: Principal) -> None:
     _current.set(principal)
 
 
-def resolve(ledger: Ledger, secret: str | None, admin_token: str, access: Access) -> Principal:
+class Directory(Protocol):
+    """Where the access rules read who is who: a single core's ledger (`LedgerDirectory`) or,
+    in a cluster, PostgreSQL (cluster/customers.py). The rules themselves are this module's."""
+
+    async def session(self, token: str) -> Session:
+        """The live session with this token; InvalidSession for anything else."""
+        ...
+
+    async def owned_workspaces(self, user_id: str) -> Collection[str]:
+        """The workspaces the user owns."""
+        ...
+
+    async def workspace_of(self, kind: Resource, resource_id: str) -> str | None:
+        """The workspace a resource belongs to; None if there is no such resource."""
+        ...
+
+
+class LedgerDirectory:
+    """A single core's directory: its in-memory ledger."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    async def session(self, token: str) -> Session:
+        return self._ledger.session(token)
+
+    async def owned_workspaces(self, user_id: str) -> Collection[str]:
+        return self._ledger.user(user_id).workspace_ids
+
+    async def workspace_of(self, kind: Resource, resource_id: str) -> str | None:
+        ledger = self._ledger
+        try:
+            if kind is Resource.WORKSPACE:
+                return ledger.workspace(resource_id).id
+            if kind is Resource.KEY:
+                return ledger.key(resource_id).workspace_id
+            if kind is Resource.ENDPOINT:
+                return ledger.endpoint(resource_id).workspace_id
+            return ledger.invoice(parse_invoice_number(resource_id)).workspace_id
+        except errors.NotFound:
+            return None
+
+
+INVALID_SESSION: Final = "The session is unknown, expired or signed out; sign in again."
+
+
+async def resolve(
+    directory: Directory, secret: str | None, admin_token: str, access: Access
+) -> Principal:
     """The principal behind `authorization: Bearer <secret>`, for a call with this rule.
 
     Raises InvalidAdminToken (no credential, or a wrong admin token) or InvalidSession (a
@@ -85,7 +133,7 @@ def resolve(ledger: Ledger, secret: str | None, admin_token: str, access: Access
     if hmac.compare_digest(supplied.encode(), admin_token.encode()):
         return ADMIN
     if supplied.startswith(SESSION_PREFIX) and access is not Access.ADMIN:
-        return Principal(admin=False, session=ledger.session(supplied))
+        return Principal(admin=False, session=await directory.session(supplied))
     if access is Access.USER and not supplied:
         raise errors.InvalidSession("This call needs a signed-in user's session.")
     raise errors.InvalidAdminToken(
@@ -95,8 +143,8 @@ def resolve(ledger: Ledger, secret: str | None, admin_token: str, access: Access
     )
 
 
-def authorize(
-    ledger: Ledger,
+async def authorize(
+    directory: Directory,
     principal: Principal,
     access: Access,
     resources: Mapping[Resource, str],
@@ -112,24 +160,15 @@ def authorize(
     user_id = principal.user_id
     if user_id is None or access is Access.ADMIN:
         raise errors.InvalidAdminToken("This call needs the admin credential.")
-    owned = ledger.user(user_id).workspace_ids
     if access is Access.OWNER and not resources:
         raise errors.InvalidAdminToken("This call needs the admin credential.")
+    owned = await directory.owned_workspaces(user_id)
     for kind, resource_id in resources.items():
-        workspace_id = _workspace_of(ledger, kind, resource_id)
-        if workspace_id not in owned:
+        if kind is Resource.INVOICE:
+            parse_invoice_number(resource_id)  # a malformed number says so, to anyone
+        workspace_id = await directory.workspace_of(kind, resource_id)
+        if workspace_id is None or workspace_id not in owned:
             raise _not_found(kind, resource_id)
-
-
-def _workspace_of(ledger: Ledger, kind: Resource, resource_id: str) -> str:
-    """The workspace a resource belongs to; NotFound (the ledger's own) if it does not exist."""
-    if kind is Resource.WORKSPACE:
-        return ledger.workspace(resource_id).id
-    if kind is Resource.KEY:
-        return ledger.key(resource_id).workspace_id
-    if kind is Resource.ENDPOINT:
-        return ledger.endpoint(resource_id).workspace_id
-    return ledger.invoice(parse_invoice_number(resource_id)).workspace_id
 
 
 def _not_found(kind: Resource, resource_id: str) -> errors.NotFound:
@@ -141,6 +180,20 @@ def _not_found(kind: Resource, resource_id: str) -> errors.NotFound:
     if kind is Resource.ENDPOINT:
         return errors.NotFound(f"No reserved endpoint {quote(resource_id)}.")
     return errors.NotFound(f"No invoice INV-{parse_invoice_number(resource_id):06d}.")
+
+
+def check_sign_in(
+    failures_ms: Sequence[int], max_failures: int, window_ms: int, now_ms: int
+) -> None:
+    """The attempt limit: RATE_LIMIT_EXCEEDED once an email has `max_failures` failed
+    sign-ins (their times, oldest first, all within the window) until the oldest leaves it."""
+    if len(failures_ms) >= max_failures:
+        wait_s = (failures_ms[-max_failures] + window_ms - now_ms) / 1000
+        raise errors.RateLimitExceeded(
+            "Too many failed sign-ins for this email; wait and try again.",
+            metadata={"limit": "sign_in"},
+            retry_after_s=max(wait_s, 1.0),
+        )
 
 
 class SignInThrottle:
@@ -157,14 +210,7 @@ class SignInThrottle:
         self._failures: dict[str, collections.deque[int]] = {}
 
     def check(self, email: str, now_ms: int) -> None:
-        failures = self._recent(email, now_ms)
-        if failures is not None and len(failures) >= self._max:
-            wait_s = (failures[0] + self._window_ms - now_ms) / 1000
-            raise errors.RateLimitExceeded(
-                "Too many failed sign-ins for this email; wait and try again.",
-                metadata={"limit": "sign_in"},
-                retry_after_s=max(wait_s, 1.0),
-            )
+        check_sign_in(self._recent(email, now_ms) or (), self._max, self._window_ms, now_ms)
 
     def failed(self, email: str, now_ms: int) -> None:
         failures = self._recent(email, now_ms)

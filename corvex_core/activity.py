@@ -41,12 +41,8 @@ class Activity:
         """Keeps one ended call; calls that never reached a workspace (no key) are not kept."""
         if not call.workspace_id:
             return
-        entries = self._by_workspace.get(call.workspace_id)
-        if entries is None:
-            entries = self._by_workspace[call.workspace_id] = collections.deque(
-                maxlen=MAX_PER_WORKSPACE
-            )
-        entries.append(
+        self._keep(
+            call.workspace_id,
             RecentRequest(
                 request_id=call.request_id,
                 at_ms=self._clock_ms(),
@@ -57,8 +53,16 @@ class Activity:
                 prompt_tokens=call.prompt_tokens,
                 completion_tokens=call.completion_tokens,
                 cost_nano=call.cost_nano,
-            )
+            ),
         )
+
+    def _keep(self, workspace_id: str, entry: RecentRequest) -> None:
+        """Where an ended call goes: this core's memory (a cluster's cores share theirs in
+        PostgreSQL, cluster/customers.py)."""
+        entries = self._by_workspace.get(workspace_id)
+        if entries is None:
+            entries = self._by_workspace[workspace_id] = collections.deque(maxlen=MAX_PER_WORKSPACE)
+        entries.append(entry)
 
     def recent(self, workspace_id: str, *, key_id: str = "", limit: int) -> list[RecentRequest]:
         """Newest first, at most `limit`."""

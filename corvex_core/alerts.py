@@ -153,9 +153,10 @@ class Alerter:
             return
         for alert in alerts:
             if alert.kind not in before:
-                self._send(ws, alert)
+                self.send(ws, alert)
 
-    def _send(self, ws: Workspace, alert: Alert) -> None:
+    def send(self, ws: Workspace, alert: Alert) -> None:
+        """Delivers one alert to the workspace's webhook, in the background, with retries."""
         if len(self._tasks) >= MAX_IN_FLIGHT:
             log.warning(
                 "alert webhook of %s dropped: %d deliveries in flight", ws.id, MAX_IN_FLIGHT
@@ -197,22 +198,29 @@ class Alerter:
                 await self._check_address(url)
                 async with self._session.post(url, data=body, headers=headers) as response:
                     if response.status < 300:
-                        self._last_error.pop(workspace_id, None)
+                        self._record_error(workspace_id, "")
                         return
                     error = f"HTTP {response.status}"
             except _Refused as exc:
-                self._last_error[workspace_id] = str(exc)
+                self._record_error(workspace_id, str(exc))
                 log.warning("alert webhook of %s refused: %s", workspace_id, exc)
                 return
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 error = type(exc).__name__ + (f": {exc}" if str(exc) else "")
             error = f"{error[:_ERROR_CHARS]} (attempt {attempt} of {self._attempts})"
-            self._last_error[workspace_id] = error
+            self._record_error(workspace_id, error)
             # The URL is the customer's own; it is not logged (it may carry a token).
             log.warning("alert webhook of %s failed: %s", workspace_id, error)
             if attempt < self._attempts:
                 await asyncio.sleep(delay)
                 delay *= 2
+
+    def _record_error(self, workspace_id: str, error: str) -> None:
+        """The last delivery's error ("" once one succeeded), as `last_error` reads it."""
+        if error:
+            self._last_error[workspace_id] = error
+        else:
+            self._last_error.pop(workspace_id, None)
 
     async def _check_address(self, url: str) -> None:
         """Refuses a URL whose host is (or resolves to) an address of our own networks."""

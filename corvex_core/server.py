@@ -25,7 +25,7 @@ from corvex import readyfile, tls
 from corvex.money import NANO_PER_USD, MoneyError, cents_from_usd
 from corvex.ratecard import ModelRate, RateCard, RateCardError, load_rate_card
 from corvex.v1 import accounts_pb2, accounts_pb2_grpc, inference_pb2, inference_pb2_grpc
-from corvex_core import ops_http
+from corvex_core import access, ops_http
 from corvex_core.activity import Activity
 from corvex_core.alerts import Alerter
 from corvex_core.capacity import CapacityError, CapacityPool
@@ -201,16 +201,6 @@ class Core:
         )
         secure_data_dir(self.data_dir)
         self._admin_token = admin_token(config, self.data_dir)
-        self._interceptor = interceptor = CallInterceptor(
-            admin_token=self._admin_token,
-            ledger=self.ledger,
-            telemetry=self.telemetry,
-            lifecycle=self.lifecycle,
-            activity=self.activity,
-            kinds={**inference.CALL_KINDS, **accounts.CALL_KINDS},
-            rules=accounts.ACCESS,
-        )
-        self.server = _grpc_server(config, interceptor)
         rate_card = _rate_card(config)
         self.catalogue = Catalogue(rate_card, initial_engines(config, rate_card))
         provider = payment_provider or make_provider(config.accounts.payment_provider)
@@ -225,6 +215,8 @@ class Core:
         self.checkouts = Checkouts(self.ledger, provider, self.durable)
         self.cluster = self._cluster_node(provider) if clustered else None
         cluster = self.cluster
+        self._interceptor = interceptor = self._call_interceptor()
+        self.server = _grpc_server(config, interceptor)
         self.meter = self._metering()
         self.pool, self.reserved = self._reserved_endpoints(rate_card)
         confirm = cluster.confirm if cluster and cluster.journal is None else None
@@ -255,6 +247,22 @@ class Core:
             )  # fmt: skip
         except (ClusterError, OSError, ValueError) as exc:
             raise StartupError(f"core.ledger: {exc}") from exc
+
+    def _call_interceptor(self) -> CallInterceptor:
+        """What every call goes through. In a cluster, sessions and the request log are
+        PostgreSQL's (cluster/customers.py), so any core resolves any session."""
+        cluster = self.cluster
+        return CallInterceptor(
+            admin_token=self._admin_token,
+            directory=(
+                cluster.customers.directory if cluster else access.LedgerDirectory(self.ledger)
+            ),
+            telemetry=self.telemetry,
+            lifecycle=self.lifecycle,
+            activity=cluster.customers.activity if cluster else self.activity,
+            kinds={**inference.CALL_KINDS, **accounts.CALL_KINDS},
+            rules=accounts.ACCESS,
+        )
 
     def _metering(self) -> Metering:
         if self.config.benchmark_unmetered:
@@ -344,6 +352,8 @@ class Core:
         if self.cluster is not None:
             return ClusterAccountsServicer(
                 self.cluster.accounts, self.cluster.sync, self.cluster.link,
+                cluster_customers=self.cluster.customers, customers_config=self.config.customers,
+                starter_promotion_cents=self.starter_promotion_cents,
                 starter_credits_cents=starter, min_topup_cents=min_topup,
             )  # fmt: skip
         return AccountsServicer(

@@ -67,8 +67,6 @@ def _banner(stack: Stack, workspace: accounts_pb2.Workspace, secret: str, engine
         "their own)\n"
     )
     if isinstance(stack, Cluster):
-        # Users and sessions live in a single core's journal: no sign-up in a cluster.
-        dashboard = ""
         cores = ", ".join(stack.grpc_addresses)
         engines += f", {len(stack.cores)} cores sharing a PostgreSQL ledger"
         where = f"{stack.pg.port} (local, data in {stack.pg.data_dir})" if stack.pg else "given"

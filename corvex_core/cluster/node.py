@@ -26,6 +26,7 @@ from typing import Any, Final
 from prometheus_client import Counter, Gauge, Histogram
 
 from corvex.money import NANO_PER_CENT, NANO_PER_USD, cents_from_usd
+from corvex_core.cluster.customers import ClusterCustomers
 from corvex_core.cluster.link import Link
 from corvex_core.cluster.mirror import MirrorLedger
 from corvex_core.cluster.reload import ClusterReloader
@@ -165,6 +166,9 @@ class ClusterNode:
             retry_initial_s=config.accounts.auto_reload_retry_initial_s,
             retry_max_s=config.accounts.auto_reload_retry_max_s,
         )  # fmt: skip
+        self.customers = ClusterCustomers(
+            self.pool, ledger, self.link, provider, config.customers, clock=clock
+        )
         self.address = ""
         self.live_cores = 1
         self._tasks: list[asyncio.Task[Any]] = []
@@ -223,6 +227,7 @@ class ClusterNode:
         self._spawn(self.sync.run())
         self._spawn(self.sync.resync())
         self._spawn(self.supply.run())
+        self._spawn(self.customers.activity.run())
         self._spawn(self._every(self.config.sweep_every_s, self._sweep))
         self._spawn(self._every(self.config.heartbeat_every_s, self._heartbeat))
         if self.journal is not None:
@@ -250,6 +255,7 @@ class ClusterNode:
             self._shipper_task.cancel()
             await asyncio.gather(self._shipper_task, return_exceptions=True)
         await self.reloader.close()
+        await self.customers.close()
         try:
             await asyncio.wait_for(self.pool.close(), 5.0)
         except (TimeoutError, *db.UNREACHABLE):
@@ -303,6 +309,7 @@ class ClusterNode:
         self._commit_seconds.observe(seconds)
         self._charges_committed.inc(charges)
         self.reloader.check(workspace_id)
+        self.customers.alerts.check(workspace_id)
 
     def _on_lost(self, charge: Charge) -> None:
         self._charges_lost.inc()

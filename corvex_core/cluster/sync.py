@@ -136,6 +136,10 @@ class AccountSync:
                 await self.refresh_workspace(row.workspace_id)
         self.install_key(row)
 
+    def has_webhook(self, workspace_id: str) -> bool:
+        ws = self._ledger.mirrored_workspace(workspace_id)
+        return ws is not None and bool(ws.alerts.webhook_url)
+
     def knows_workspace(self, workspace_id: str) -> bool:
         return self._ledger.mirrored_workspace(workspace_id) is not None
 
@@ -143,6 +147,7 @@ class AccountSync:
         ws = self._ledger.install_workspace(row.id, row.name, ms(row.created_at))
         # Only read to know whether to look at the workspace after its charges commit.
         ws.auto_reload = row.auto_reload
+        ws.alerts = row.alerts
 
     def install_key(self, row: KeyRow) -> None:
         limits = row.limits
@@ -249,7 +254,7 @@ class AccountSync:
 
     async def _apply(self, change: AccountChange) -> None:
         what = change.what
-        if what == "workspace_created":
+        if what in ("workspace_created", "alerts_set"):
             await self.refresh_workspace(change.workspace_id)
         elif what == "spend_cap_set":
             # A lower cap applies to what is not admitted yet: free lease credit goes back.

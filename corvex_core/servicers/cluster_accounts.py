@@ -11,21 +11,26 @@ that cannot be reached makes a call fail with UNAVAILABLE, never half done.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import secrets
 from typing import Any, TypeAlias
 
 from corvex.money import NANO_PER_CENT
 from corvex.v1 import accounts_pb2, accounts_pb2_grpc
-from corvex_core import errors
+from corvex_core import access, errors, passwords
 from corvex_core.cluster import mirror
+from corvex_core.cluster.customers import ClusterCustomers, workspace_of
 from corvex_core.cluster.link import Link
 from corvex_core.cluster.sync import AccountSync, ms
+from corvex_core.config import CustomersConfig
 from corvex_core.invoices import invoice_html, invoice_json, invoice_pdf, parse_invoice_number
-from corvex_core.ledger import MAX_IDEMPOTENCY_KEY_CHARS
+from corvex_core.ledger import MAX_IDEMPOTENCY_KEY_CHARS, SESSION_PREFIX, hash_secret
 from corvex_core.pg import db
 from corvex_core.pg.accounts import AccountStore, KeyRow, WorkspaceRow
+from corvex_core.pg.customers import CheckoutRow, email_taken
 from corvex_core.records import KEY_LIMIT_FIELDS, KeyLimits
+from corvex_core.servicers import customers
 from corvex_core.servicers.accounts import (
     _is_day,
     invoice_pb,
@@ -33,30 +38,12 @@ from corvex_core.servicers.accounts import (
     limits_from_pb,
     workspace_pb,
 )
-from corvex_core.state import ApiKey, AutoReload, Workspace
+from corvex_core.state import ApiKey, AutoReload, Invoice, User
 
 Context: TypeAlias = Any
 
 
-def workspace_of(row: WorkspaceRow, now: dt.datetime) -> Workspace:
-    """A workspace as the wire shows it, from PostgreSQL's row (as of `now`'s month)."""
-    month = db.utc_month(now)
-    spend = row.month_spend_nano if month <= row.month else 0
-    return Workspace(
-        id=row.id,
-        name=row.name,
-        created_ms=ms(row.created_at),
-        balance_nano=row.balance_nano,
-        spend_cap_nano=row.spend_cap_nano,
-        month=max(month, row.month),
-        month_spend_nano=spend,
-        auto_reload=row.auto_reload,
-        auto_reload_error=row.auto_reload_error,
-        held_nano=row.leased_nano,
-    )
-
-
-def key_of(row: KeyRow, now: dt.datetime) -> ApiKey:
+def key_of(row: KeyRow, now: dt.datetime, last_used_ms: int = 0) -> ApiKey:
     month = db.utc_month(now)
     return ApiKey(
         id=row.id,
@@ -69,6 +56,7 @@ def key_of(row: KeyRow, now: dt.datetime) -> ApiKey:
         revoked=row.revoked_at is not None,
         month=max(month, row.month),
         month_tokens=row.month_tokens if month <= row.month else 0,
+        last_used_ms=last_used_ms,
     )
 
 
@@ -79,6 +67,9 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
         sync: AccountSync,
         link: Link,
         *,
+        cluster_customers: ClusterCustomers,
+        customers_config: CustomersConfig,
+        starter_promotion_cents: int,
         starter_credits_cents: int,
         min_topup_cents: int,
         clock: db.Clock = db.utc_now,
@@ -86,6 +77,9 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
         self._accounts = accounts
         self._sync = sync
         self._link = link
+        self._customers = cluster_customers
+        self._customers_config = customers_config
+        self._starter_nano = starter_promotion_cents * NANO_PER_CENT
         self._starter_cents = starter_credits_cents
         self._min_topup_cents = min_topup_cents
         self._clock = clock
@@ -143,6 +137,7 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
                 request.workspace_id, amount, "manual", key
             )
             row = await self._accounts.workspace(request.workspace_id)
+        await self._alerts_changed(row.id)
         return accounts_pb2.AddCreditsResponse(
             invoice=invoice_pb(invoice), workspace=self._workspace_pb(row), replayed=replayed
         )
@@ -158,6 +153,7 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
             mirror.check_amount(cap, allow_zero=True)
         with db.purpose("accounts"), self._link.watching():
             row = await self._accounts.set_spend_cap(request.workspace_id, cap)
+        await self._alerts_changed(row.id)
         return self._workspace_pb(row)
 
     async def SetAutoReload(
@@ -204,7 +200,10 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
     ) -> accounts_pb2.ListKeysResponse:
         with db.purpose("accounts"), self._link.watching():
             rows = await self._accounts.keys(request.workspace_id)
-        return accounts_pb2.ListKeysResponse(keys=[self._key_pb(row) for row in rows])
+            used = await self._customers.store.keys_last_used(request.workspace_id)
+        return accounts_pb2.ListKeysResponse(
+            keys=[key_pb(key_of(row, self._clock(), used.get(row.id, 0))) for row in rows]
+        )
 
     async def RevokeKey(
         self, request: accounts_pb2.RevokeKeyRequest, context: Context
@@ -297,46 +296,204 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
             invoice=invoice_pb(invoice), content_type=content_type, document=document
         )
 
+    # ---- the customers' calls (issue 16) ---------------------------------------------------
+    # The single core's input rules and wire conversions (servicers/customers.py), over
+    # PostgreSQL (pg/customers.py, cluster/customers.py).
+
+    async def SignUp(
+        self, request: accounts_pb2.SignUpRequest, context: Context
+    ) -> accounts_pb2.SignInResponse:
+        email, name = customers.check_sign_up(request)
+        mirror.check_name(name)
+        store = self._customers.store
+        with db.purpose("accounts"), self._link.watching():
+            taken = await store.user_by_email(email) is not None
+        if taken:
+            raise email_taken()
+        password_hash = await asyncio.to_thread(passwords.hash_password, request.password)
+        with db.purpose("accounts"), self._link.watching():
+            user = await store.sign_up(
+                "usr_" + secrets.token_hex(8), "ws_" + secrets.token_hex(8), email,
+                password_hash, name,
+            )  # fmt: skip
+            await self._sync.refresh_workspace(user.workspace_ids[0])
+        return await self._signed_in(user)
+
+    async def SignIn(
+        self, request: accounts_pb2.SignInRequest, context: Context
+    ) -> accounts_pb2.SignInResponse:
+        # The attempt limit is PostgreSQL's, so it holds across cores (not per core).
+        email = customers.sign_in_email(request)
+        limit = self._customers_config.sign_in_failures
+        window_ms = int(self._customers_config.sign_in_window_s * 1000)
+        store = self._customers.store
+        with db.purpose("accounts"), self._link.watching():
+            failures = await store.sign_in_failures(email, window_ms)
+            access.check_sign_in(failures, limit, window_ms, store.now_ms())
+            user = await store.user_by_email(email)
+        ok = await asyncio.to_thread(
+            passwords.verify_password,
+            customers.sign_in_password(request),
+            user.password_hash if user else None,
+        )
+        with db.purpose("accounts"), self._link.watching():
+            if not ok or user is None:
+                await store.sign_in_failed(email, window_ms, keep=limit)
+                raise errors.InvalidCredentials("Wrong email or password.")
+            await store.sign_in_succeeded(email)
+        return await self._signed_in(user)
+
+    async def _signed_in(self, user: User) -> accounts_pb2.SignInResponse:
+        ttl_ms = int(self._customers_config.session_ttl_hours * 3_600_000)
+        token = SESSION_PREFIX + secrets.token_urlsafe(32)
+        with db.purpose("accounts"), self._link.watching():
+            session = await self._customers.store.start_session(
+                "ses_" + secrets.token_hex(8), user.id, hash_secret(token), ttl_ms
+            )
+        return accounts_pb2.SignInResponse(
+            user=customers.user_pb(user), session=customers.session_pb(session, token)
+        )
+
+    async def SignOut(
+        self, request: accounts_pb2.SignOutRequest, context: Context
+    ) -> accounts_pb2.SignOutResponse:
+        session = access.current().session
+        assert session is not None, "Access.USER: the interceptor resolved a session"
+        with db.purpose("accounts"), self._link.watching():
+            await self._customers.store.end_session(session.id)
+        return accounts_pb2.SignOutResponse()
+
+    async def WhoAmI(
+        self, request: accounts_pb2.WhoAmIRequest, context: Context
+    ) -> accounts_pb2.User:
+        return customers.user_pb(await self._user())
+
+    async def _user(self, user_id: str | None = None) -> User:
+        user_id = user_id or access.current().user_id
+        assert user_id is not None, "Access.USER: the interceptor resolved a session"
+        with db.purpose("accounts"), self._link.watching():
+            return await self._customers.store.user(user_id)
+
+    async def GetStarterOffer(
+        self, request: accounts_pb2.GetStarterOfferRequest, context: Context
+    ) -> accounts_pb2.StarterOffer:
+        row = await self._workspace(request.workspace_id)
+        user = await self._user(row.owner_user_id) if row.owner_user_id else None
+        return self._offer(user)
+
+    async def ClaimStarterCredits(
+        self, request: accounts_pb2.ClaimStarterCreditsRequest, context: Context
+    ) -> accounts_pb2.AddCreditsResponse:
+        offer = self._offer(await self._user())
+        if not offer.claimable:
+            raise errors.StarterCreditsUnavailable(offer.reason)
+        user_id = access.current().user_id
+        assert user_id is not None
+        with db.purpose("accounts"), self._link.watching():
+            invoice = await self._customers.store.claim_starter(
+                user_id, request.workspace_id, offer.amount_nano_usd
+            )
+        return await self._credited(invoice, replayed=False)
+
+    def _offer(self, user: User | None) -> accounts_pb2.StarterOffer:
+        now_ms = ms(self._clock())
+        return customers.starter_offer(
+            self._customers_config.starter, self._starter_nano, user, now_ms=now_ms
+        )
+
+    async def StartCheckout(
+        self, request: accounts_pb2.StartCheckoutRequest, context: Context
+    ) -> accounts_pb2.Checkout:
+        self._check_topup(request.amount_cents, "amount_cents")
+        checkouts = self._customers.checkouts
+        checkout = await checkouts.start(
+            request.workspace_id, customers.checkout_amount_nano(request), request.idempotency_key
+        )
+        return self._checkout_pb(checkout)
+
+    async def GetCheckout(
+        self, request: accounts_pb2.GetCheckoutRequest, context: Context
+    ) -> accounts_pb2.Checkout:
+        checkouts = self._customers.checkouts
+        return self._checkout_pb(
+            await checkouts.get(request.workspace_id, request.checkout_id[:100])
+        )
+
+    async def CompleteCheckout(
+        self, request: accounts_pb2.CompleteCheckoutRequest, context: Context
+    ) -> accounts_pb2.AddCreditsResponse:
+        invoice, replayed = await self._customers.checkouts.complete(
+            request.workspace_id, request.checkout_id[:100]
+        )
+        return await self._credited(invoice, replayed=replayed)
+
+    def _checkout_pb(self, checkout: CheckoutRow) -> accounts_pb2.Checkout:
+        return customers.checkout_pb(
+            checkout.id,
+            checkout.workspace_id,
+            checkout.amount_nano,
+            self._customers.checkouts.provider_name,
+            checkout.approve_url,
+            checkout.invoice,
+        )
+
+    async def _credited(
+        self, invoice: Invoice, *, replayed: bool
+    ) -> accounts_pb2.AddCreditsResponse:
+        row = await self._workspace(invoice.workspace_id)
+        await self._alerts_changed(row.id)
+        return accounts_pb2.AddCreditsResponse(
+            invoice=invoice_pb(invoice), workspace=self._workspace_pb(row), replayed=replayed
+        )
+
+    async def _alerts_changed(self, workspace_id: str) -> None:
+        """After a change made here that can start or end an alert: a workspace with a
+        webhook has its alerts looked at at once (the banner is read from the row anyway)."""
+        if self._sync.has_webhook(workspace_id):
+            await self._customers.alerts.check_now(workspace_id)
+
+    async def GetAlerts(
+        self, request: accounts_pb2.GetAlertsRequest, context: Context
+    ) -> accounts_pb2.AlertSettings:
+        with db.purpose("accounts"), self._link.watching():
+            row = await self._customers.store.alerts(request.workspace_id)
+        ws = workspace_of(row.workspace, self._clock())
+        return customers.alerts_pb(ws, row.delivery_error)
+
+    async def SetAlerts(
+        self, request: accounts_pb2.SetAlertsRequest, context: Context
+    ) -> accounts_pb2.AlertSettings:
+        store = self._customers.store
+        with db.purpose("accounts"), self._link.watching():
+            current = await store.alerts(request.workspace_id)
+            settings = customers.new_alerts(request, current.workspace.alerts)
+            await store.set_alerts(request.workspace_id, settings)
+        await self._sync.refresh_workspace(request.workspace_id)
+        await self._customers.alerts.check_now(request.workspace_id)  # set: even without one
+        return await self.GetAlerts(
+            accounts_pb2.GetAlertsRequest(workspace_id=request.workspace_id), context
+        )
+
+    async def ListRecentRequests(
+        self, request: accounts_pb2.ListRecentRequestsRequest, context: Context
+    ) -> accounts_pb2.ListRecentRequestsResponse:
+        limit = customers.recent_limit(request)
+        with db.purpose("accounts"), self._link.watching():
+            await self._accounts.workspace(request.workspace_id)
+            if request.key_id:
+                key = await self._accounts.key(request.key_id)
+                if key.workspace_id != request.workspace_id:
+                    raise errors.NotFound(
+                        f"Key {request.key_id} is not a key of {request.workspace_id}."
+                    )
+        entries = await self._customers.activity.recent_requests(
+            request.workspace_id, key_id=request.key_id, limit=limit
+        )
+        return customers.recent_pb(entries)
+
     # ---- what a cluster refuses -------------------------------------------------------------
-    # Users, sessions, checkout, alerts and recent requests (issue 16), and reserved endpoints
-    # (issue 17), live in a single core's journal and memory; a cluster's ledger does not hold
-    # them yet. They are refused by name, never accepted and ignored.
-
-    async def SignUp(self, request: Any, context: Context) -> Any:
-        raise _customers_refused()
-
-    async def SignIn(self, request: Any, context: Context) -> Any:
-        raise _customers_refused()
-
-    async def SignOut(self, request: Any, context: Context) -> Any:
-        raise _customers_refused()
-
-    async def WhoAmI(self, request: Any, context: Context) -> Any:
-        raise _customers_refused()
-
-    async def GetStarterOffer(self, request: Any, context: Context) -> Any:
-        raise _customers_refused()
-
-    async def ClaimStarterCredits(self, request: Any, context: Context) -> Any:
-        raise _customers_refused()
-
-    async def StartCheckout(self, request: Any, context: Context) -> Any:
-        raise _customers_refused()
-
-    async def GetCheckout(self, request: Any, context: Context) -> Any:
-        raise _customers_refused()
-
-    async def CompleteCheckout(self, request: Any, context: Context) -> Any:
-        raise _customers_refused()
-
-    async def GetAlerts(self, request: Any, context: Context) -> Any:
-        raise _customers_refused()
-
-    async def SetAlerts(self, request: Any, context: Context) -> Any:
-        raise _customers_refused()
-
-    async def ListRecentRequests(self, request: Any, context: Context) -> Any:
-        raise _customers_refused()
+    # Reserved endpoints (issue 17) live in a single core's journal and memory; a cluster's
+    # ledger does not hold them yet. They are refused by name, never accepted and ignored.
 
     async def CreateEndpoint(self, request: Any, context: Context) -> Any:
         raise _endpoints_refused()
@@ -382,14 +539,6 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
             raise errors.InvalidRequest(
                 f"The smallest top-up is ${self._min_topup_cents / 100:.2f}.", param=param
             )
-
-
-def _customers_refused() -> errors.InvalidRequest:
-    return errors.InvalidRequest(
-        "Customer accounts (sign-up and sign-in, checkout, alerts, recent requests) are not "
-        "available when cores share a PostgreSQL ledger (core.ledger.backend: postgres): they "
-        "live in a single core's journal. Use the admin credential, or a single core."
-    )
 
 
 def _endpoints_refused() -> errors.InvalidRequest:

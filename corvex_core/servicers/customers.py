@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import secrets
+from collections.abc import Iterable
 from typing import Any, Final, TypeAlias
 
 from google.protobuf import timestamp_pb2
@@ -19,10 +20,18 @@ from corvex.money import NANO_PER_CENT
 from corvex.v1 import accounts_pb2
 from corvex_core import access, alerts, errors, passwords
 from corvex_core.access import Access, SignInThrottle
-from corvex_core.activity import Activity
+from corvex_core.activity import Activity, RecentRequest
 from corvex_core.alerts import Alerter
-from corvex_core.config import CustomersConfig
-from corvex_core.ledger import Ledger, check_email, normalize_email
+from corvex_core.config import CustomersConfig, StarterPromotionConfig
+from corvex_core.ledger import (
+    Ledger,
+    check_email,
+    check_webhook_url,
+    normalize_email,
+)
+from corvex_core.ledger import (
+    _check_amount as check_amount,
+)
 from corvex_core.lifecycle import CallKind
 from corvex_core.payments import Checkout, Checkouts
 from corvex_core.state import Alerts, Invoice, Session, User, Workspace
@@ -90,13 +99,7 @@ class CustomerCalls:
     async def SignUp(
         self, request: accounts_pb2.SignUpRequest, context: Context
     ) -> accounts_pb2.SignInResponse:
-        email = check_email(request.email)
-        if not MIN_PASSWORD_CHARS <= len(request.password) <= MAX_PASSWORD_CHARS:
-            raise errors.InvalidRequest(
-                f"The password must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters.",
-                param="password",
-            )
-        name = request.workspace_name.strip() or "Default"
+        email, name = check_sign_up(request)
         if self._ledger.user_by_email(email) is not None:
             raise errors.EmailTaken(
                 "An account with this email exists already; sign in instead.",
@@ -109,13 +112,14 @@ class CustomerCalls:
     async def SignIn(
         self, request: accounts_pb2.SignInRequest, context: Context
     ) -> accounts_pb2.SignInResponse:
-        email = normalize_email(request.email)[:300]
+        email = sign_in_email(request)
         now = self._ledger.now_ms()
         self._throttle.check(email, now)
         user = self._ledger.user_by_email(email)
-        password = request.password[: MAX_PASSWORD_CHARS + 1]
         ok = await asyncio.to_thread(
-            passwords.verify_password, password, user.password_hash if user else None
+            passwords.verify_password,
+            sign_in_password(request),
+            user.password_hash if user else None,
         )
         if not ok or user is None:
             self._throttle.failed(email, now)
@@ -169,26 +173,9 @@ class CustomerCalls:
         return self._credited(invoice, replayed=False)
 
     def _offer(self, user: User | None) -> accounts_pb2.StarterOffer:
-        starter = self._customers.starter
-        amount = self._starter_nano
-        offer = accounts_pb2.StarterOffer(amount_nano_usd=amount, ends=starter.ends)
-        today = dt.datetime.fromtimestamp(self._ledger.now_ms() / 1000, dt.UTC).date()
-        if user is None:
-            offer.reason = "Starter credits are for accounts that signed up themselves."
-        elif user.starter_invoice:
-            offer.claimed = True
-            offer.invoice_number = f"INV-{user.starter_invoice:06d}"
-            offer.reason = (
-                f"Starter credits were claimed already (invoice {offer.invoice_number}); "
-                "they are given once per account."
-            )
-        elif not starter.enabled or amount == 0:
-            offer.reason = "No starter-credit promotion runs now."
-        elif starter.ends and today > dt.date.fromisoformat(starter.ends):
-            offer.reason = f"The starter-credit promotion ended on {starter.ends}."
-        else:
-            offer.claimable = True
-        return offer
+        return starter_offer(
+            self._customers.starter, self._starter_nano, user, now_ms=self._ledger.now_ms()
+        )
 
     # ---- buying credits ------------------------------------------------------------------
 
@@ -196,15 +183,8 @@ class CustomerCalls:
         self, request: accounts_pb2.StartCheckoutRequest, context: Context
     ) -> accounts_pb2.Checkout:
         self._check_topup(request.amount_cents, "amount_cents")
-        if request.amount_cents * NANO_PER_CENT > 10**18:
-            raise errors.InvalidRequest("That amount is too large.", param="amount_cents")
-        if not 1 <= len(request.idempotency_key) <= _MAX_IDEMPOTENCY_KEY_CHARS:
-            raise errors.InvalidRequest(
-                f"idempotency_key must be 1 to {_MAX_IDEMPOTENCY_KEY_CHARS} characters",
-                param="idempotency_key",
-            )
         checkout = await self._checkouts.start(
-            request.workspace_id, request.amount_cents * NANO_PER_CENT, request.idempotency_key
+            request.workspace_id, checkout_amount_nano(request), request.idempotency_key
         )
         return self._checkout_pb(checkout)
 
@@ -225,14 +205,13 @@ class CustomerCalls:
         return self._credited(invoice, replayed=replayed)
 
     def _checkout_pb(self, checkout: Checkout) -> accounts_pb2.Checkout:
-        return accounts_pb2.Checkout(
-            id=checkout.id,
-            workspace_id=checkout.workspace_id,
-            amount_nano_usd=checkout.amount_nano,
-            provider=self._checkouts.provider_name,
-            approve_url=checkout.provider.approve_url,
-            completed=checkout.invoice is not None,
-            invoice_number=checkout.invoice.label if checkout.invoice else "",
+        return checkout_pb(
+            checkout.id,
+            checkout.workspace_id,
+            checkout.amount_nano,
+            self._checkouts.provider_name,
+            checkout.provider.approve_url,
+            checkout.invoice,
         )
 
     # ---- alerts and the request log ------------------------------------------------------
@@ -246,33 +225,13 @@ class CustomerCalls:
         self, request: accounts_pb2.SetAlertsRequest, context: Context
     ) -> accounts_pb2.AlertSettings:
         ws = self._ledger.workspace(request.workspace_id)
-        below = None
-        if request.HasField("balance_below_cents"):
-            if request.balance_below_cents < 0:
-                raise errors.InvalidRequest(
-                    "balance_below_cents must not be negative", param="balance_below_cents"
-                )
-            below = request.balance_below_cents * NANO_PER_CENT
-        url = request.webhook_url.strip()
-        secret = ws.alerts.webhook_secret
-        if not url:
-            secret = ""
-        elif request.rotate_secret or not secret:
-            secret = "whsec_" + secrets.token_urlsafe(24)
-        ws = self._ledger.set_alerts(ws.id, Alerts(below, url, secret))
+        ws = self._ledger.set_alerts(ws.id, new_alerts(request, ws.alerts))
         await self._sync()
         self._alerter.check(ws.id)
         return self._alerts_pb(ws)
 
     def _alerts_pb(self, ws: Workspace) -> accounts_pb2.AlertSettings:
-        return accounts_pb2.AlertSettings(
-            workspace_id=ws.id,
-            balance_below_nano_usd=ws.alerts.balance_below_nano,
-            webhook_url=ws.alerts.webhook_url,
-            webhook_secret=ws.alerts.webhook_secret,
-            active=[accounts_pb2.Alert(kind=a.kind, message=a.message) for a in alerts.active(ws)],
-            last_delivery_error=self._alerter.last_error(ws.id),
-        )
+        return alerts_pb(ws, self._alerter.last_error(ws.id))
 
     async def ListRecentRequests(
         self, request: accounts_pb2.ListRecentRequestsRequest, context: Context
@@ -280,27 +239,143 @@ class CustomerCalls:
         ws = self._ledger.workspace(request.workspace_id)
         if request.key_id and self._ledger.key(request.key_id).workspace_id != ws.id:
             raise errors.NotFound(f"Key {request.key_id} is not a key of {ws.id}.")
-        if request.limit > MAX_RECENT:
-            raise errors.InvalidRequest(f"limit must be at most {MAX_RECENT}", param="limit")
-        entries = self._activity.recent(
-            ws.id, key_id=request.key_id, limit=request.limit or DEFAULT_RECENT
+        entries = self._activity.recent(ws.id, key_id=request.key_id, limit=recent_limit(request))
+        return recent_pb(entries)
+
+
+# ---- what the single core and the cluster share: input rules and wire conversion ----------
+
+
+def check_sign_up(request: accounts_pb2.SignUpRequest) -> tuple[str, str]:
+    """The email as stored and the workspace name of a sign-up, or InvalidRequest."""
+    email = check_email(request.email)
+    if not MIN_PASSWORD_CHARS <= len(request.password) <= MAX_PASSWORD_CHARS:
+        raise errors.InvalidRequest(
+            f"The password must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters.",
+            param="password",
         )
-        return accounts_pb2.ListRecentRequestsResponse(
-            requests=[
-                accounts_pb2.RecentRequest(
-                    request_id=e.request_id,
-                    at=timestamp(e.at_ms),
-                    key_id=e.key_id,
-                    model=e.model,
-                    rpc=e.rpc,
-                    status=e.status,
-                    prompt_tokens=e.prompt_tokens,
-                    completion_tokens=e.completion_tokens,
-                    cost_nano_usd=e.cost_nano,
-                )
-                for e in entries
-            ]
+    return email, request.workspace_name.strip() or "Default"
+
+
+def sign_in_email(request: accounts_pb2.SignInRequest) -> str:
+    return normalize_email(request.email)[:300]
+
+
+def sign_in_password(request: accounts_pb2.SignInRequest) -> str:
+    return request.password[: MAX_PASSWORD_CHARS + 1]
+
+
+def starter_offer(
+    starter: StarterPromotionConfig, amount: int, user: User | None, *, now_ms: int
+) -> accounts_pb2.StarterOffer:
+    """The starter offer of a user (None: a workspace an operator made) at `now_ms`."""
+    offer = accounts_pb2.StarterOffer(amount_nano_usd=amount, ends=starter.ends)
+    today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
+    if user is None:
+        offer.reason = "Starter credits are for accounts that signed up themselves."
+    elif user.starter_invoice:
+        offer.claimed = True
+        offer.invoice_number = f"INV-{user.starter_invoice:06d}"
+        offer.reason = (
+            f"Starter credits were claimed already (invoice {offer.invoice_number}); "
+            "they are given once per account."
         )
+    elif not starter.enabled or amount == 0:
+        offer.reason = "No starter-credit promotion runs now."
+    elif starter.ends and today > dt.date.fromisoformat(starter.ends):
+        offer.reason = f"The starter-credit promotion ended on {starter.ends}."
+    else:
+        offer.claimable = True
+    return offer
+
+
+def checkout_amount_nano(request: accounts_pb2.StartCheckoutRequest) -> int:
+    """The amount of a checkout (the smallest top-up is the servicer's to check)."""
+    if request.amount_cents * NANO_PER_CENT > 10**18:
+        raise errors.InvalidRequest("That amount is too large.", param="amount_cents")
+    if not 1 <= len(request.idempotency_key) <= _MAX_IDEMPOTENCY_KEY_CHARS:
+        raise errors.InvalidRequest(
+            f"idempotency_key must be 1 to {_MAX_IDEMPOTENCY_KEY_CHARS} characters",
+            param="idempotency_key",
+        )
+    return request.amount_cents * NANO_PER_CENT
+
+
+def checkout_pb(
+    checkout_id: str,
+    workspace_id: str,
+    amount_nano: int,
+    provider: str,
+    approve_url: str,
+    invoice: Invoice | None,
+) -> accounts_pb2.Checkout:
+    return accounts_pb2.Checkout(
+        id=checkout_id,
+        workspace_id=workspace_id,
+        amount_nano_usd=amount_nano,
+        provider=provider,
+        approve_url=approve_url,
+        completed=invoice is not None,
+        invoice_number=invoice.label if invoice else "",
+    )
+
+
+def new_alerts(request: accounts_pb2.SetAlertsRequest, current: Alerts) -> Alerts:
+    """The settings a SetAlerts asks for, checked; a new webhook secret when asked or when a
+    URL first gets one, none without a URL."""
+    below = None
+    if request.HasField("balance_below_cents"):
+        if request.balance_below_cents < 0:
+            raise errors.InvalidRequest(
+                "balance_below_cents must not be negative", param="balance_below_cents"
+            )
+        below = request.balance_below_cents * NANO_PER_CENT
+        check_amount(below, allow_zero=True)
+    url = request.webhook_url.strip()
+    check_webhook_url(url)
+    secret = current.webhook_secret
+    if not url:
+        secret = ""
+    elif request.rotate_secret or not secret:
+        secret = "whsec_" + secrets.token_urlsafe(24)
+    return Alerts(below, url, secret)
+
+
+def alerts_pb(ws: Workspace, last_error: str) -> accounts_pb2.AlertSettings:
+    """A workspace's alert settings and the alerts in force (from its money as given)."""
+    return accounts_pb2.AlertSettings(
+        workspace_id=ws.id,
+        balance_below_nano_usd=ws.alerts.balance_below_nano,
+        webhook_url=ws.alerts.webhook_url,
+        webhook_secret=ws.alerts.webhook_secret,
+        active=[accounts_pb2.Alert(kind=a.kind, message=a.message) for a in alerts.active(ws)],
+        last_delivery_error=last_error,
+    )
+
+
+def recent_limit(request: accounts_pb2.ListRecentRequestsRequest) -> int:
+    if request.limit > MAX_RECENT:
+        raise errors.InvalidRequest(f"limit must be at most {MAX_RECENT}", param="limit")
+    return request.limit or DEFAULT_RECENT
+
+
+def recent_pb(entries: Iterable[RecentRequest]) -> accounts_pb2.ListRecentRequestsResponse:
+    return accounts_pb2.ListRecentRequestsResponse(
+        requests=[
+            accounts_pb2.RecentRequest(
+                request_id=e.request_id,
+                at=timestamp(e.at_ms),
+                key_id=e.key_id,
+                model=e.model,
+                rpc=e.rpc,
+                status=e.status,
+                prompt_tokens=e.prompt_tokens,
+                completion_tokens=e.completion_tokens,
+                cost_nano_usd=e.cost_nano,
+            )
+            for e in entries
+        ]
+    )
 
 
 def timestamp(at_ms: int) -> timestamp_pb2.Timestamp:

@@ -31,7 +31,6 @@ from corvex_core import access, errors
 from corvex_core.access import Access, Resource
 from corvex_core.activity import Activity
 from corvex_core.journal import JournalError
-from corvex_core.ledger import Ledger
 from corvex_core.lifecycle import CallKind, Lifecycle
 from corvex_core.servicers import credentials, status
 from corvex_core.telemetry import Telemetry
@@ -86,7 +85,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         self,
         *,
         admin_token: str,
-        ledger: Ledger,
+        directory: access.Directory,
         telemetry: Telemetry,
         lifecycle: Lifecycle,
         activity: Activity,
@@ -94,7 +93,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         rules: Mapping[str, Access],
     ) -> None:
         self._admin_token = admin_token
-        self._ledger = ledger
+        self._directory = directory
         self._telemetry = telemetry
         self._lifecycle = lifecycle
         self._activity = activity
@@ -148,7 +147,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
                     )
                 lifecycle.admit_call(kind)
                 if rule is not None:
-                    self._authorize(rule, request, context)
+                    await self._authorize(rule, request, context)
                 return await behavior(request, context)
             except errors.CorvexError as error:
                 outcome, failure = error.reason.value, error
@@ -182,20 +181,20 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
 
         return guarded
 
-    def _authorize(
+    async def _authorize(
         self, rule: Access, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         """Resolves the caller and checks it may touch what the request names; the principal
         is then what `access.current()` returns in the servicer."""
         secret = credentials.bearer_secret(credentials.authorization(context))
-        principal = access.resolve(self._ledger, secret, self._admin_token, rule)
+        principal = await access.resolve(self._directory, secret, self._admin_token, rule)
         fields = request.DESCRIPTOR.fields_by_name
         resources = {
             kind: value
             for name, kind in RESOURCE_FIELDS.items()
             if name in fields and (value := getattr(request, name))
         }
-        access.authorize(self._ledger, principal, rule, resources)
+        await access.authorize(self._directory, principal, rule, resources)
         access.set_current(principal)
 
 
