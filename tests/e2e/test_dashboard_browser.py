@@ -6,7 +6,9 @@ checkout (a double submit credits once), create a key and call the API with it, 
 playground (streamed, each turn's cost shown, the balance updated), find the request in usage
 and its chart, download the invoice PDF and read its text, set a cap below the month's spend
 and see the playground's 402, revoke the key. Screenshots of every page are taken on the way
-(into $CORVEX_SCREENSHOTS when set: `make screenshots` writes docs/screenshots).
+(into $CORVEX_SCREENSHOTS when set: `make screenshots` writes docs/screenshots). The same
+journey runs against a cluster too (`corvex serve --cores 2`: two cores sharing a PostgreSQL
+ledger, the edge routing across them), unchanged.
 
 Chromium cannot be downloaded here (`playwright install` needs the internet), so the test uses
 /usr/bin/chromium, which `make test` installs with apt-get. If it is missing the test fails and
@@ -25,8 +27,10 @@ import openai
 import pytest
 from pypdf import PdfReader
 
-from corvex_ops.stack import Stack, running_stack
+from corvex_core.pg.server import PgServer
+from corvex_ops.stack import Cluster, Stack, running_cluster, running_stack
 from tests.conftest import STACK_CONFIG
+from tests.e2e.cluster import cluster_config, cluster_database
 
 pytestmark = pytest.mark.e2e
 
@@ -64,6 +68,14 @@ def web_stack() -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
+def web_cluster(pg_server: PgServer) -> Iterator[Cluster]:
+    config = cluster_config()
+    config["core"]["engines"] = {"default": STREAMING_ENGINE}
+    with cluster_database(pg_server) as dsn, running_cluster(dsn=dsn, config=config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
@@ -77,8 +89,9 @@ def browser() -> Iterator[Any]:
 class Shots:
     """Screenshots of each page: into $CORVEX_SCREENSHOTS (the docs) or the test's tmp dir."""
 
-    def __init__(self, tmp_path: Path) -> None:
-        self.dir = Path(os.environ.get("CORVEX_SCREENSHOTS") or tmp_path)
+    def __init__(self, tmp_path: Path, *, docs: bool = True) -> None:
+        wanted = os.environ.get("CORVEX_SCREENSHOTS") if docs else None
+        self.dir = Path(wanted or tmp_path)
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, page: Any, name: str) -> None:
@@ -93,11 +106,20 @@ def money(text: str) -> str:
     return found.group(1)
 
 
+def test_customer_journey_on_a_cluster(web_cluster: Cluster, browser: Any, tmp_path: Path) -> None:
+    """The README's web-app tour against two cores: the dashboard's calls go to one core, the
+    playground's and the SDK's are routed across both, and every page agrees. (First in the
+    module: its database is made before Playwright's event loop runs in this thread.)"""
+    journey(web_cluster.http_url, browser, Shots(tmp_path, docs=False))
+
+
 def test_customer_journey(web_stack: Stack, browser: Any, tmp_path: Path) -> None:
+    journey(web_stack.http_url, browser, Shots(tmp_path))
+
+
+def journey(base: str, browser: Any, shot: Shots) -> None:
     from playwright.sync_api import expect
 
-    base = web_stack.http_url
-    shot = Shots(tmp_path)
     context = browser.new_context(
         base_url=base, viewport={"width": 1200, "height": 800}, accept_downloads=True
     )
