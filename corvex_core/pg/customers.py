@@ -229,7 +229,8 @@ class CustomerStore:
                 "SELECT owner_user_id FROM workspaces WHERE id = $1 FOR NO KEY UPDATE",
                 workspace_id,
             )
-            assert owner == user_id, "authorized before it gets here"
+            if owner != user_id:  # only a request naming no workspace gets here (authorized)
+                raise errors.NotFound(f"No workspace {workspace_id}.")
             key = starter_idempotency_key(user_id)
             invoice = await _issue(conn, workspace_id, amount_nano, "starter", key, self._clock())
             await conn.execute(

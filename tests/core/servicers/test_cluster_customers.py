@@ -185,6 +185,8 @@ async def test_sign_up_on_one_core_sign_in_and_out_on_the_other(stubs: Stubs) ->
 async def test_the_starter_claim_raced_on_both_cores_credits_once(stubs: Stubs) -> None:
     a, b = stubs
     alice = await sign_up(a, "alice@example.com")
+    nameless = pb.ClaimStarterCreditsRequest()
+    assert (await refusal(b, "ClaimStarterCredits", nameless, alice.token))[0] == "NOT_FOUND"
     claim = pb.ClaimStarterCreditsRequest(workspace_id=alice.workspace_id)
 
     async def attempt(stub: accounts_pb2_grpc.AccountsStub) -> str:
