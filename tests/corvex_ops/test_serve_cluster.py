@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,6 +88,11 @@ def test_serve_with_two_cores_runs_the_tour_and_stops_everything(scratch: Path) 
         workspace = re.search(r"workspace    dev \((ws_\w+)\), balance \$5\.00", banner)
         assert url and key and cores and workspace, banner
         assert "ledger       PostgreSQL 127.0.0.1:" in banner
+        # The web app too: its sign-up page is served (the journey: test_dashboard_browser.py).
+        dashboard = re.search(r"dashboard    (\S+)", banner)
+        assert dashboard, banner
+        with urllib.request.urlopen(dashboard[1] + "signup", timeout=30) as page:
+            assert page.status == 200 and b'name="email"' in page.read()
         with openai.OpenAI(base_url=url[1], api_key=key[1], max_retries=0) as client:
             reply = client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=12
