@@ -371,7 +371,7 @@ class ClusterNode:
             "corvex_ledger_round_trips",
             "Statements sent to PostgreSQL (one round trip each), by what they were for: admit "
             "(a request waited for a lease), charge, renew, sync, auth, sweep, heartbeat, "
-            "accounts, reload, probe.",
+            "accounts, reload, probe, activity (the request log).",
             ["purpose"], registry=r,
         )  # fmt: skip
         self._commit_seconds = Histogram(
