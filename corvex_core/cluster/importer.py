@@ -2,8 +2,10 @@
 
 It reads the journal as recovery does (the latest snapshot and every record after it) without
 writing to it, rebuilds the ledger from them, and copies workspaces (balance, month spend,
-cap, auto-reload), keys (hashes, limits, revocation, month tokens), invoices with their
-idempotency keys and numbering, and usage into an empty ledger in ONE transaction, so it lands
+cap, auto-reload, alert settings), keys (hashes, limits, revocation, month tokens), invoices
+with their idempotency keys and numbering, the customers (users with their password hashes
+and starter claims, live sessions by their hashes, so nobody has to sign in again), and usage
+into an empty ledger in ONE transaction, so it lands
 whole or not at all. Charges after the snapshot become one row each (their ids kept, so
 usage and request ids survive); usage the journal keeps only as daily totals (before its
 snapshot) becomes one row per day, key and model with its request count. Before committing it
@@ -37,6 +39,7 @@ class ImportRefused(Exception):
 
 class Imported(msgspec.Struct, frozen=True):
     workspaces: int
+    users: int
     keys: int
     invoices: int
     charges: int
@@ -72,8 +75,11 @@ def _at(ms: int) -> dt.datetime:
 _WORKSPACE_COLUMNS: Final = (
     "id", "name", "created_at", "balance_nano", "leased_nano", "month", "month_spend_nano",
     "spend_cap_nano", "auto_reload_threshold_nano", "auto_reload_amount_nano",
-    "auto_reload_error",
+    "auto_reload_error", "owner_user_id", "alert_below_nano", "alert_webhook_url",
+    "alert_webhook_secret",
 )  # fmt: skip
+_USER_COLUMNS: Final = ("id", "email", "password_hash", "created_at")
+_SESSION_COLUMNS: Final = ("id", "user_id", "token_sha256", "created_at", "expires_at")
 _KEY_COLUMNS: Final = (
     "id", "workspace_id", "name", "prefix", "secret_sha256", "created_at", "revoked_at",
     "limit_rpm", "limit_tpm", "limit_monthly_tokens", "month", "month_tokens",
@@ -101,6 +107,9 @@ async def import_journal(
     charge_rows = [_charge_row(c) for c in contents.charges]
     async with conn.transaction():
         await _refuse_unless_empty(conn)
+        await _copy(conn, "users", _USER_COLUMNS,
+                    [(u.id, u.email, u.password_hash, _at(u.created_ms))
+                     for u in state.users.values()])  # fmt: skip
         await _copy(conn, "workspaces", _WORKSPACE_COLUMNS,
                     [_workspace_row(ws, current) for ws in state.workspaces.values()])  # fmt: skip
         await _copy(conn, "keys", _KEY_COLUMNS,
@@ -108,16 +117,33 @@ async def import_journal(
         invoices = sorted(state.invoices.values(), key=lambda i: i.number)
         await _copy(conn, "invoices", _INVOICE_COLUMNS, [_invoice_row(i) for i in invoices])
         await conn.execute("UPDATE invoice_counter SET next_number = $1", state.next_invoice)
+        await _copy_customers(conn, state, now)
         await _copy(conn, "charges", _CHARGE_COLUMNS, [*usage_rows, *charge_rows])
         await _check_balances(conn)
     return Imported(
         workspaces=len(state.workspaces),
+        users=len(state.users),
         keys=len(state.keys),
         invoices=len(state.invoices),
         charges=len(charge_rows),
         usage_rows=len(usage_rows),
         balance_nano=sum(ws.balance_nano for ws in state.workspaces.values()),
     )
+
+
+async def _copy_customers(conn: asyncpg.Connection, state: LedgerState, now: dt.datetime) -> None:
+    """The users' starter claims (their invoices are in) and the sessions still live."""
+    await conn.executemany(
+        "UPDATE users SET starter_invoice = $2 WHERE id = $1",
+        [(u.id, u.starter_invoice) for u in state.users.values() if u.starter_invoice],
+    )
+    live_after = (now - _EPOCH) // dt.timedelta(milliseconds=1)
+    sessions: list[Row] = [
+        (s.id, s.user_id, s.token_sha256, _at(s.created_ms), _at(s.expires_ms))
+        for s in state.sessions.values()
+        if s.expires_ms > live_after
+    ]
+    await _copy(conn, "sessions", _SESSION_COLUMNS, sessions)
 
 
 async def _refuse_unless_empty(conn: asyncpg.Connection) -> None:
@@ -144,7 +170,8 @@ def _workspace_row(ws: Workspace, current_month: str) -> Row:
     return (
         ws.id, ws.name, _at(ws.created_ms), ws.balance_nano, 0, ws.month or current_month,
         ws.month_spend_nano, ws.spend_cap_nano, reload.threshold_nano if reload else None,
-        reload.amount_nano if reload else None, ws.auto_reload_error,
+        reload.amount_nano if reload else None, ws.auto_reload_error, ws.owner_user_id or None,
+        ws.alerts.balance_below_nano, ws.alerts.webhook_url, ws.alerts.webhook_secret,
     )  # fmt: skip
 
 

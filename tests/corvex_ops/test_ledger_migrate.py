@@ -1,7 +1,8 @@
 """`corvex ledger migrate --to`: a journal made under traffic (with a snapshot in the middle)
 copied into PostgreSQL once. Every balance, cap, setting, key, invoice and usage row equals
-the single core's; a second run is refused; a cluster core then serves the migrated keys and
-replays the migrated idempotency keys."""
+the single core's; a second run is refused; a cluster core then serves the migrated keys,
+replays the migrated idempotency keys, and the customer who signed up on the single core is
+still signed in there."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import msgspec
 import openai
 import pytest
 
-from corvex.v1 import accounts_pb2
+from corvex.v1 import accounts_pb2, accounts_pb2_grpc
 from corvex_core.cluster.importer import read_journal
 from corvex_core.journal import Journal
 from corvex_core.ledger import Ledger
@@ -27,6 +30,23 @@ from tests.conftest import ADMIN_TOKEN, MODEL, STACK_CONFIG
 from tests.e2e.cluster import cluster_config, cluster_database
 
 pytestmark = pytest.mark.e2e
+
+
+PASSWORD = "a long enough password"
+
+
+def customer(grpc_address: str) -> str:
+    """A customer who signed up, claimed the starter credits and set alerts: its session."""
+    pb = accounts_pb2
+    with grpc.insecure_channel(grpc_address) as channel:
+        stub = accounts_pb2_grpc.AccountsStub(channel)
+        signed = stub.SignUp(pb.SignUpRequest(email="ada@example.com", password=PASSWORD))
+        auth = (("authorization", f"Bearer {signed.session.token}"),)
+        ws_id = signed.user.workspace_ids[0]
+        stub.ClaimStarterCredits(pb.ClaimStarterCreditsRequest(workspace_id=ws_id), metadata=auth)
+        alerts = pb.SetAlertsRequest(workspace_id=ws_id, balance_below_cents=700)
+        stub.SetAlerts(alerts, metadata=auth)
+    return signed.session.token
 
 
 def traffic(http_url: str, admin: Client, round_: int) -> None:
@@ -59,18 +79,26 @@ def traffic(http_url: str, admin: Client, round_: int) -> None:
                 )
 
 
+class Journaled(msgspec.Struct):
+    data_dir: Path
+    session: str  # the customer's
+
+
 @pytest.fixture
-def journal_dir(tmp_path: Path) -> Iterator[Path]:
+def journaled(tmp_path: Path) -> Iterator[Journaled]:
     data = tmp_path / "data"
+    session = ""
     for round_ in (1, 2):
         with running_stack(config=STACK_CONFIG, data_dir=data) as stack:
             admin = Client(stack.grpc_address, ADMIN_TOKEN)
             traffic(stack.http_url, admin, round_)
             admin.close()
+            if round_ == 1:
+                session = customer(stack.grpc_address)
         if round_ == 1:
             # A snapshot between the rounds: usage before it survives only as daily totals.
             asyncio.run(_snapshot(data))
-    yield data
+    yield Journaled(data, session)
 
 
 async def _snapshot(data: Path) -> None:
@@ -95,13 +123,14 @@ def migrate(data_dir: Path, dsn: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_journal_migrates_once_and_whole(pg_server: PgServer, journal_dir: Path) -> None:
+def test_a_journal_migrates_once_and_whole(pg_server: PgServer, journaled: Journaled) -> None:
+    journal_dir = journaled.data_dir
     single = read_journal(journal_dir)
     assert single.snapshot_state is not None and single.charges
     with cluster_database(pg_server) as dsn:
         done = migrate(journal_dir, dsn)
         assert done.returncode == 0, done.stderr
-        assert '"workspaces":6' in done.stdout
+        assert '"workspaces":7' in done.stdout and '"users":1' in done.stdout
 
         async def compare() -> None:
             pool = await db.open_pool(dsn)
@@ -150,6 +179,23 @@ def test_a_journal_migrates_once_and_whole(pg_server: PgServer, journal_dir: Pat
             before = admin.GetWorkspace(accounts_pb2.GetWorkspaceRequest(workspace_id=ws_id))
             assert before.balance_nano_usd == single.state.workspaces[ws_id].balance_nano
             admin.close()
+            # The customer: still signed in, can sign in again, claimed already, alerts kept.
+            pb = accounts_pb2
+            with grpc.insecure_channel(c.grpc_address) as channel:
+                stub = accounts_pb2_grpc.AccountsStub(channel)
+                auth = (("authorization", f"Bearer {journaled.session}"),)
+                me = stub.WhoAmI(pb.WhoAmIRequest(), metadata=auth)
+                assert me.email == "ada@example.com" and me.starter_claimed
+                own = me.workspace_ids[0]
+                offer = stub.GetStarterOffer(
+                    pb.GetStarterOfferRequest(workspace_id=own), metadata=auth
+                )
+                assert offer.claimed and not offer.claimable
+                alerts = stub.GetAlerts(pb.GetAlertsRequest(workspace_id=own), metadata=auth)
+                assert alerts.balance_below_nano_usd == 700 * 10**7
+                assert [a.kind for a in alerts.active] == ["balance_low"]
+                again = stub.SignIn(pb.SignInRequest(email="ada@example.com", password=PASSWORD))
+                assert again.user.id == me.id
 
 
 def _rows(rows: object) -> list[tuple[object, ...]]:
