@@ -117,9 +117,6 @@ class LedgerDirectory:
             return None
 
 
-INVALID_SESSION: Final = "The session is unknown, expired or signed out; sign in again."
-
-
 async def resolve(
     directory: Directory, secret: str | None, admin_token: str, access: Access
 ) -> Principal:

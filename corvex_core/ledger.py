@@ -89,6 +89,19 @@ MAX_EMAIL_CHARS: Final = 254
 MAX_URL_CHARS: Final = 2000
 
 
+def email_taken() -> errors.EmailTaken:
+    """The refusal of a sign-up whose email has an account (on one core or in a cluster)."""
+    return errors.EmailTaken(
+        "An account with this email exists already; sign in instead.",
+        metadata={"param": "email"},
+    )
+
+
+def invalid_session() -> errors.InvalidSession:
+    """The refusal of a session token that is unknown, expired or signed out."""
+    return errors.InvalidSession("The session is unknown, expired or signed out; sign in again.")
+
+
 def hash_secret(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
@@ -419,10 +432,7 @@ class Ledger:
         email = check_email(email)
         _check_name(workspace_name)
         if email in self._state.user_by_email:
-            raise errors.EmailTaken(
-                "An account with this email exists already; sign in instead.",
-                metadata={"param": "email"},
-            )
+            raise email_taken()
         user_id = "usr_" + secrets.token_hex(8)
         self._commit(
             UserSignedUp(
@@ -465,9 +475,7 @@ class Ledger:
             or not hmac.compare_digest(session.token_sha256, digest)
             or session.expires_ms <= self.now_ms()
         ):
-            raise errors.InvalidSession(
-                "The session is unknown, expired or signed out; sign in again."
-            )
+            raise invalid_session()
         return session
 
     def end_session(self, session_id: str) -> None:

@@ -26,7 +26,7 @@ from typing import Final
 
 from corvex.quoting import quote
 from corvex_core import alerts, errors
-from corvex_core.access import INVALID_SESSION, Resource
+from corvex_core.access import Resource
 from corvex_core.activity import Activity, RecentRequest
 from corvex_core.alerts import Alerter
 from corvex_core.cluster.link import Link
@@ -34,7 +34,7 @@ from corvex_core.cluster.mirror import MirrorLedger
 from corvex_core.cluster.sync import ms
 from corvex_core.config import CustomersConfig
 from corvex_core.invoices import parse_invoice_number
-from corvex_core.ledger import hash_secret
+from corvex_core.ledger import hash_secret, invalid_session
 from corvex_core.payments import PaymentError, PaymentProvider, ProviderCheckout
 from corvex_core.pg import db
 from corvex_core.pg.accounts import WorkspaceRow
@@ -82,7 +82,7 @@ class ClusterDirectory:
         with db.purpose("auth"), self._link.watching():
             session = await self._store.session(hash_secret(token))
         if session is None:
-            raise errors.InvalidSession(INVALID_SESSION)
+            raise invalid_session()
         return session
 
     async def owned_workspaces(self, user_id: str) -> Collection[str]:

@@ -18,14 +18,13 @@ import asyncpg
 import msgspec
 
 from corvex_core import errors
+from corvex_core.ledger import MAX_SESSIONS_PER_USER, email_taken
 from corvex_core.pg import db, notify
 from corvex_core.pg.accounts import WorkspaceRow, _invoice, _issue, _workspace
 from corvex_core.pg.db import Clock, Pool, utc_month, utc_now
 from corvex_core.state import Alerts, Invoice, Session, User, starter_idempotency_key
 
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-# Live sessions per user, as on a single core (ledger.MAX_SESSIONS_PER_USER).
-MAX_SESSIONS_PER_USER: Final = 20
 # Requests kept per workspace in the log (activity.MAX_PER_WORKSPACE).
 MAX_LOGGED_PER_WORKSPACE: Final = 200
 MAX_ERROR_CHARS: Final = 300
@@ -427,13 +426,6 @@ class CustomerStore:
         async with self._pool.acquire() as conn:
             found = await conn.fetchval("SELECT 1 FROM workspaces WHERE id = $1", workspace_id)
         return found is not None
-
-
-def email_taken() -> errors.EmailTaken:
-    return errors.EmailTaken(
-        "An account with this email exists already; sign in instead.",
-        metadata={"param": "email"},
-    )
 
 
 async def _owned(conn: Any, user_id: str) -> list[str]:

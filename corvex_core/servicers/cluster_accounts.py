@@ -25,10 +25,15 @@ from corvex_core.cluster.link import Link
 from corvex_core.cluster.sync import AccountSync, ms
 from corvex_core.config import CustomersConfig
 from corvex_core.invoices import invoice_html, invoice_json, invoice_pdf, parse_invoice_number
-from corvex_core.ledger import MAX_IDEMPOTENCY_KEY_CHARS, SESSION_PREFIX, hash_secret
+from corvex_core.ledger import (
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    SESSION_PREFIX,
+    email_taken,
+    hash_secret,
+)
 from corvex_core.pg import db
 from corvex_core.pg.accounts import AccountStore, KeyRow, WorkspaceRow
-from corvex_core.pg.customers import CheckoutRow, email_taken
+from corvex_core.pg.customers import CheckoutRow
 from corvex_core.records import KEY_LIMIT_FIELDS, KeyLimits
 from corvex_core.servicers import customers
 from corvex_core.servicers.accounts import (

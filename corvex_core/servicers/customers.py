@@ -27,6 +27,7 @@ from corvex_core.ledger import (
     Ledger,
     check_email,
     check_webhook_url,
+    email_taken,
     normalize_email,
 )
 from corvex_core.ledger import (
@@ -101,10 +102,7 @@ class CustomerCalls:
     ) -> accounts_pb2.SignInResponse:
         email, name = check_sign_up(request)
         if self._ledger.user_by_email(email) is not None:
-            raise errors.EmailTaken(
-                "An account with this email exists already; sign in instead.",
-                metadata={"param": "email"},
-            )
+            raise email_taken()
         password_hash = await asyncio.to_thread(passwords.hash_password, request.password)
         user = self._ledger.sign_up(email, password_hash, name)
         return await self._signed_in(user)
