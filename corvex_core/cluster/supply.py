@@ -21,8 +21,8 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -36,6 +36,8 @@ from corvex_core.pg import db
 from corvex_core.pg.leases import CreditGrant, LeaseGone, LeaseStore, TokenGrant, Want
 from corvex_core.records import Charged
 from corvex_core.state import ApiKey
+
+GrantT = TypeVar("GrantT", CreditGrant, TokenGrant)
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +322,7 @@ class LeaseSupply:
             want = Want(need_least, max(need_most, 0), max(ahead, 0), policy.exact_below_nano)
             generation = slot.generation
             try:
-                grant = await self._grant_credit(slot, want)
+                grant = await self._grant(slot, want, self._store.lease_credit)
             except LeaseGone:
                 if slot.generation == generation:
                     self._lose_credit(slot)
@@ -338,19 +340,24 @@ class LeaseSupply:
                 slot.refused = None
             return
 
-    async def _grant_credit(self, slot: _Slot, want: Want) -> CreditGrant:
+    async def _grant(
+        self,
+        slot: _Slot,
+        want: Want,
+        lease: Callable[[str, str, int | None, Want, float], Awaitable[GrantT]],
+    ) -> GrantT:
+        """One grant from the store (`lease_credit` or `lease_tokens`) into the slot's lease;
+        while a slot has none, the first acquiring it makes the others wait (`acquiring`)."""
         policy = self._policy
         if slot.lease_id is not None:
             return await self._link.call(
-                self._store.lease_credit(
-                    slot.owner, policy.core_id, slot.lease_id, want, policy.ttl_s
-                )
+                lease(slot.owner, policy.core_id, slot.lease_id, want, policy.ttl_s)
             )
         future = asyncio.get_running_loop().create_future()
         slot.acquiring = future
         try:
             grant = await self._link.call(
-                self._store.lease_credit(slot.owner, policy.core_id, None, want, policy.ttl_s)
+                lease(slot.owner, policy.core_id, None, want, policy.ttl_s)
             )
             if grant.lease is not None:
                 slot.lease_id = grant.lease.id
@@ -396,7 +403,7 @@ class LeaseSupply:
             want = Want(need_least, max(need_most, 0), max(ahead, 0), policy.exact_below_tokens)
             generation = slot.generation
             try:
-                grant = await self._grant_tokens(slot, want)
+                grant = await self._grant(slot, want, self._store.lease_tokens)
             except LeaseGone:
                 if slot.generation == generation:
                     self._lose_tokens(slot)
@@ -411,27 +418,6 @@ class LeaseSupply:
             else:
                 slot.refused = None
             return
-
-    async def _grant_tokens(self, slot: _Slot, want: Want) -> TokenGrant:
-        policy = self._policy
-        if slot.lease_id is not None:
-            return await self._link.call(
-                self._store.lease_tokens(
-                    slot.owner, policy.core_id, slot.lease_id, want, policy.ttl_s
-                )
-            )
-        future = asyncio.get_running_loop().create_future()
-        slot.acquiring = future
-        try:
-            grant = await self._link.call(
-                self._store.lease_tokens(slot.owner, policy.core_id, None, want, policy.ttl_s)
-            )
-            if grant.lease is not None:
-                slot.lease_id = grant.lease.id
-        finally:
-            slot.acquiring = None
-            future.set_result(None)
-        return grant
 
     def _take_tokens(self, short: Shortfall, slot: _Slot, grant: TokenGrant, mine: int) -> None:
         if grant.lease is not None:

@@ -17,6 +17,7 @@ import msgspec
 
 from corvex.money import format_usd
 from corvex_core import errors
+from corvex_core.ledger import UsageRow
 from corvex_core.pg import db, notify
 from corvex_core.pg.db import Clock, Connection, Pool, utc_month, utc_now
 from corvex_core.records import KeyLimits, TopUpMethod
@@ -43,16 +44,6 @@ class WorkspaceRow(msgspec.Struct, frozen=True):
     # The customers' columns (migration 0005): its owner and alert settings.
     owner_user_id: str = ""
     alerts: Alerts = Alerts()
-
-
-class UsageTotal(msgspec.Struct, frozen=True):
-    day: str
-    key_id: str
-    model: str
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost_nano: int
 
 
 _USAGE = """
@@ -201,13 +192,13 @@ class AccountStore:
 
     async def usage(
         self, workspace_id: str, *, key_id: str = "", since: str = "", until: str = ""
-    ) -> list[UsageTotal]:
+    ) -> list[UsageRow]:
         """Usage of a workspace by UTC day, key and model between two days (inclusive), as
         the single-core ledger reports it."""
         async with self._pool.acquire() as conn:
             await db.require_workspace(conn, workspace_id)
             rows = await conn.fetch(_USAGE, workspace_id, key_id, since, until)
-        return [UsageTotal(**dict(row)) for row in rows]
+        return [UsageRow(**dict(row)) for row in rows]
 
     # ---- keys ------------------------------------------------------------------------------
 

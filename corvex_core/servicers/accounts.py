@@ -21,7 +21,7 @@ from corvex_core.alerts import Alerter
 from corvex_core.config import CustomersConfig
 from corvex_core.invoices import invoice_html, invoice_json, invoice_pdf, parse_invoice_number
 from corvex_core.journal import JournalError
-from corvex_core.ledger import Ledger
+from corvex_core.ledger import Ledger, UsageRow
 from corvex_core.lifecycle import CallKind
 from corvex_core.payments import Checkouts
 from corvex_core.records import KEY_LIMIT_FIELDS, KeyLimits, TopUpMethod
@@ -123,15 +123,7 @@ class AccountsServicer(CustomerCalls, EndpointRpcs, accounts_pb2_grpc.AccountsSe
     async def CreateWorkspace(
         self, request: accounts_pb2.CreateWorkspaceRequest, context: Context
     ) -> accounts_pb2.Workspace:
-        starter = (
-            request.starter_credits_cents
-            if request.HasField("starter_credits_cents")
-            else self._starter_cents
-        )
-        if starter < 0:
-            raise errors.InvalidRequest(
-                "starter_credits_cents must not be negative", param="starter_credits_cents"
-            )
+        starter = requested_starter_cents(request, self._starter_cents)
         ws, _ = self._ledger.create_workspace(request.name, starter * NANO_PER_CENT)
         await self._sync()
         return workspace_pb(ws)
@@ -254,22 +246,7 @@ class AccountsServicer(CustomerCalls, EndpointRpcs, accounts_pb2_grpc.AccountsSe
         rows = self._ledger.usage(
             request.workspace_id, key_id=request.key_id, since=request.since, until=request.until
         )
-        return accounts_pb2.GetUsageResponse(
-            rows=[
-                accounts_pb2.UsageRow(
-                    day=r.day,
-                    key_id=r.key_id,
-                    model=r.model,
-                    requests=r.requests,
-                    prompt_tokens=r.prompt_tokens,
-                    completion_tokens=r.completion_tokens,
-                    cost_nano_usd=r.cost_nano,
-                    endpoint_id=r.endpoint_id,
-                    replica_seconds=r.replica_seconds,
-                )
-                for r in rows
-            ]
-        )
+        return accounts_pb2.GetUsageResponse(rows=[usage_row_pb(r) for r in rows])
 
     async def ListInvoices(
         self, request: accounts_pb2.ListInvoicesRequest, context: Context
@@ -366,6 +343,31 @@ def key_pb(key: ApiKey) -> accounts_pb2.ApiKey:
         ),
         month_tokens=key.month_tokens,
         last_used=timestamp(key.last_used_ms) if key.last_used_ms else None,
+    )
+
+
+def requested_starter_cents(request: accounts_pb2.CreateWorkspaceRequest, default: int) -> int:
+    """The starter credits a CreateWorkspace asks for, or the core's default."""
+    if not request.HasField("starter_credits_cents"):
+        return default
+    if request.starter_credits_cents < 0:
+        raise errors.InvalidRequest(
+            "starter_credits_cents must not be negative", param="starter_credits_cents"
+        )
+    return request.starter_credits_cents
+
+
+def usage_row_pb(row: UsageRow) -> accounts_pb2.UsageRow:
+    return accounts_pb2.UsageRow(
+        day=row.day,
+        key_id=row.key_id,
+        model=row.model,
+        requests=row.requests,
+        prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens,
+        cost_nano_usd=row.cost_nano,
+        endpoint_id=row.endpoint_id,
+        replica_seconds=row.replica_seconds,
     )
 
 

@@ -41,6 +41,8 @@ from corvex_core.servicers.accounts import (
     invoice_pb,
     key_pb,
     limits_from_pb,
+    requested_starter_cents,
+    usage_row_pb,
     workspace_pb,
 )
 from corvex_core.state import ApiKey, AutoReload, Invoice, User
@@ -92,15 +94,7 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
     async def CreateWorkspace(
         self, request: accounts_pb2.CreateWorkspaceRequest, context: Context
     ) -> accounts_pb2.Workspace:
-        starter = (
-            request.starter_credits_cents
-            if request.HasField("starter_credits_cents")
-            else self._starter_cents
-        )
-        if starter < 0:
-            raise errors.InvalidRequest(
-                "starter_credits_cents must not be negative", param="starter_credits_cents"
-            )
+        starter = requested_starter_cents(request, self._starter_cents)
         mirror.check_name(request.name)
         mirror.check_amount(starter * NANO_PER_CENT, allow_zero=True)
         workspace_id = "ws_" + secrets.token_hex(8)
@@ -258,20 +252,7 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
                 since=request.since,
                 until=request.until,
             )
-        return accounts_pb2.GetUsageResponse(
-            rows=[
-                accounts_pb2.UsageRow(
-                    day=r.day,
-                    key_id=r.key_id,
-                    model=r.model,
-                    requests=r.requests,
-                    prompt_tokens=r.prompt_tokens,
-                    completion_tokens=r.completion_tokens,
-                    cost_nano_usd=r.cost_nano,
-                )
-                for r in rows
-            ]
-        )
+        return accounts_pb2.GetUsageResponse(rows=[usage_row_pb(r) for r in rows])
 
     async def ListInvoices(
         self, request: accounts_pb2.ListInvoicesRequest, context: Context
