@@ -100,13 +100,13 @@ class EndpointView(msgspec.Struct, frozen=True):
     card_path: str
 
 
-class _Phase(enum.Enum):
+class Phase(enum.Enum):
     IDLE = "idle"  # no engines, not billed: suspended, waiting for capacity, failed, unstarted
     STARTING = "starting"
     RUNNING = "running"
 
 
-class _Runtime:
+class Runtime:
     """An endpoint on this core: its replicas, engines and the hold of its next period."""
 
     def __init__(self, endpoint: Endpoint, offering: ReservedOffering, base: ModelRate) -> None:
@@ -127,7 +127,7 @@ class _Runtime:
             context_length=base.context_length,
             listed_unix_s=endpoint.created_ms // 1000,
         )
-        self.phase = _Phase.IDLE
+        self.phase = Phase.IDLE
         self.slots: list[int] = []
         self.engines: list[Engine] = []
         self.hold: FixedHold | None = None
@@ -142,8 +142,395 @@ class _Runtime:
         self.settled = asyncio.Event()
 
 
-class ReservedEndpoints:
-    """Every reserved endpoint of this core. One per core; see the module docstring."""
+class EndpointEngines:
+    """What a core's reserved endpoints are, however they are billed: each one's replicas from
+    the capacity pool, its engines (started, resized, stopped), its status as callers see it,
+    and the engine a request to it runs on. `ReservedEndpoints` bills them from this core's
+    journal; `corvex_core.reserved_cluster` from the cluster's PostgreSQL ledger."""
+
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        pool: CapacityPool,
+        *,
+        period_s: int,
+        engine_factory: EngineFactory,
+        now_ms: Callable[[], int],
+        accepting: Callable[[], bool] | None = None,
+    ) -> None:
+        assert 1 <= period_s <= 60 and 60 % period_s == 0
+        self._catalogue = catalogue
+        self._pool = pool
+        self._period_s = period_s
+        self._factory = engine_factory
+        self._now_ms = now_ms
+        self._accepting = accepting or (lambda: True)
+        self._runtimes: dict[str, Runtime] = {}
+        self._by_model: dict[tuple[str, str], Runtime] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._wake = asyncio.Event()
+
+    @property
+    def period_s(self) -> int:
+        return self._period_s
+
+    @property
+    def _period_ms(self) -> int:
+        return self._period_s * 1000
+
+    def capacity(self) -> list[tuple[ReservedOffering, int, int]]:
+        """Every offering of the card with this core's total and free replicas."""
+        pool = self._pool
+        return [(o, pool.total(o.id), pool.free(o.id)) for o in self._catalogue.rate_card.reserved]
+
+    async def wait_started(self, endpoint_id: str, timeout_s: float) -> None:
+        """Returns once the endpoint's engines are ready (or failed), or after `timeout_s`."""
+        runtime = self._runtimes.get(endpoint_id)
+        if runtime is None or runtime.phase is not Phase.STARTING:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runtime.settled.wait(), timeout_s)
+
+    # ---- engines ---------------------------------------------------------------------------
+
+    def _start(self, runtime: Runtime) -> None:
+        """Builds and starts an engine per slot; the endpoint runs once all are ready."""
+        runtime.phase = Phase.STARTING
+        runtime.generation += 1
+        runtime.settled.clear()
+        try:
+            engines = [self._engine(runtime, slot) for slot in runtime.slots]
+        except (ValueError, TypeError) as exc:
+            self._failed(runtime, f"its engines cannot be built ({exc})")
+            return
+        runtime.engines = engines
+        self._background(self._start_engines(runtime, runtime.generation, engines))
+
+    def _resized(
+        self, runtime: Runtime, added: list[int], delta: int, *, has_engines: bool
+    ) -> None:
+        """The engines follow a new replica count (`added` slots, or `-delta` fewer)."""
+        if added:
+            self._add_engines(runtime, added)
+        elif delta < 0 and has_engines:
+            self._remove_engines(runtime, -delta)
+        if runtime.failure:
+            runtime.failure = ""  # a resize is how an operator retries a failed start
+            self._wake.set()
+
+    def _engine(self, runtime: Runtime, slot: int) -> Engine:
+        config = self._pool.engine_config(runtime.offering.id, slot)
+        return self._factory(runtime.base.id, config, runtime.base.context_length)
+
+    async def _start_engines(
+        self, runtime: Runtime, generation: int, engines: list[Engine]
+    ) -> None:
+        try:
+            await asyncio.gather(*(engine.start() for engine in engines))
+        except Exception as exc:
+            if runtime.generation == generation:
+                log.error("reserved endpoint %s: engines failed to start: %s", runtime.id, exc)
+                self._failed(runtime, f"its engines failed to start ({exc})")
+            else:
+                await _shutdown(engines)
+            return
+        if runtime.generation != generation:
+            await _shutdown(engines)  # stopped while starting; shutdown is idempotent
+            return
+        # Replicas removed by a resize while they started: stopped again, now that they run.
+        await _shutdown([e for e in engines if e not in runtime.engines])
+        if runtime.generation != generation:
+            return
+        runtime.phase = Phase.RUNNING
+        runtime.ready_ms = self._now_ms()
+        log.info("reserved endpoint %s is running (%d replicas)", runtime.id, len(engines))
+        try:
+            await self._on_ready(runtime)
+        finally:
+            runtime.settled.set()
+
+    def _add_engines(self, runtime: Runtime, slots: list[int]) -> None:
+        engines = [self._engine(runtime, slot) for slot in slots]
+        runtime.slots.extend(slots)
+        runtime.engines.extend(engines)
+        generation = runtime.generation
+
+        async def start() -> None:
+            try:
+                await asyncio.gather(*(engine.start() for engine in engines))
+            except Exception as exc:
+                log.error("reserved endpoint %s: added replicas failed: %s", runtime.id, exc)
+            if runtime.generation != generation:
+                await _shutdown(engines)
+            else:
+                await _shutdown([e for e in engines if e not in runtime.engines])
+
+        self._background(start())
+
+    def _remove_engines(self, runtime: Runtime, count: int) -> None:
+        assert 0 < count < len(runtime.slots)
+        slots, engines = runtime.slots[-count:], runtime.engines[-count:]
+        del runtime.slots[-count:], runtime.engines[-count:]
+        self._background(self._stop_engines(runtime.offering.id, slots, engines))
+
+    def _idle(self, runtime: Runtime) -> None:
+        """No engines, no hold, nothing billed: after a suspension, a deletion or a failure."""
+        self._drop_hold(runtime)
+        runtime.phase = Phase.IDLE
+        runtime.generation += 1
+        runtime.ready_ms = 0
+        runtime.settled.set()
+        slots, engines = runtime.slots, runtime.engines
+        runtime.slots, runtime.engines = [], []
+        self._background(self._stop_engines(runtime.offering.id, slots, engines))
+
+    def _failed(self, runtime: Runtime, reason: str) -> None:
+        runtime.failure = reason
+        self._idle(runtime)
+
+    async def _stop_engines(
+        self, offering_id: str, slots: list[int], engines: list[Engine]
+    ) -> None:
+        """Shuts the engines down (aborting what they run), then gives their slots back."""
+        try:
+            await _shutdown(engines)
+        finally:
+            self._pool.release(offering_id, slots)
+
+    def _pick(self, runtime: Runtime) -> Engine:
+        """The least loaded of the endpoint's ready replicas."""
+        ready = [e for e in runtime.engines if e.state is EngineState.READY]
+        if not ready:
+            raise errors.EngineUnavailable(
+                f"No replica of the reserved endpoint {quote(runtime.model_id)} is ready.",
+                retry_after_s=_RETRY_S,
+            )
+        return min(ready, key=lambda e: e.stats().running + e.stats().waiting)
+
+    def check_card(self, card: RateCard) -> None:
+        """Raises ValueError if a new rate card would strand an endpoint: it drops an offering
+        or a model one rents, or lists a model id one serves."""
+        for runtime in self._runtimes.values():
+            if runtime.offering.id not in card.offerings or card.get(runtime.base.id) is None:
+                raise ValueError(
+                    f"the card drops {runtime.offering.id} or {runtime.base.id}, which reserved "
+                    f"endpoint {runtime.id} rents; delete the endpoint first"
+                )
+            if card.get(runtime.model_id) is not None:
+                raise ValueError(
+                    f"the card lists {runtime.model_id}, the model id of reserved endpoint "
+                    f"{runtime.id}"
+                )
+
+    def engines(self) -> dict[str, list[Engine]]:
+        """Each endpoint's engines (for health and tests)."""
+        return {r.id: list(r.engines) for r in self._runtimes.values()}
+
+    async def wait_background(self) -> None:
+        """Returns once every engine start and stop begun so far has finished."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _shutdown([e for r in self._runtimes.values() for e in r.engines])
+
+    # ---- rules -----------------------------------------------------------------------------
+
+    def _add(self, endpoint: Endpoint, offering: ReservedOffering) -> Runtime:
+        base = self._catalogue.rate_card.get(endpoint.base_model)
+        assert base is not None
+        runtime = Runtime(endpoint, offering, base)
+        self._runtimes[endpoint.id] = runtime
+        self._by_model[(endpoint.workspace_id, endpoint.model_id)] = runtime
+        return runtime
+
+    def _acquire(self, offering: ReservedOffering, count: int) -> list[int]:
+        slots = self._pool.acquire(offering.id, count)
+        if slots is None:
+            free, total = self._pool.free(offering.id), self._pool.total(offering.id)
+            where = "is not offered on this core" if total == 0 else f"has {free} of {total} free"
+            raise errors.CapacityUnavailable(
+                f"The capacity pool of {offering.id} {where}; {count} more replicas cannot be "
+                "rented now. Nothing was billed.",
+                metadata={"offering": offering.id, "replicas_free": str(free)},
+            )
+        return slots
+
+    def _per_period(self, runtime: Runtime) -> int:
+        """One replica for one period at the card's current price (the card may have been
+        reloaded; an offering in use never leaves it)."""
+        offering = self._catalogue.rate_card.offerings.get(runtime.offering.id, runtime.offering)
+        return offering.nano_per_replica_period(self._period_s)
+
+    def _first_periods(self, offering: ReservedOffering) -> int:
+        """Periods in an endpoint's first period: its minimum term, or one."""
+        return max(1, offering.minimum_hours * 3600 // self._period_s)
+
+    def _what(
+        self, model_id: str, offering: ReservedOffering, replicas: int, periods: int, *, first: bool
+    ) -> str:
+        seconds = periods * self._period_s
+        span = _span(seconds)
+        which = "first" if first else "next"
+        return (
+            f"The {which} {span} of the reserved endpoint {quote(model_id)} ({replicas} "
+            f"× {offering.id} at ${offering.usd_per_replica_hour} per replica-hour)"
+        )
+
+    def _suspended_error(self, runtime: Runtime, endpoint: Endpoint) -> errors.InsufficientCredits:
+        refusal = runtime.refusal
+        by_cap = (
+            refusal.metadata.get("limit") == "spend_cap"
+            if refusal is not None
+            else endpoint.suspended_by is SuspendedBy.SPEND_CAP
+        )
+        detail = refusal.message if refusal is not None else "its next period could not be held."
+        remedy = "Raise the monthly spend cap" if by_cap else "Top up"
+        return errors.InsufficientCredits(
+            f"The reserved endpoint {quote(runtime.model_id)} is suspended: {detail} "
+            f"{remedy} and it resumes within seconds.",
+            metadata={
+                "limit": "spend_cap" if by_cap else "balance",
+                "endpoint_id": runtime.id,
+                "suspended": "true",
+            },
+        )
+
+    def _status(self, endpoint: Endpoint, runtime: Runtime | None) -> tuple[Status, str]:
+        if endpoint.status is EndpointStatus.DELETED or runtime is None:
+            return Status.DELETED, ""
+        if runtime.phase is Phase.RUNNING:
+            return Status.RUNNING, ""
+        if runtime.phase is Phase.STARTING:
+            return Status.STARTING, "its replicas are starting."
+        if runtime.failure:
+            return Status.FAILED, f"{runtime.failure}; resize or delete it."
+        if runtime.capacity_short:
+            free = self._pool.free(runtime.offering.id)
+            return Status.WAITING_FOR_CAPACITY, (
+                f"the capacity pool of {runtime.offering.id} has {free} free replicas, fewer "
+                f"than its {endpoint.replicas}; it starts when they free up."
+            )
+        if endpoint.status is EndpointStatus.SUSPENDED:
+            refusal = runtime.refusal
+            return Status.SUSPENDED, refusal.message if refusal else "its next period is unpaid."
+        return Status.WAITING_FOR_CAPACITY, "it starts at the next billing tick."
+
+    def _engine_kind(self, offering_id: str, runtime: Runtime | None) -> tuple[str, bool]:
+        if runtime is not None and runtime.engines:
+            engine = runtime.engines[0]
+            return engine.kind, engine.supports_embeddings
+        if self._pool.total(offering_id) == 0:
+            return "", False
+        config = self._pool.engine_config(offering_id, 0)
+        if isinstance(config, SimulatedEngineConfig):
+            return "simulated", True
+        return "vllm", config.runner == "embed"
+
+    def _view(
+        self,
+        endpoint: Endpoint,
+        runtime: Runtime | None,
+        status: Status,
+        reason: str,
+        held_nano: int,
+    ) -> EndpointView:
+        offering = self._catalogue.rate_card.offerings.get(endpoint.offering_id)
+        base = self._catalogue.rate_card.get(endpoint.base_model)
+        kind, embeds = self._engine_kind(endpoint.offering_id, runtime)
+        price = offering or (runtime.offering if runtime else None)
+        return EndpointView(
+            endpoint=endpoint,
+            status=status,
+            reason=reason,
+            held_nano=held_nano,
+            usd_per_replica_hour=price.usd_per_replica_hour if price else "",
+            period_s=self._period_s,
+            engine_kind=kind,
+            supports_embeddings=embeds,
+            context_length=base.context_length if base else 0,
+            card_path=base.card_path if base else "",
+        )
+
+    def _checked_new(
+        self, workspace_name: str, workspace_id: str, offering_id: str, replicas: int, name: str
+    ) -> tuple[ReservedOffering, str]:
+        """The offering and the model id of a new endpoint, or InvalidRequest saying why not."""
+        card = self._catalogue.rate_card
+        offering = card.offerings.get(offering_id)
+        if offering is None:
+            raise errors.InvalidRequest(
+                f"There is no reserved offering {quote(offering_id)}; "
+                "ListReservedCapacity lists them.",
+                param="offering",
+            )
+        check_replicas(replicas)
+        check_name(name)
+        model_id = f"{workspace_slug(workspace_name, workspace_id)}/{name}"
+        if card.get(model_id) is not None:
+            raise errors.InvalidRequest(
+                f"{quote(model_id)} is a catalogue model id; choose another name.",
+                param="name",
+            )
+        return offering, model_id
+
+    def _background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- what a way of billing adds ------------------------------------------------------
+
+    def views(self, workspace_id: str | None = None) -> list[EndpointView]:
+        """Endpoints not deleted, of one workspace or all, oldest first."""
+        raise NotImplementedError
+
+    def lookup(self, workspace_id: str, model_id: str) -> Served | None:
+        """One of the workspace's own endpoint's replicas for `model_id`, or None when the
+        workspace has no endpoint by that id (the shared fleet is then asked). Raises
+        InsufficientCredits when it is suspended, EngineUnavailable when it is not serving."""
+        raise NotImplementedError
+
+    async def run(self, tick_s: float) -> None:
+        """The billing loop; returns only when cancelled."""
+        raise NotImplementedError
+
+    def on_record(self, record: Record) -> None:
+        """Sees every record the core's journal commits."""
+
+    async def _on_ready(self, runtime: Runtime) -> None:
+        """The endpoint's replicas are all ready (it is RUNNING): its period starts now."""
+        raise NotImplementedError
+
+    def _drop_hold(self, runtime: Runtime) -> None:
+        """Gives back what is held for the endpoint's next period, if anything is."""
+
+    def _served(self, runtime: Runtime) -> Served:
+        return Served(
+            runtime.rate,
+            self._catalogue.rate_card.version,
+            self._pick(runtime),
+            endpoint_id=runtime.id,
+            metric_model=f"reserved:{runtime.base.id}",
+        )
+
+    def _not_serving(self, runtime: Runtime, endpoint: Endpoint) -> errors.CorvexError:
+        """Why a request to an endpoint that is not running is refused."""
+        if endpoint.status is EndpointStatus.SUSPENDED and not runtime.capacity_short:
+            return self._suspended_error(runtime, endpoint)
+        _, reason = self._status(endpoint, runtime)
+        return errors.EngineUnavailable(
+            f"The reserved endpoint {quote(runtime.model_id)} is not serving yet: {reason}",
+            retry_after_s=None if runtime.failure else _RETRY_S,
+        )
+
+
+class ReservedEndpoints(EndpointEngines):
+    """Every reserved endpoint of a core with the journal ledger; see the module docstring."""
 
     def __init__(
         self,
@@ -156,26 +543,12 @@ class ReservedEndpoints:
         after_charge: Callable[[str], None] | None = None,
         accepting: Callable[[], bool] | None = None,
     ) -> None:
-        assert 1 <= period_s <= 60 and 60 % period_s == 0
+        super().__init__(
+            catalogue, pool, period_s=period_s, engine_factory=engine_factory,
+            now_ms=ledger.now_ms, accepting=accepting,
+        )  # fmt: skip
         self._ledger = ledger
-        self._catalogue = catalogue
-        self._pool = pool
-        self._period_s = period_s
-        self._factory = engine_factory
         self._after_charge = after_charge or (lambda workspace_id: None)
-        self._accepting = accepting or (lambda: True)
-        self._runtimes: dict[str, _Runtime] = {}
-        self._by_model: dict[tuple[str, str], _Runtime] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._wake = asyncio.Event()
-
-    @property
-    def period_s(self) -> int:
-        return self._period_s
-
-    @property
-    def _period_ms(self) -> int:
-        return self._period_s * 1000
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -187,36 +560,12 @@ class ReservedEndpoints:
         endpoint = self._ledger.endpoint(endpoint_id)
         runtime = self._runtimes.get(endpoint_id)
         status, reason = self._status(endpoint, runtime)
-        offering = self._catalogue.rate_card.offerings.get(endpoint.offering_id)
-        base = self._catalogue.rate_card.get(endpoint.base_model)
-        kind, embeds = self._engine_kind(endpoint.offering_id, runtime)
-        return EndpointView(
-            endpoint=endpoint,
-            status=status,
-            reason=reason,
-            held_nano=runtime.hold.amount_nano if runtime and runtime.hold else 0,
-            usd_per_replica_hour=(
-                offering.usd_per_replica_hour
-                if offering
-                else runtime.offering.usd_per_replica_hour
-                if runtime
-                else ""
-            ),
-            period_s=self._period_s,
-            engine_kind=kind,
-            supports_embeddings=embeds,
-            context_length=base.context_length if base else 0,
-            card_path=base.card_path if base else "",
-        )
+        held = runtime.hold.amount_nano if runtime and runtime.hold else 0
+        return self._view(endpoint, runtime, status, reason, held)
 
     def views(self, workspace_id: str | None = None) -> list[EndpointView]:
         """Endpoints not deleted, of one workspace or all, oldest first."""
         return [self.view(e.id) for e in self._ledger.endpoints(workspace_id)]
-
-    def capacity(self) -> list[tuple[ReservedOffering, int, int]]:
-        """Every offering of the card with this core's total and free replicas."""
-        pool = self._pool
-        return [(o, pool.total(o.id), pool.free(o.id)) for o in self._catalogue.rate_card.reserved]
 
     def lookup(self, workspace_id: str, model_id: str) -> Served | None:
         """One of the workspace's own endpoint's replicas for `model_id`, or None when the
@@ -226,7 +575,7 @@ class ReservedEndpoints:
         if runtime is None:
             return None
         endpoint = self._ledger.endpoint(runtime.id)
-        if runtime.phase is _Phase.RUNNING:
+        if runtime.phase is Phase.RUNNING:
             now = self._ledger.now_ms()
             if now >= endpoint.paid_until_ms and self._accepting():
                 # The paid period is over and the tick has not come yet: the next period is
@@ -234,22 +583,10 @@ class ReservedEndpoints:
                 # inside a period that is charged, and its charge is journaled before the
                 # request's own.
                 self._bill(runtime, now)
-            if runtime.phase is _Phase.RUNNING and now < endpoint.paid_until_ms:
-                return Served(
-                    runtime.rate,
-                    self._catalogue.rate_card.version,
-                    self._pick(runtime),
-                    endpoint_id=runtime.id,
-                    metric_model=f"reserved:{runtime.base.id}",
-                )
+            if runtime.phase is Phase.RUNNING and now < endpoint.paid_until_ms:
+                return self._served(runtime)
             raise self._suspended_error(runtime, endpoint)
-        if endpoint.status is EndpointStatus.SUSPENDED and not runtime.capacity_short:
-            raise self._suspended_error(runtime, endpoint)
-        _, reason = self._status(endpoint, runtime)
-        raise errors.EngineUnavailable(
-            f"The reserved endpoint {quote(model_id)} is not serving yet: {reason}",
-            retry_after_s=None if runtime.failure else _RETRY_S,
-        )
+        raise self._not_serving(runtime, endpoint)
 
     # ---- changes ---------------------------------------------------------------------------
 
@@ -259,21 +596,7 @@ class ReservedEndpoints:
         engines. The first period is charged when they are ready."""
         ws = self._ledger.workspace(workspace_id)
         card = self._catalogue.rate_card
-        offering = card.offerings.get(offering_id)
-        if offering is None:
-            raise errors.InvalidRequest(
-                f"There is no reserved offering {quote(offering_id)}; "
-                "ListReservedCapacity lists them.",
-                param="offering",
-            )
-        _check_replicas(replicas)
-        check_name(name)
-        model_id = f"{workspace_slug(ws.name, ws.id)}/{name}"
-        if card.get(model_id) is not None:
-            raise errors.InvalidRequest(
-                f"{quote(model_id)} is a catalogue model id; choose another name.",
-                param="name",
-            )
+        offering, model_id = self._checked_new(ws.name, ws.id, offering_id, replicas, name)
         slots = self._acquire(offering, replicas)
         per_period = offering.nano_per_replica_period(self._period_s)
         periods = self._first_periods(offering)
@@ -305,30 +628,22 @@ class ReservedEndpoints:
         )
         return self.view(endpoint.id)
 
-    async def wait_started(self, endpoint_id: str, timeout_s: float) -> None:
-        """Returns once the endpoint's engines are ready (or failed), or after `timeout_s`."""
-        runtime = self._runtimes.get(endpoint_id)
-        if runtime is None or runtime.phase is not _Phase.STARTING:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(runtime.settled.wait(), timeout_s)
-
     def resize(self, endpoint_id: str, replicas: int) -> EndpointView:
         """A new replica count: added replicas need free capacity and are billed for what is
         left of the current period (whole accrual periods, rounded up); removed ones stop at
         once. The held next period follows the new count."""
         runtime = self._live(endpoint_id)
-        _check_replicas(replicas)
+        check_replicas(replicas)
         endpoint = self._ledger.endpoint(endpoint_id)
         delta = replicas - endpoint.replicas
         if delta == 0:
             return self.view(endpoint_id)
-        has_engines = runtime.phase is not _Phase.IDLE
+        has_engines = runtime.phase is not Phase.IDLE
         added = self._acquire(runtime.offering, delta) if delta > 0 and has_engines else []
         per_period = self._per_period(runtime)
         now = self._ledger.now_ms()
         remaining = 0
-        if delta > 0 and runtime.phase is _Phase.RUNNING and endpoint.paid_until_ms > now:
+        if delta > 0 and runtime.phase is Phase.RUNNING and endpoint.paid_until_ms > now:
             remaining = -(-(endpoint.paid_until_ms - now) // self._period_ms)
         old, runtime.hold = runtime.hold, None
         try:
@@ -350,13 +665,7 @@ class ReservedEndpoints:
             if old is not None and not old.resolved:
                 runtime.hold = old
             raise
-        if added:
-            self._add_engines(runtime, added)
-        elif delta < 0 and has_engines:
-            self._remove_engines(runtime, -delta)
-        if runtime.failure:
-            runtime.failure = ""  # a resize is how an operator retries a failed start
-            self._wake.set()
+        self._resized(runtime, added, delta, has_engines=has_engines)
         return self.view(endpoint_id)
 
     def delete(self, endpoint_id: str) -> EndpointView:
@@ -406,16 +715,16 @@ class ReservedEndpoints:
     def on_record(self, record: Record) -> None:
         """Sees every committed record: money that arrives wakes the billing loop."""
         if isinstance(record, CreditsAdded | SpendCapSet | AutoReloadSet) and any(
-            r.workspace_id == record.workspace_id and (r.refusal or r.phase is _Phase.IDLE)
+            r.workspace_id == record.workspace_id and (r.refusal or r.phase is Phase.IDLE)
             for r in self._runtimes.values()
         ):
             self._wake.set()
 
-    def _bill(self, runtime: _Runtime, now: int) -> None:
-        if runtime.failure or runtime.phase is _Phase.STARTING:
+    def _bill(self, runtime: Runtime, now: int) -> None:
+        if runtime.failure or runtime.phase is Phase.STARTING:
             return
         endpoint = self._ledger.endpoint(runtime.id)
-        if runtime.phase is _Phase.IDLE:
+        if runtime.phase is Phase.IDLE:
             self._try_start(runtime, endpoint, now)
             return
         for _ in range(MAX_PERIODS_PER_TICK):
@@ -435,7 +744,7 @@ class ReservedEndpoints:
             # when this period ends unless money arrives first.
             runtime.hold = self._hold(runtime, endpoint)
 
-    def _try_start(self, runtime: _Runtime, endpoint: Endpoint, now: int) -> None:
+    def _try_start(self, runtime: Runtime, endpoint: Endpoint, now: int) -> None:
         """Starts an endpoint without engines: a suspended one whose next period can be held
         now (it resumes), or an active one (after a restart) once the pool has room."""
         resuming = endpoint.status is EndpointStatus.SUSPENDED
@@ -464,7 +773,7 @@ class ReservedEndpoints:
         runtime.hold, runtime.slots = hold, slots
         self._start(runtime)
 
-    def _hold(self, runtime: _Runtime, endpoint: Endpoint) -> FixedHold | None:
+    def _hold(self, runtime: Runtime, endpoint: Endpoint) -> FixedHold | None:
         """Holds the endpoint's next period (the minimum term if none was billed yet), or
         remembers why it cannot be held and returns None."""
         periods = self._first_periods(runtime.offering) if endpoint.period == 0 else 1
@@ -491,7 +800,7 @@ class ReservedEndpoints:
         runtime.refusal = None
         return hold
 
-    def _suspend(self, runtime: _Runtime, endpoint: Endpoint) -> None:
+    def _suspend(self, runtime: Runtime, endpoint: Endpoint) -> None:
         assert runtime.refusal is not None
         by_cap = runtime.refusal.metadata.get("limit") == "spend_cap"
         self._ledger.suspend_endpoint(
@@ -499,114 +808,6 @@ class ReservedEndpoints:
         )
         log.warning("reserved endpoint %s suspended: %s", endpoint.id, runtime.refusal.message)
         self._idle(runtime)
-
-    # ---- engines ---------------------------------------------------------------------------
-
-    def _start(self, runtime: _Runtime) -> None:
-        """Builds and starts an engine per slot; the endpoint runs once all are ready."""
-        runtime.phase = _Phase.STARTING
-        runtime.generation += 1
-        runtime.settled.clear()
-        try:
-            engines = [self._engine(runtime, slot) for slot in runtime.slots]
-        except (ValueError, TypeError) as exc:
-            self._failed(runtime, f"its engines cannot be built ({exc})")
-            return
-        runtime.engines = engines
-        self._background(self._start_engines(runtime, runtime.generation, engines))
-
-    def _engine(self, runtime: _Runtime, slot: int) -> Engine:
-        config = self._pool.engine_config(runtime.offering.id, slot)
-        return self._factory(runtime.base.id, config, runtime.base.context_length)
-
-    async def _start_engines(
-        self, runtime: _Runtime, generation: int, engines: list[Engine]
-    ) -> None:
-        try:
-            await asyncio.gather(*(engine.start() for engine in engines))
-        except Exception as exc:
-            if runtime.generation == generation:
-                log.error("reserved endpoint %s: engines failed to start: %s", runtime.id, exc)
-                self._failed(runtime, f"its engines failed to start ({exc})")
-            else:
-                await _shutdown(engines)
-            return
-        if runtime.generation != generation:
-            await _shutdown(engines)  # stopped while starting; shutdown is idempotent
-            return
-        # Replicas removed by a resize while they started: stopped again, now that they run.
-        await _shutdown([e for e in engines if e not in runtime.engines])
-        if runtime.generation != generation:
-            return
-        runtime.phase = _Phase.RUNNING
-        runtime.ready_ms = self._ledger.now_ms()
-        runtime.settled.set()
-        log.info("reserved endpoint %s is running (%d replicas)", runtime.id, len(engines))
-        if self._accepting():
-            try:
-                self._bill(runtime, runtime.ready_ms)  # its period starts now
-            except JournalError as exc:
-                log.warning("reserved billing paused: %s", exc)
-
-    def _add_engines(self, runtime: _Runtime, slots: list[int]) -> None:
-        engines = [self._engine(runtime, slot) for slot in slots]
-        runtime.slots.extend(slots)
-        runtime.engines.extend(engines)
-        generation = runtime.generation
-
-        async def start() -> None:
-            try:
-                await asyncio.gather(*(engine.start() for engine in engines))
-            except Exception as exc:
-                log.error("reserved endpoint %s: added replicas failed: %s", runtime.id, exc)
-            if runtime.generation != generation:
-                await _shutdown(engines)
-            else:
-                await _shutdown([e for e in engines if e not in runtime.engines])
-
-        self._background(start())
-
-    def _remove_engines(self, runtime: _Runtime, count: int) -> None:
-        assert 0 < count < len(runtime.slots)
-        slots, engines = runtime.slots[-count:], runtime.engines[-count:]
-        del runtime.slots[-count:], runtime.engines[-count:]
-        self._background(self._stop_engines(runtime.offering.id, slots, engines))
-
-    def _idle(self, runtime: _Runtime) -> None:
-        """No engines, no hold, nothing billed: after a suspension, a deletion or a failure."""
-        if runtime.hold is not None:
-            self._ledger.release_fixed(runtime.hold)
-            runtime.hold = None
-        runtime.phase = _Phase.IDLE
-        runtime.generation += 1
-        runtime.ready_ms = 0
-        runtime.settled.set()
-        slots, engines = runtime.slots, runtime.engines
-        runtime.slots, runtime.engines = [], []
-        self._background(self._stop_engines(runtime.offering.id, slots, engines))
-
-    def _failed(self, runtime: _Runtime, reason: str) -> None:
-        runtime.failure = reason
-        self._idle(runtime)
-
-    async def _stop_engines(
-        self, offering_id: str, slots: list[int], engines: list[Engine]
-    ) -> None:
-        """Shuts the engines down (aborting what they run), then gives their slots back."""
-        try:
-            await _shutdown(engines)
-        finally:
-            self._pool.release(offering_id, slots)
-
-    def _pick(self, runtime: _Runtime) -> Engine:
-        """The least loaded of the endpoint's ready replicas."""
-        ready = [e for e in runtime.engines if e.state is EngineState.READY]
-        if not ready:
-            raise errors.EngineUnavailable(
-                f"No replica of the reserved endpoint {quote(runtime.model_id)} is ready.",
-                retry_after_s=_RETRY_S,
-            )
-        return min(ready, key=lambda e: e.stats().running + e.stats().waiting)
 
     # ---- life ------------------------------------------------------------------------------
 
@@ -628,48 +829,7 @@ class ReservedEndpoints:
         if self._runtimes:
             log.info("%d reserved endpoints recovered", len(self._runtimes))
 
-    def check_card(self, card: RateCard) -> None:
-        """Raises ValueError if a new rate card would strand an endpoint: it drops an offering
-        or a model one rents, or lists a model id one serves."""
-        for runtime in self._runtimes.values():
-            if runtime.offering.id not in card.offerings or card.get(runtime.base.id) is None:
-                raise ValueError(
-                    f"the card drops {runtime.offering.id} or {runtime.base.id}, which reserved "
-                    f"endpoint {runtime.id} rents; delete the endpoint first"
-                )
-            if card.get(runtime.model_id) is not None:
-                raise ValueError(
-                    f"the card lists {runtime.model_id}, the model id of reserved endpoint "
-                    f"{runtime.id}"
-                )
-
-    def engines(self) -> dict[str, list[Engine]]:
-        """Each endpoint's engines (for health and tests)."""
-        return {r.id: list(r.engines) for r in self._runtimes.values()}
-
-    async def wait_background(self) -> None:
-        """Returns once every engine start and stop begun so far has finished."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await _shutdown([e for r in self._runtimes.values() for e in r.engines])
-
-    # ---- rules -----------------------------------------------------------------------------
-
-    def _add(self, endpoint: Endpoint, offering: ReservedOffering) -> _Runtime:
-        base = self._catalogue.rate_card.get(endpoint.base_model)
-        assert base is not None
-        runtime = _Runtime(endpoint, offering, base)
-        self._runtimes[endpoint.id] = runtime
-        self._by_model[(endpoint.workspace_id, endpoint.model_id)] = runtime
-        return runtime
-
-    def _live(self, endpoint_id: str) -> _Runtime:
+    def _live(self, endpoint_id: str) -> Runtime:
         runtime = self._runtimes.get(endpoint_id)
         if runtime is None:
             self._ledger.endpoint(endpoint_id)  # NotFound for an unknown id
@@ -679,96 +839,20 @@ class ReservedEndpoints:
             )
         return runtime
 
-    def _acquire(self, offering: ReservedOffering, count: int) -> list[int]:
-        slots = self._pool.acquire(offering.id, count)
-        if slots is None:
-            free, total = self._pool.free(offering.id), self._pool.total(offering.id)
-            where = "is not offered on this core" if total == 0 else f"has {free} of {total} free"
-            raise errors.CapacityUnavailable(
-                f"The capacity pool of {offering.id} {where}; {count} more replicas cannot be "
-                "rented now. Nothing was billed.",
-                metadata={"offering": offering.id, "replicas_free": str(free)},
-            )
-        return slots
+    async def _on_ready(self, runtime: Runtime) -> None:
+        if self._accepting():
+            try:
+                self._bill(runtime, runtime.ready_ms)  # its period starts now
+            except JournalError as exc:
+                log.warning("reserved billing paused: %s", exc)
 
-    def _per_period(self, runtime: _Runtime) -> int:
-        """One replica for one period at the card's current price (the card may have been
-        reloaded; an offering in use never leaves it)."""
-        offering = self._catalogue.rate_card.offerings.get(runtime.offering.id, runtime.offering)
-        return offering.nano_per_replica_period(self._period_s)
-
-    def _first_periods(self, offering: ReservedOffering) -> int:
-        """Periods in an endpoint's first period: its minimum term, or one."""
-        return max(1, offering.minimum_hours * 3600 // self._period_s)
-
-    def _what(
-        self, model_id: str, offering: ReservedOffering, replicas: int, periods: int, *, first: bool
-    ) -> str:
-        seconds = periods * self._period_s
-        span = _span(seconds)
-        which = "first" if first else "next"
-        return (
-            f"The {which} {span} of the reserved endpoint {quote(model_id)} ({replicas} "
-            f"× {offering.id} at ${offering.usd_per_replica_hour} per replica-hour)"
-        )
-
-    def _suspended_error(self, runtime: _Runtime, endpoint: Endpoint) -> errors.InsufficientCredits:
-        refusal = runtime.refusal
-        by_cap = (
-            refusal.metadata.get("limit") == "spend_cap"
-            if refusal is not None
-            else endpoint.suspended_by is SuspendedBy.SPEND_CAP
-        )
-        detail = refusal.message if refusal is not None else "its next period could not be held."
-        remedy = "Raise the monthly spend cap" if by_cap else "Top up"
-        return errors.InsufficientCredits(
-            f"The reserved endpoint {quote(runtime.model_id)} is suspended: {detail} "
-            f"{remedy} and it resumes within seconds.",
-            metadata={
-                "limit": "spend_cap" if by_cap else "balance",
-                "endpoint_id": runtime.id,
-                "suspended": "true",
-            },
-        )
-
-    def _status(self, endpoint: Endpoint, runtime: _Runtime | None) -> tuple[Status, str]:
-        if endpoint.status is EndpointStatus.DELETED or runtime is None:
-            return Status.DELETED, ""
-        if runtime.phase is _Phase.RUNNING:
-            return Status.RUNNING, ""
-        if runtime.phase is _Phase.STARTING:
-            return Status.STARTING, "its replicas are starting."
-        if runtime.failure:
-            return Status.FAILED, f"{runtime.failure}; resize or delete it."
-        if runtime.capacity_short:
-            free = self._pool.free(runtime.offering.id)
-            return Status.WAITING_FOR_CAPACITY, (
-                f"the capacity pool of {runtime.offering.id} has {free} free replicas, fewer "
-                f"than its {endpoint.replicas}; it starts when they free up."
-            )
-        if endpoint.status is EndpointStatus.SUSPENDED:
-            refusal = runtime.refusal
-            return Status.SUSPENDED, refusal.message if refusal else "its next period is unpaid."
-        return Status.WAITING_FOR_CAPACITY, "it starts at the next billing tick."
-
-    def _engine_kind(self, offering_id: str, runtime: _Runtime | None) -> tuple[str, bool]:
-        if runtime is not None and runtime.engines:
-            engine = runtime.engines[0]
-            return engine.kind, engine.supports_embeddings
-        if self._pool.total(offering_id) == 0:
-            return "", False
-        config = self._pool.engine_config(offering_id, 0)
-        if isinstance(config, SimulatedEngineConfig):
-            return "simulated", True
-        return "vllm", config.runner == "embed"
-
-    def _background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _drop_hold(self, runtime: Runtime) -> None:
+        if runtime.hold is not None:
+            self._ledger.release_fixed(runtime.hold)
+            runtime.hold = None
 
 
-def _check_replicas(replicas: int) -> None:
+def check_replicas(replicas: int) -> None:
     if not 1 <= replicas <= MAX_REPLICAS:
         raise errors.InvalidRequest(f"replicas must be from 1 to {MAX_REPLICAS}", param="replicas")
 

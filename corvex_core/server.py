@@ -32,7 +32,7 @@ from corvex_core.capacity import CapacityError, CapacityPool
 from corvex_core.catalogue import Catalogue
 from corvex_core.cluster.mirror import MirrorLedger
 from corvex_core.cluster.node import ClusterError, ClusterNode
-from corvex_core.config import CoreConfig
+from corvex_core.config import CoreConfig, EngineConfig
 from corvex_core.engines.base import Engine, EngineError
 from corvex_core.engines.registry import build_engine
 from corvex_core.journal import Journal, JournalCorrupt, JournalError
@@ -41,8 +41,10 @@ from corvex_core.lifecycle import Lifecycle
 from corvex_core.limits import RateLimiter
 from corvex_core.metering import Meter, Metering, UnmeteredMeter
 from corvex_core.payments import AutoReloader, Checkouts, PaymentProvider, make_provider
+from corvex_core.pg.endpoints import EndpointStore
 from corvex_core.records import Record
-from corvex_core.reserved import ReservedEndpoints
+from corvex_core.reserved import EndpointEngines, ReservedEndpoints
+from corvex_core.reserved_cluster import ClusterEndpoints
 from corvex_core.servicers import accounts, inference
 from corvex_core.servicers.accounts import AccountsServicer
 from corvex_core.servicers.cluster_accounts import ClusterAccountsServicer
@@ -278,23 +280,51 @@ class Core:
             key_lookup=cluster.sync.lookup if cluster else None,
         )
 
-    def _reserved_endpoints(self, rate_card: RateCard) -> tuple[CapacityPool, ReservedEndpoints]:
+    def _reserved_endpoints(self, rate_card: RateCard) -> tuple[CapacityPool, EndpointEngines]:
+        """This core's capacity pool and its reserved endpoints: billed from its journal, or
+        in a cluster from PostgreSQL (reserved_cluster.py)."""
         try:
             pool = CapacityPool.from_config(self.config, rate_card)
         except CapacityError as exc:
             raise StartupError(str(exc)) from exc
-        reserved = ReservedEndpoints(
-            self.ledger,
-            self.catalogue,
-            pool,
-            period_s=self.config.reserved.period_s,
-            engine_factory=lambda model, engine, context: build_engine(
-                model, engine, context_length=context
-            ),
-            after_charge=self._after_charge,
-            accepting=lambda: self.lifecycle.accepting,
-        )
-        return pool, reserved
+
+        def engine_factory(model: str, engine: EngineConfig, context: int) -> Engine:
+            return build_engine(model, engine, context_length=context)
+
+        def accepting() -> bool:
+            return self.lifecycle.accepting
+
+        period_s = self.config.reserved.period_s
+        cluster = self.cluster
+        if cluster is None:
+            reserved: EndpointEngines = ReservedEndpoints(
+                self.ledger, self.catalogue, pool, period_s=period_s,
+                engine_factory=engine_factory, after_charge=self._after_charge,
+                accepting=accepting,
+            )  # fmt: skip
+            return pool, reserved
+        accounts = cluster.accounts
+
+        async def workspace_name(workspace_id: str) -> str:
+            return (await accounts.workspace(workspace_id)).name
+
+        endpoints = ClusterEndpoints(
+            EndpointStore(cluster.pool), self.catalogue, pool, core_id=cluster.core_id,
+            workspace_name=workspace_name, period_s=period_s, engine_factory=engine_factory,
+            now_ms=self.ledger.now_ms, after_charge=cluster.reloader.check, accepting=accepting,
+        )  # fmt: skip
+        cluster.sync.on_endpoints = endpoints.wake
+        return pool, endpoints
+
+    async def _recover_endpoints(self) -> None:
+        """Every reserved endpoint back (its engines start at the billing loop's first tick)."""
+        try:
+            if isinstance(self.reserved, ClusterEndpoints):
+                await self.reserved.load()
+            elif isinstance(self.reserved, ReservedEndpoints):
+                self.reserved.recover()
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
 
     def _after_charge(self, workspace_id: str) -> None:
         """An endpoint's period was charged: the same follow-ups as a request's charge."""
@@ -328,10 +358,7 @@ class Core:
         log.info("core listening on %s:%d (not serving until ready)", self.config.host, self.port)
         await self._start_ops()
         await self._recover()
-        try:
-            self.reserved.recover()
-        except ValueError as exc:
-            raise StartupError(str(exc)) from exc
+        await self._recover_endpoints()
         engines = self.catalogue.engines
         try:
             await asyncio.gather(*(engine.start() for engine in engines))
@@ -350,12 +377,15 @@ class Core:
         starter = cents_from_usd(accounts.starter_credits_usd)
         min_topup = cents_from_usd(accounts.min_topup_usd)
         if self.cluster is not None:
+            assert isinstance(self.reserved, ClusterEndpoints)
             return ClusterAccountsServicer(
                 self.cluster.accounts, self.cluster.sync, self.cluster.link,
                 cluster_customers=self.cluster.customers, customers_config=self.config.customers,
                 starter_promotion_cents=self.starter_promotion_cents,
                 starter_credits_cents=starter, min_topup_cents=min_topup,
+                endpoints=self.reserved, create_wait_s=self.config.reserved.create_wait_s,
             )  # fmt: skip
+        assert isinstance(self.reserved, ReservedEndpoints)
         return AccountsServicer(
             self.ledger,
             durable=self.durable,

@@ -44,7 +44,7 @@ from corvex_core.lifecycle import Lifecycle
 from corvex_core.limits import LimitState
 from corvex_core.metering import Metering, NeedsLease, Ticket
 from corvex_core.records import Charged
-from corvex_core.reserved import EndpointView, ReservedEndpoints
+from corvex_core.reserved import EndpointEngines, EndpointView
 from corvex_core.state import ApiKey
 from corvex_core.telemetry import CallRecord
 
@@ -109,7 +109,7 @@ class Service:
         meter: Metering,
         lifecycle: Lifecycle,
         durable: Durable,
-        reserved: ReservedEndpoints | None = None,
+        reserved: EndpointEngines | None = None,
         *,
         confirm: Confirm | None = None,
     ) -> None:

@@ -9,7 +9,9 @@ that core refuses it with UNAVAILABLE before sending anything, it is sent once m
 another core, but only when the refusal proves nothing ran there: the core could not be
 connected to, or it refused before admitting (`admitted: false` in its ErrorInfo), or its
 engine refused (which bills nothing). A request the core admitted is never sent twice, so a
-client is never billed twice for one answer.
+client is never billed twice for one answer. A core that refuses because the model is a
+reserved endpoint running on another core names that core (`core` in its ErrorInfo): the
+request goes there, and later requests for that model go there first.
 
 `RoutedInference` has the methods of the generated Inference stub, so the route handlers use
 it as they would use one channel's stub. Chat and Complete travel on the picked core's Streams
@@ -37,6 +39,8 @@ WATCH_RETRY_S: Final = 0.5
 # Connection failures that prove the request never reached a core.
 _UNCONNECTED: Final = ("failed to connect", "connection refused", "connections to all backends")
 _SAFE_REASONS: Final = frozenset({errors_pb2.ENGINE_UNAVAILABLE})
+# Models (reserved endpoints) remembered as served by one core; the oldest are forgotten.
+MAX_HOMES: Final = 10_000
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
 Transport = Literal["streams", "calls"]
@@ -82,6 +86,8 @@ class Router:
         self._models_refresh_s = models_refresh_s
         self._turn = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
+        # Where a core said a model is served (a reserved endpoint runs on one core only).
+        self._homes: dict[str, CoreLink] = {}
 
     async def start(self) -> None:
         for link in self.links:
@@ -104,8 +110,12 @@ class Router:
         return next((link for link in self.links if link.serving), self.links[0]).channel
 
     def pick(self, model: str, exclude: CoreLink | None = None) -> CoreLink:
-        """The core for a request for `model`: serving, serving the model, fewest in flight.
-        With none like that, any other core (its answer says why it cannot serve)."""
+        """The core for a request for `model`: the one a core named as serving it, else
+        serving, serving the model, fewest in flight. With none like that, any other core (its
+        answer says why it cannot serve)."""
+        home = self._homes.get(model)
+        if home is not None and home is not exclude and home.serving is not False:
+            return home
         candidates = [link for link in self.links if link is not exclude]
         if not candidates:
             assert exclude is not None
@@ -116,6 +126,20 @@ class Router:
         fewest = min(link.in_flight for link in best)
         tied = [link for link in best if link.in_flight == fewest]
         return tied[next(self._turn) % len(tied)]
+
+    def redirected(self, model: str, error: grpc.aio.AioRpcError) -> CoreLink | None:
+        """The core a refusal names as serving `model` (remembered for the next requests), or
+        None when it names none this edge knows."""
+        details = errors.details_of(error)
+        address = details.metadata.get("core", "") if details is not None else ""
+        link = next((link for link in self.links if link.address == address), None)
+        if link is None:
+            self._homes.pop(model, None)
+            return None
+        if model not in self._homes and len(self._homes) >= MAX_HOMES:
+            del self._homes[next(iter(self._homes))]
+        self._homes[model] = link
+        return link
 
     async def _watch(self, link: CoreLink) -> None:
         """Follows the core's health (a server stream): SERVING in, anything else out."""
@@ -190,12 +214,15 @@ class RoutedStream:
         except grpc.aio.AioRpcError as error:
             if not retryable(error):
                 return False
+            refusal = error
         else:
             return False
         self._retried = True
-        log.info("core %s refused before admitting; sending to another core",
-                 self._link.address)  # fmt: skip
-        self._link = self._router.pick(self._request.model, exclude=self._link)
+        model = self._request.model
+        home = self._router.redirected(model, refusal)
+        log.info("core %s refused before admitting; sending to %s", self._link.address,
+                 home.address if home else "another core")  # fmt: skip
+        self._link = home or self._router.pick(model, exclude=self._link)
         self._call = self._start(self._link)
         return True
 
@@ -257,13 +284,15 @@ class RoutedUnary:
         return self._run().__await__()
 
     async def _run(self) -> Any:
-        link = self._router.pick(self._request.model)
+        model = self._request.model
+        link = self._router.pick(model)
         try:
             return await self._attempt(link)
         except grpc.aio.AioRpcError as error:
             if not retryable(error):
                 raise
-        return await self._attempt(self._router.pick(self._request.model, exclude=link))
+            home = self._router.redirected(model, error)
+        return await self._attempt(home or self._router.pick(model, exclude=link))
 
     async def _attempt(self, link: CoreLink) -> Any:
         self._call = getattr(link.inference, self._method)(self._request, **self._options)

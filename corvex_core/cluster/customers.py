@@ -98,7 +98,9 @@ class ClusterDirectory:
                 return await store.workspace_of_key(resource_id)
             if kind is Resource.INVOICE:
                 return await store.workspace_of_invoice(parse_invoice_number(resource_id))
-        return None  # reserved endpoints do not exist in a cluster (issue 17)
+            if kind is Resource.ENDPOINT:
+                return await store.workspace_of_endpoint(resource_id)
+        return None
 
 
 class SharedActivity(Activity):

@@ -4,13 +4,16 @@ It reads the journal as recovery does (the latest snapshot and every record afte
 writing to it, rebuilds the ledger from them, and copies workspaces (balance, month spend,
 cap, auto-reload, alert settings), keys (hashes, limits, revocation, month tokens), invoices
 with their idempotency keys and numbering, the customers (users with their password hashes
-and starter claims, live sessions by their hashes, so nobody has to sign in again), and usage
-into an empty ledger in ONE transaction, so it lands
+and starter claims, live sessions by their hashes, so nobody has to sign in again), deleted
+reserved endpoints with their billed time, and usage into an empty ledger in ONE transaction,
+so it lands
 whole or not at all. Charges after the snapshot become one row each (their ids kept, so
 usage and request ids survive); usage the journal keeps only as daily totals (before its
 snapshot) becomes one row per day, key and model with its request count. Before committing it
 checks, per workspace, that top-ups minus charges equal the balance, to the nano-dollar. A
 target that holds any workspace, invoice or charge is refused: a second run changes nothing.
+A journal with reserved endpoints not deleted is refused: their replicas run on that core and
+cannot move with its journal (delete them there first; rent them again on a cluster core).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from corvex_core.ledger import Ledger
 from corvex_core.pg import db
 from corvex_core.pg.migrate import migrate
 from corvex_core.records import Charged
-from corvex_core.state import ApiKey, Invoice, LedgerState, Workspace
+from corvex_core.state import ApiKey, EndpointStatus, Invoice, LedgerState, Workspace
 
 MIGRATED_CORE: Final = "migrated"
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -88,6 +91,14 @@ _INVOICE_COLUMNS: Final = (
     "number", "workspace_id", "created_at", "amount_nano", "method", "balance_after_nano",
     "idempotency_key",
 )  # fmt: skip
+_ENDPOINT_COLUMNS: Final = (
+    "id", "workspace_id", "name", "model_id", "offering_id", "base_model", "replicas",
+    "created_at", "core_id", "status", "period", "paid_until", "charged_nano", "phase",
+)  # fmt: skip
+_ENDPOINT_CHARGE_COLUMNS: Final = (
+    "charge_id", "endpoint_id", "workspace_id", "core_id", "replica_seconds", "cost_nano",
+    "rate_card_version", "at",
+)  # fmt: skip
 _CHARGE_COLUMNS: Final = (
     "charge_id", "request_id", "workspace_id", "key_id", "core_id", "model", "prompt_tokens",
     "completion_tokens", "cached_prompt_tokens", "cost_nano", "rate_card_version", "at",
@@ -105,6 +116,13 @@ async def import_journal(
     current = db.utc_month(now)
     usage_rows = _usage_rows(contents.snapshot_state)
     charge_rows = [_charge_row(c) for c in contents.charges]
+    live = [e.id for e in state.endpoints.values() if e.status is not EndpointStatus.DELETED]
+    if live:
+        raise ImportRefused(
+            f"the journal has {len(live)} reserved endpoints not deleted (first: {live[0]}): "
+            "their replicas run on that core and cannot move with its journal; delete them "
+            "there first (nothing was migrated)"
+        )
     async with conn.transaction():
         await _refuse_unless_empty(conn)
         await _copy(conn, "users", _USER_COLUMNS,
@@ -119,6 +137,7 @@ async def import_journal(
         await conn.execute("UPDATE invoice_counter SET next_number = $1", state.next_invoice)
         await _copy_customers(conn, state, now)
         await _copy(conn, "charges", _CHARGE_COLUMNS, [*usage_rows, *charge_rows])
+        await _copy_endpoints(conn, state)
         await _check_balances(conn)
     return Imported(
         workspaces=len(state.workspaces),
@@ -144,6 +163,24 @@ async def _copy_customers(conn: asyncpg.Connection, state: LedgerState, now: dt.
         if s.expires_ms > live_after
     ]
     await _copy(conn, "sessions", _SESSION_COLUMNS, sessions)
+
+
+async def _copy_endpoints(conn: asyncpg.Connection, state: LedgerState) -> None:
+    """Deleted endpoints, and the time they were billed for as one charge per day."""
+    await _copy(conn, "endpoints", _ENDPOINT_COLUMNS, [
+        (e.id, e.workspace_id, e.name, e.model_id, e.offering_id, e.base_model, e.replicas,
+         _at(e.created_ms), MIGRATED_CORE, "deleted", e.period,
+         _at(e.paid_until_ms) if e.period else None, e.charged_nano, "deleted")
+        for e in state.endpoints.values()
+    ])  # fmt: skip
+    rows: list[Row] = []
+    for workspace_id, buckets in state.endpoint_usage.items():
+        for bucket, used in buckets.items():
+            day, endpoint_id = bucket.split("|", 1)
+            at = dt.datetime.fromisoformat(day).replace(tzinfo=dt.UTC)
+            rows.append((f"migrated:{endpoint_id}:{day}", endpoint_id, workspace_id,
+                         MIGRATED_CORE, used.replica_s, used.cost_nano, "", at))  # fmt: skip
+    await _copy(conn, "endpoint_charges", _ENDPOINT_CHARGE_COLUMNS, rows)
 
 
 async def _refuse_unless_empty(conn: asyncpg.Connection) -> None:
@@ -222,6 +259,8 @@ async def _check_balances(conn: asyncpg.Connection) -> None:
         SELECT w.id, w.balance_nano,
                (SELECT coalesce(sum(amount_nano), 0) FROM invoices i WHERE i.workspace_id = w.id)
              - (SELECT coalesce(sum(cost_nano), 0) FROM charges c WHERE c.workspace_id = w.id)
+             - (SELECT coalesce(sum(cost_nano), 0) FROM endpoint_charges e
+                WHERE e.workspace_id = w.id)
                AS expected_nano
         FROM workspaces w
         """

@@ -115,8 +115,10 @@ class Shortfall:
         self.explicit = explicit
         self.choices = choices
         least_total = max_total if explicit else min(choices, max_total)
-        self.credit_most = rate.cost_nano(prompt_tokens, max_total)
-        self.credit_least = rate.cost_nano(prompt_tokens, least_total)
+        # A free request (a reserved endpoint's tokens cost nothing) still needs a lease: its
+        # usage record is shipped with one. It asks for a single nano-dollar.
+        self.credit_most = max(rate.cost_nano(prompt_tokens, max_total), 1)
+        self.credit_least = max(rate.cost_nano(prompt_tokens, least_total), 1)
         self.tokens_most = prompt_tokens + max_total
         self.tokens_least = prompt_tokens + least_total
         self.set_aside_nano = 0

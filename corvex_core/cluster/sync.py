@@ -20,6 +20,7 @@ import datetime as dt
 import logging
 import ssl as ssl_module
 import time
+from collections.abc import Callable
 from typing import Final
 
 import msgspec
@@ -97,6 +98,8 @@ class AccountSync:
         self._limits: dict[str, KeyLimits] = {}
         self.changes_applied = 0
         self.reloads = 0
+        # Told of every change to a reserved endpoint (reserved_cluster.py reads it then).
+        self.on_endpoints: Callable[[], None] = lambda: None
 
     @property
     def fresh(self) -> bool:
@@ -262,6 +265,8 @@ class AccountSync:
         elif what in ("key_created", "key_revoked", "key_limits_set"):
             assert change.key_id is not None
             await self.refresh_key(change.key_id)
+        elif what == "endpoint_changed":
+            self.on_endpoints()
         # Top-ups and auto-reload settings need nothing here: the next grant reads them.
 
     def _lose(self, error: BaseException) -> None:

@@ -46,16 +46,27 @@ class WorkspaceRow(msgspec.Struct, frozen=True):
     alerts: Alerts = Alerts()
 
 
+# Requests by (day, key, model), then reserved time by (day, endpoint): as the single core
+# reports them. $2 (a key) leaves reserved time out: it is the workspace's, not a key's.
 _USAGE = """
 SELECT to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, key_id, model,
        sum(requests)::bigint AS requests, sum(prompt_tokens)::bigint AS prompt_tokens,
-       sum(completion_tokens)::bigint AS completion_tokens, sum(cost_nano)::bigint AS cost_nano
+       sum(completion_tokens)::bigint AS completion_tokens, sum(cost_nano)::bigint AS cost_nano,
+       '' AS endpoint_id, 0::bigint AS replica_seconds
 FROM charges
 WHERE workspace_id = $1 AND ($2 = '' OR key_id = $2)
   AND ($3 = '' OR at >= ($3 || ' 00:00:00+00')::timestamptz)
   AND ($4 = '' OR at < ($4 || ' 00:00:00+00')::timestamptz + interval '1 day')
 GROUP BY 1, 2, 3
-ORDER BY 1, 2, 3
+UNION ALL
+SELECT to_char(c.at AT TIME ZONE 'UTC', 'YYYY-MM-DD'), '', e.model_id, 0, 0, 0,
+       sum(c.cost_nano)::bigint, c.endpoint_id, sum(c.replica_seconds)::bigint
+FROM endpoint_charges AS c JOIN endpoints AS e ON e.id = c.endpoint_id
+WHERE c.workspace_id = $1 AND $2 = ''
+  AND ($3 = '' OR c.at >= ($3 || ' 00:00:00+00')::timestamptz)
+  AND ($4 = '' OR c.at < ($4 || ' 00:00:00+00')::timestamptz + interval '1 day')
+GROUP BY 1, 3, c.endpoint_id
+ORDER BY 1, 2, 3, 8
 """
 
 

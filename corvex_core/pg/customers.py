@@ -415,6 +415,13 @@ class CustomerStore:
             found = await conn.fetchval("SELECT workspace_id FROM keys WHERE id = $1", key_id)
         return None if found is None else str(found)
 
+    async def workspace_of_endpoint(self, endpoint_id: str) -> str | None:
+        async with self._pool.acquire() as conn:
+            found = await conn.fetchval(
+                "SELECT workspace_id FROM endpoints WHERE id = $1", endpoint_id
+            )
+        return None if found is None else str(found)
+
     async def workspace_of_invoice(self, number: int) -> str | None:
         async with self._pool.acquire() as conn:
             found = await conn.fetchval(

@@ -34,6 +34,7 @@ What = Literal[
     "key_revoked",
     "key_limits_set",
     "alerts_set",
+    "endpoint_changed",
 ]
 
 

@@ -35,6 +35,7 @@ from corvex_core.pg import db
 from corvex_core.pg.accounts import AccountStore, KeyRow, WorkspaceRow
 from corvex_core.pg.customers import CheckoutRow
 from corvex_core.records import KEY_LIMIT_FIELDS, KeyLimits
+from corvex_core.reserved_cluster import ClusterEndpoints
 from corvex_core.servicers import customers
 from corvex_core.servicers.accounts import (
     _is_day,
@@ -45,6 +46,7 @@ from corvex_core.servicers.accounts import (
     usage_row_pb,
     workspace_pb,
 )
+from corvex_core.servicers.endpoints import ClusterEndpointRpcs
 from corvex_core.state import ApiKey, AutoReload, Invoice, User
 
 Context: TypeAlias = Any
@@ -67,7 +69,7 @@ def key_of(row: KeyRow, now: dt.datetime, last_used_ms: int = 0) -> ApiKey:
     )
 
 
-class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
+class ClusterAccountsServicer(ClusterEndpointRpcs, accounts_pb2_grpc.AccountsServicer):
     def __init__(
         self,
         accounts: AccountStore,
@@ -79,9 +81,13 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
         starter_promotion_cents: int,
         starter_credits_cents: int,
         min_topup_cents: int,
+        endpoints: ClusterEndpoints,
+        create_wait_s: float,
         clock: db.Clock = db.utc_now,
     ) -> None:
         self._accounts = accounts
+        self._endpoints = endpoints
+        self._create_wait_s = create_wait_s
         self._sync = sync
         self._link = link
         self._customers = cluster_customers
@@ -477,28 +483,6 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
         )
         return customers.recent_pb(entries)
 
-    # ---- what a cluster refuses -------------------------------------------------------------
-    # Reserved endpoints (issue 17) live in a single core's journal and memory; a cluster's
-    # ledger does not hold them yet. They are refused by name, never accepted and ignored.
-
-    async def CreateEndpoint(self, request: Any, context: Context) -> Any:
-        raise _endpoints_refused()
-
-    async def ListEndpoints(self, request: Any, context: Context) -> Any:
-        raise _endpoints_refused()
-
-    async def GetEndpoint(self, request: Any, context: Context) -> Any:
-        raise _endpoints_refused()
-
-    async def ResizeEndpoint(self, request: Any, context: Context) -> Any:
-        raise _endpoints_refused()
-
-    async def DeleteEndpoint(self, request: Any, context: Context) -> Any:
-        raise _endpoints_refused()
-
-    async def ListReservedCapacity(self, request: Any, context: Context) -> Any:
-        raise _endpoints_refused()
-
     # ---- helpers -------------------------------------------------------------------------
 
     async def _workspace(self, workspace_id: str) -> WorkspaceRow:
@@ -525,11 +509,3 @@ class ClusterAccountsServicer(accounts_pb2_grpc.AccountsServicer):
             raise errors.InvalidRequest(
                 f"The smallest top-up is ${self._min_topup_cents / 100:.2f}.", param=param
             )
-
-
-def _endpoints_refused() -> errors.InvalidRequest:
-    return errors.InvalidRequest(
-        "Reserved endpoints are not available when cores share a PostgreSQL ledger "
-        "(core.ledger.backend: postgres): their billing lives in a single core's journal. "
-        "Run them on a core with the journal ledger."
-    )

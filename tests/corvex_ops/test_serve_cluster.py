@@ -25,6 +25,17 @@ from tests.conftest import FAST_ENGINE, MODEL
 
 pytestmark = pytest.mark.e2e
 
+FLASH = "deepseek-v4-flash-1gpu"
+
+
+def admin(core: str, token: str, *args: str) -> object:
+    done = subprocess.run(
+        [sys.executable, "-m", "corvex_cli", "admin", "--core", core, "--admin-token", token,
+         *args],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return json.loads(done.stdout)
+
 
 @pytest.fixture
 def scratch() -> Iterator[Path]:
@@ -42,7 +53,11 @@ def test_serve_with_two_cores_runs_the_tour_and_stops_everything(scratch: Path) 
     config.write_bytes(
         msgspec.yaml.encode(
             {
-                "core": {"metrics_port": -1, "engines": {"default": FAST_ENGINE}},
+                "core": {
+                    "metrics_port": -1,
+                    "engines": {"default": FAST_ENGINE},
+                    "reserved": {"pools": {FLASH: {"replicas": 1}}},
+                },
                 "edge": {"metrics_port": -1},
             }
         )
@@ -99,27 +114,27 @@ def test_serve_with_two_cores_runs_the_tour_and_stops_everything(scratch: Path) 
             )
         assert reply.usage is not None and (reply.usage.model_extra or {})["cost"]
         token = (scratch / "data" / "admin_token").read_text().strip()
-        shown = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "corvex_cli",
-                "admin",
-                "--core",
-                cores[2],
-                "--admin-token",
-                token,
-                "workspace",
-                "show",
-                workspace[1],
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        balance = json.loads(shown.stdout)["balance_usd"]
+        shown = admin(cores[2], token, "workspace", "show", workspace[1])
+        assert isinstance(shown, dict)
+        balance = shown["balance_usd"]
         assert balance == f"{5 - float((reply.usage.model_extra or {})['cost']):.8f}".rstrip("0")
+        # The tour's reserved endpoint: rented on the first core, called through the edge,
+        # listed and deleted on the second.
+        rented = admin(cores[1], token, "endpoint", "create", workspace[1], "--offering", FLASH,
+                       "--name", "prod")  # fmt: skip
+        assert isinstance(rented, dict) and rented["status"] == "running", rented
+        with openai.OpenAI(base_url=url[1], api_key=key[1], max_retries=0) as client:
+            for _ in range(3):
+                answer = client.chat.completions.create(
+                    model=rented["model"], messages=[{"role": "user", "content": "Hi"}],
+                    max_tokens=4,
+                )  # fmt: skip
+                assert answer.usage is not None
+                assert (answer.usage.model_extra or {})["cost_nano_usd"] == 0
+        listed = admin(cores[2], token, "endpoint", "list", workspace[1])
+        assert isinstance(listed, list) and [e["id"] for e in listed] == [rented["id"]]
+        deleted = admin(cores[2], token, "endpoint", "delete", rented["id"])
+        assert isinstance(deleted, dict) and deleted["status"] == "deleted"
         children = psutil.Process(serve.pid).children(recursive=True)
     finally:
         os.killpg(serve.pid, signal.SIGINT)

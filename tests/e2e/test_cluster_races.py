@@ -270,11 +270,6 @@ def test_the_same_top_up_sent_to_both_cores_credits_once(
         admins[1].AddCredits(other)
 
 
-def test_reserved_endpoints_are_refused_by_name(admins: list[Client]) -> None:
-    with pytest.raises(AdminError, match=r"INVALID_ARGUMENT: Reserved endpoints are not available"):
-        admins[1].ListEndpoints(accounts_pb2.ListEndpointsRequest())
-
-
 def test_edge_workers_share_one_port(cluster: Cluster, admins: list[Client]) -> None:
     assert cluster.edge is not None
     workers = psutil.Process(cluster.edge.pid).children()

@@ -187,7 +187,9 @@ SELECT w.id, w.balance_nano, w.leased_nano,
        (SELECT coalesce(sum(amount_nano), 0) FROM invoices AS i
         WHERE i.workspace_id = w.id) AS topped_up_nano,
        (SELECT coalesce(sum(cost_nano), 0) FROM charges AS c
-        WHERE c.workspace_id = w.id) AS charged_nano
+        WHERE c.workspace_id = w.id)
+     + (SELECT coalesce(sum(cost_nano), 0) FROM endpoint_charges AS e
+        WHERE e.workspace_id = w.id) AS charged_nano
 FROM workspaces AS w
 """
 

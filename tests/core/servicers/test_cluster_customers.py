@@ -158,10 +158,13 @@ async def test_a_session_made_on_one_core_reaches_its_own_workspace_on_the_other
     me = await b.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(alice.token))
     assert me.email == "alice@example.com" and me.starter_claimed
     assert list(me.workspace_ids) == [alice.workspace_id]
-    # Reserved endpoints stay refused by name, for a session as for the admin.
+    # Reserved endpoints are the workspace's: a session lists its own (none yet), and an
+    # endpoint id it does not own is not found.
     listing = pb.ListEndpointsRequest(workspace_id=alice.workspace_id)
-    reason, message = await refusal(b, "ListEndpoints", listing, alice.token)
-    assert reason == "INVALID_REQUEST" and "Reserved endpoints are not available" in message
+    listed = await b.ListEndpoints(listing, metadata=bearer(alice.token))
+    assert list(listed.endpoints) == []
+    unknown = pb.GetEndpointRequest(endpoint_id="ep_0123456789abcdef")
+    assert (await refusal(b, "GetEndpoint", unknown, alice.token))[0] == "NOT_FOUND"
 
 
 async def test_sign_up_on_one_core_sign_in_and_out_on_the_other(stubs: Stubs) -> None:
