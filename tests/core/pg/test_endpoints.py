@@ -1,12 +1,16 @@
 """Reserved endpoints in the cluster ledger (pg/endpoints.py): a period is charged once, only
 as the next one, never for a deleted endpoint, and only from the balance no lease holds and
-within the spend cap less what is leased; a refusal changes nothing."""
+within the spend cap less what is leased; a refusal changes nothing. And `corvex ledger
+migrate` of a journal with endpoints."""
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
 
 from corvex_core import errors
+from corvex_core.cluster.importer import ImportRefused, JournalContents, import_journal
+from corvex_core.ledger import Ledger
 from corvex_core.pg import db
 from corvex_core.pg.accounts import AccountStore
 from corvex_core.pg.endpoints import EndpointGone, EndpointStore
@@ -131,3 +135,42 @@ async def test_names_are_unique_among_live_endpoints_and_creation_checks_the_mon
         await new_endpoint(store, poor)
     assert await store.workspace_of(again) == ws
     assert [r.endpoint.id for r in await store.live()] == [again]
+
+
+def _journal_with_endpoints() -> tuple[Ledger, str, str]:
+    """A single core's ledger with a deleted endpoint (billed one period) and a live one."""
+    ledger = Ledger()
+    ws, _ = ledger.create_workspace("Acme", 100 * CENT)
+    endpoints = []
+    for name in ("old", "live"):
+        endpoint, hold = ledger.create_endpoint(
+            ws.id, name=name, model_id=f"acme/{name}", offering_id="flash-1gpu",
+            base_model="deepseek-ai/DeepSeek-V4-Flash", replicas=1, hold_nano=CENT,
+            hold_periods=1, rate_card_version="v1", what="The first minute",
+        )  # fmt: skip
+        ledger.charge_period(hold, start_ms=ledger.now_ms(), period_ms=60_000)
+        endpoints.append(endpoint.id)
+    ledger.delete_endpoint(endpoints[0])
+    return ledger, endpoints[0], endpoints[1]
+
+
+async def test_ledger_migrate_copies_deleted_endpoints_and_refuses_live_ones(
+    empty_dsn: str, clock: FakeClock
+) -> None:
+    ledger, old, live = _journal_with_endpoints()
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        contents = JournalContents(ledger.state, None, [])
+        with pytest.raises(ImportRefused, match=f"reserved endpoints not deleted \\(first: {live}"):
+            await import_journal(conn, contents, clock())
+        ledger.delete_endpoint(live)
+        imported = await import_journal(conn, contents, clock())
+        assert imported.balance_nano == 98 * CENT
+        rows = await conn.fetch("SELECT id, status, period, charged_nano FROM endpoints")
+        assert sorted(tuple(r) for r in rows) == sorted(
+            [(old, "deleted", 1, CENT), (live, "deleted", 1, CENT)]
+        )
+        billed = await conn.fetchval("SELECT sum(cost_nano) FROM endpoint_charges")
+        assert billed == 2 * CENT  # and the balance check (top-ups − charges) passed
+    finally:
+        await conn.close()
