@@ -32,9 +32,11 @@ _FORWARDED_PREFIXES: Final = ("x-ratelimit-",)
 
 def channel_options(config: EdgeConfig) -> list[tuple[str, int]]:
     """Keepalive as grpc's doc/keepalive.md asks: pings every `core_keepalive_s` even without
-    calls (so a dead core is noticed before a request needs it), with no cap on pings without
-    data. The core accepts them because its `keepalive_min_ping_interval_s` is lower; a client
-    that pinged more often than the server allows would get GOAWAY `too_many_pings`."""
+        calls (so a dead core is noticed before a request needs it), with no cap on pings without
+        data. The core accepts them because its `keepalive_min_ping_interval_s` is lower; a client
+        that pinged more often than the server allows would get GOAWAY `too_many_pings`. Reconnects
+    back off to at most 2 s (gRPC's default grows to 120 s), so a restarted core is back in the
+    edge's rotation within seconds."""
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -42,6 +44,8 @@ def channel_options(config: EdgeConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", round(config.core_keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
 
 
