@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 # How long past its paid time an endpoint whose next charge has not committed (the ledger is
 # slow or away) still serves. Those moments are not billed.
 GRACE_MS: Final = 5_000
+# Every core reads every endpoint at a notice of a change, and this often without one (a notice
+# is lost while the listening connection is down).
+RELOAD_EVERY_S: Final = 5.0
 
 
 class ClusterEndpoints(EndpointEngines):
@@ -88,6 +92,8 @@ class ClusterEndpoints(EndpointEngines):
         # What this core last told the others of its endpoints' status.
         self._published: dict[str, tuple[str, str]] = {}
         self._mutex = asyncio.Lock()
+        # A notice of a change arrived since the endpoints were last read.
+        self._changed = False
 
     # ---- reads -----------------------------------------------------------------------------
 
@@ -223,7 +229,8 @@ class ClusterEndpoints(EndpointEngines):
         return self._view_of(row)
 
     def wake(self) -> None:
-        """Something changed in the ledger (a notice): the billing loop reads it now."""
+        """An endpoint changed in the ledger (a notice): the billing loop reads them now."""
+        self._changed = True
         self._wake.set()
 
     # ---- billing ---------------------------------------------------------------------------
@@ -236,22 +243,29 @@ class ClusterEndpoints(EndpointEngines):
     async def run(self, tick_s: float) -> None:
         """The billing loop: every `tick_s`, when a period of this core's falls due, or at
         once when woken."""
+        read_at = time.monotonic()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._until_due(tick_s))
             self._wake.clear()
+            reload = self._changed or time.monotonic() - read_at >= RELOAD_EVERY_S
+            self._changed = False
             try:
-                await self.tick()
+                with db.purpose("reserved"):
+                    await self.tick(reload=reload)
+                if reload:
+                    read_at = time.monotonic()
             except db.UNREACHABLE as exc:
                 log.warning("reserved billing paused: the ledger cannot be reached (%s)", exc)
             except Exception:
                 log.exception("reserved billing tick failed")
 
-    async def tick(self) -> None:
-        """Reads the endpoints, then bills what is due, suspends what cannot be paid, resumes
-        what now can, and tells the other cores how this core's endpoints are."""
+    async def tick(self, *, reload: bool = True) -> None:
+        """Reads the endpoints (if `reload`), then bills what is due, suspends what cannot be
+        paid, resumes what now can, and tells the other cores how this core's endpoints are."""
         async with self._mutex:
-            await self._reload()
+            if reload:
+                await self._reload()
             if not self._accepting():
                 return
             for runtime in list(self._runtimes.values()):
