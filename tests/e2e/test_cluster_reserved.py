@@ -1,8 +1,8 @@
 """Reserved endpoints on a cluster: rented on one core (its replicas come from that core's
 pool), called with the OpenAI SDK through the edge whichever core the edge tries first, listed,
 shown and deleted from the other core, billed by the period in PostgreSQL, suspended at $0 and
-resumed by a top-up made on the other core, and started again after a kill -9 of its core
-without billing a period twice.
+resumed by a top-up made on the other core, started again after a kill -9 of its core without
+billing a period twice, and billed on after PostgreSQL was restarted.
 
 The cores run with one-second billing periods (the product's is a minute). Waits poll for a
 state with a deadline; nothing asserts how long anything took.
@@ -22,6 +22,7 @@ import pytest
 
 from corvex.money import NANO_PER_CENT
 from corvex.v1 import accounts_pb2, inference_pb2, inference_pb2_grpc
+from corvex_core.pg import server as pg
 from corvex_core.pg.server import PgServer
 from corvex_ops.admin import AdminError, Client
 from corvex_ops.stack import Cluster, running_cluster
@@ -272,3 +273,38 @@ def test_kill_9_of_its_core_bills_no_period_twice_and_it_starts_again(
     final = endpoint(other, created.id)
     assert sum(c["cost_nano"] for c in charges) == final.charged_nano_usd
     assert balance(other, ws) == 1000 * NANO_PER_CENT - final.charged_nano_usd
+
+
+def test_postgres_restarted_bills_nothing_twice_and_the_endpoint_goes_on(
+    pg_server: PgServer, cluster: Cluster, admins: list[Client]
+) -> None:
+    home, other = admins
+    ws, _, secret = new_workspace(home, credits_cents=1000)
+    created = rent(home, ws, "steady")
+    wait_for(lambda: endpoint(other, created.id).periods_billed >= 2, "two periods billed")
+    pg.pause(pg_server)
+    try:
+        time.sleep(2.5)  # past the paid period: its charge cannot be made meanwhile
+        refused = grpc_chat(cluster.grpc_addresses[0], secret, created.model)
+        assert refused is not None and refused.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        pg.resume(pg_server)
+    billed = endpoint(home, created.id).periods_billed
+    wait_for(lambda: endpoint(other, created.id).periods_billed >= billed + 2, "billed again after")
+    wait_for(lambda: answered(cluster, secret, created.model), "served through the edge again")
+    after = endpoint(other, created.id)
+    assert after.status == pb.ENDPOINT_STATUS_RUNNING
+    other.DeleteEndpoint(pb.DeleteEndpointRequest(endpoint_id=created.id))
+    final = endpoint(other, created.id)
+    charges = charges_of(cluster, created.id)
+    periods = [c for c in charges if c["charge_id"].startswith(f"{created.id}:p")]
+    assert len(periods) == final.periods_billed == len({c["charge_id"] for c in periods})
+    assert sum(c["cost_nano"] for c in charges) == final.charged_nano_usd
+    assert balance(other, ws) == 1000 * NANO_PER_CENT - final.charged_nano_usd
+    # The outage was a warning ("billing paused"), never a failed tick.
+    assert not [
+        line
+        for core in cluster.cores
+        for line in core.log_text().splitlines()
+        if "reserved billing tick failed" in line
+    ]
