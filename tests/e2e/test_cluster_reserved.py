@@ -215,8 +215,8 @@ def test_suspended_at_zero_and_resumed_by_a_top_up_on_the_other_core(
     cluster: Cluster, admins: list[Client]
 ) -> None:
     home, other = admins
-    # $0.03: the first period (0.0007) and a few dozen more, then $0.
-    ws, _, secret = new_workspace(home, credits_cents=3)
+    # $0.01: the first period ($0.0007) and 13 more, then less than a period is left.
+    ws, _, secret = new_workspace(home, credits_cents=1)
     created = rent(home, ws, "brief")
     wait_for(
         lambda: endpoint(other, created.id).status == pb.ENDPOINT_STATUS_SUSPENDED,
@@ -225,7 +225,7 @@ def test_suspended_at_zero_and_resumed_by_a_top_up_on_the_other_core(
     suspended = endpoint(other, created.id)
     assert suspended.suspended_by == "balance"
     assert balance(other, ws) < 700_000
-    assert balance(other, ws) == 3 * NANO_PER_CENT - suspended.charged_nano_usd
+    assert balance(other, ws) == 1 * NANO_PER_CENT - suspended.charged_nano_usd
     with pytest.raises(openai.APIStatusError) as refused:
         ask(cluster, secret, created.model)
     assert refused.value.status_code == 402
