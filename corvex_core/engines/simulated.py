@@ -391,12 +391,16 @@ class _Collector:
     Delta per choice holding every token produced since it last looked, not one per token.
     """
 
-    __slots__ = ("_buffers", "_event", "_unfinished", "prompt_logprobs")
+    __slots__ = ("_buffers", "_ready", "_unfinished", "_waiter", "prompt_logprobs")
 
     def __init__(self, choices: int) -> None:
         self._buffers: dict[int, _Buffer] = {}
         self._unfinished = choices
-        self._event = asyncio.Event()
+        # Output waits (or the request ended) since the consumer last took it; the consumer's
+        # future while it waits. (An asyncio.Event does the same with a deque of waiters and a
+        # new future per wait: this is on every token's path.)
+        self._ready = False
+        self._waiter: asyncio.Future[None] | None = None
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     def buffer(self, index: int) -> _Buffer:
@@ -411,14 +415,27 @@ class _Collector:
         self._unfinished -= 1
 
     def wake(self) -> None:
-        self._event.set()
+        self._ready = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> tuple[list[Delta], bool]:
         """The choices' deltas since the last call, and whether every choice has finished."""
-        await self._event.wait()
-        self._event.clear()
-        deltas = [buffer.delta(index) for index, buffer in sorted(self._buffers.items())]
-        self._buffers.clear()
+        if not self._ready:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self._ready = False
+        buffers = self._buffers
+        if len(buffers) == 1:
+            [(index, buffer)] = buffers.items()
+            deltas = [buffer.delta(index)]
+        else:
+            deltas = [buffer.delta(index) for index, buffer in sorted(buffers.items())]
+        buffers.clear()
         if deltas and self.prompt_logprobs is not None:
             deltas[0].prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
         return deltas, self._unfinished == 0

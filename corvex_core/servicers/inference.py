@@ -140,19 +140,31 @@ async def _stream(
         await context.send_initial_metadata(metadata)
     first = True
     async for event in run.events():
-        deltas = event.deltas if isinstance(event, Finished) else [event]
-        for i, delta in enumerate(deltas):
+        if not isinstance(event, Finished):  # a delta: one chunk (every token of a stream)
+            message = wire.chunk(event)
+            if first:
+                _first_chunk(message, run, echo)
+                first = False
+            await context.write(message)
+            continue
+        last = len(event.deltas) - 1
+        for i, delta in enumerate(event.deltas):
             message = wire.chunk(delta)
             if first:
-                message.prompt_tokens = run.prompt.num_tokens
-                if echo:
-                    message.prompt_text = run.prompt.text
-            first = False
-            if isinstance(event, Finished) and i == len(deltas) - 1:
+                _first_chunk(message, run, echo)
+                first = False
+            if i == last:
                 message.usage.CopyFrom(
                     wire.usage(event.charge, event.rate_card_version, event.reasoning_tokens)
                 )
             await context.write(message)
+
+
+def _first_chunk(message: inference_pb2.ChatChunk, run: Generation, echo: bool) -> None:
+    """The first chunk carries the prompt's token count (and with `echo`, the prompt)."""
+    message.prompt_tokens = run.prompt.num_tokens
+    if echo:
+        message.prompt_text = run.prompt.text
 
 
 # ---- wire → domain ---------------------------------------------------------------------------

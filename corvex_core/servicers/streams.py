@@ -66,12 +66,18 @@ class _Batcher:
         self._done = False
 
     async def put(self, event: bytes) -> None:
-        """Queues an event serialized by `_field`."""
-        while len(self._pending) >= MAX_PENDING_EVENTS:
+        """Queues an event serialized by `_field`, once there is room."""
+        while not self.put_nowait(event):
             self._room.clear()
             await self._room.wait()
+
+    def put_nowait(self, event: bytes) -> bool:
+        """Queues the event if there is room (the common case, without a coroutine)."""
+        if len(self._pending) >= MAX_PENDING_EVENTS:
+            return False
         self._pending.append(event)
         self._ready.set()
+        return True
 
     def finish(self) -> None:
         """No more events will come: `run` writes what is pending and returns."""
@@ -121,7 +127,11 @@ class _RequestContext:
 
     async def write(self, chunk: inference_pb2.ChatChunk) -> None:
         body = chunk.SerializeToString()
-        await self._batcher.put(_field(self._chunk_head + _varint(len(body)) + body))
+        head = self._chunk_head + _varint(len(body))
+        # _field(head + body), with the body copied once: this is every token's path.
+        event = b"".join((_EVENTS_TAG, _varint(len(head) + len(body)), head, body))
+        if not self._batcher.put_nowait(event):
+            await self._batcher.put(event)
 
     async def abort_with_status(self, status: grpc.Status) -> None:
         details = next((v for k, v in status.trailing_metadata if k.endswith("-bin")), b"")
