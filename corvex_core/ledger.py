@@ -684,7 +684,7 @@ class Ledger:
                 "delete one first.",
                 param="workspace_id",
             )
-        self._check_fixed_affordable(ws, hold_nano, what)
+        check_fixed_affordable(ws, hold_nano, what)
         endpoint_id = "ep_" + secrets.token_hex(8)
         self._commit(
             EndpointCreated(
@@ -714,7 +714,7 @@ class Ledger:
     ) -> FixedHold:
         """Holds an endpoint's next period. Raises InsufficientCredits (saying `what` could not
         be covered, by the balance or by the spend cap) if the workspace cannot."""
-        self._check_fixed_affordable(self.workspace(endpoint.workspace_id), amount_nano, what)
+        check_fixed_affordable(self.workspace(endpoint.workspace_id), amount_nano, what)
         return self._place_fixed(endpoint, amount_nano, periods, replicas, rate_card_version)
 
     def _place_fixed(
@@ -796,7 +796,7 @@ class Ledger:
             new_amount = hold.amount_nano // hold.replicas * replicas
         released = hold.amount_nano if hold is not None else 0
         if charge_nano + new_amount > released:
-            self._check_fixed_affordable(ws, charge_nano + new_amount, what, releasing=released)
+            check_fixed_affordable(ws, charge_nano + new_amount, what, releasing=released)
         if hold is not None:
             self._resolve_fixed(hold)
         self._commit(
@@ -853,36 +853,6 @@ class Ledger:
         ws.held_nano -= hold.amount_nano
         assert ws.held_nano >= 0
 
-    def _check_fixed_affordable(
-        self, ws: Workspace, amount_nano: int, what: str, *, releasing: int = 0
-    ) -> None:
-        """Raises InsufficientCredits unless `amount_nano` fits the balance and the spend cap
-        once `releasing` (a hold about to be given back) is free again."""
-        available = ws.available_nano + releasing
-        cap_room = _cap_room_nano(ws)
-        if cap_room is not None:
-            cap_room += releasing
-        if amount_nano <= available and (cap_room is None or amount_nano <= cap_room):
-            return
-        by_cap = cap_room is not None and cap_room < available
-        if by_cap:
-            assert ws.spend_cap_nano is not None and cap_room is not None
-            reason = (
-                f"the monthly spend cap of ${format_usd(ws.spend_cap_nano)} leaves "
-                f"${format_usd(max(cap_room, 0))} in {ws.month}"
-            )
-        else:
-            held = f", ${format_usd(ws.held_nano)} of it held" if ws.held_nano else ""
-            reason = f"the balance is ${format_usd(ws.balance_nano)}{held}"
-        raise errors.InsufficientCredits(
-            f"{what} costs ${format_usd(amount_nano)}, but {reason}.",
-            metadata={
-                "limit": "spend_cap" if by_cap else "balance",
-                "available_nano_usd": str(max(_spendable_nano(ws), 0)),
-                "needed_nano_usd": str(amount_nano),
-            },
-        )
-
     def needs_auto_reload(self, workspace_id: str) -> AutoReload | None:
         ws = self.workspace(workspace_id)
         if ws.auto_reload is not None and ws.balance_nano < ws.auto_reload.threshold_nano:
@@ -928,6 +898,39 @@ def _cap_room_nano(ws: Workspace) -> int | None:
 def _spendable_nano(ws: Workspace) -> int:
     cap_room = _cap_room_nano(ws)
     return ws.available_nano if cap_room is None else min(ws.available_nano, cap_room)
+
+
+def check_fixed_affordable(
+    ws: Workspace, amount_nano: int, what: str, *, releasing: int = 0
+) -> None:
+    """Raises InsufficientCredits, saying that `what` could not be covered and by what,
+    unless `amount_nano` fits the balance and the spend cap once `releasing` (a hold about to
+    be given back) is free again. Shared with the cluster ledger (pg/endpoints.py), whose
+    workspaces count what cores hold on lease as held."""
+    available = ws.available_nano + releasing
+    cap_room = _cap_room_nano(ws)
+    if cap_room is not None:
+        cap_room += releasing
+    if amount_nano <= available and (cap_room is None or amount_nano <= cap_room):
+        return
+    by_cap = cap_room is not None and cap_room < available
+    if by_cap:
+        assert ws.spend_cap_nano is not None and cap_room is not None
+        reason = (
+            f"the monthly spend cap of ${format_usd(ws.spend_cap_nano)} leaves "
+            f"${format_usd(max(cap_room, 0))} in {ws.month}"
+        )
+    else:
+        held = f", ${format_usd(ws.held_nano)} of it held" if ws.held_nano else ""
+        reason = f"the balance is ${format_usd(ws.balance_nano)}{held}"
+    raise errors.InsufficientCredits(
+        f"{what} costs ${format_usd(amount_nano)}, but {reason}.",
+        metadata={
+            "limit": "spend_cap" if by_cap else "balance",
+            "available_nano_usd": str(max(_spendable_nano(ws), 0)),
+            "needed_nano_usd": str(amount_nano),
+        },
+    )
 
 
 def _insufficient_message(

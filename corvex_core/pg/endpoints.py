@@ -16,13 +16,13 @@ from typing import Any, Final
 
 import msgspec
 
-from corvex.money import format_usd
 from corvex.quoting import quote
 from corvex_core import errors
+from corvex_core.ledger import check_fixed_affordable
 from corvex_core.pg import db, notify
 from corvex_core.pg.db import Connection
 from corvex_core.records import SuspendedBy
-from corvex_core.state import Endpoint, EndpointStatus
+from corvex_core.state import Endpoint, EndpointStatus, Workspace
 
 _SELECT: Final = (
     "SELECT e.*, coalesce(c.address, '') AS address"
@@ -278,34 +278,21 @@ class EndpointStore:
 
 
 def _check_affordable(ws: Any, amount_nano: int, what: str, month: str) -> None:
-    """Raises InsufficientCredits, as the single-core ledger words it, unless `amount_nano`
-    fits the balance no lease holds and the spend cap less what is spent and leased."""
-    leased = ws["leased_nano"]
-    available = ws["balance_nano"] - leased
-    spent = 0 if month > ws["month"] else ws["month_spend_nano"]
-    cap = ws["spend_cap_nano"]
-    cap_room = None if cap is None else cap - spent - leased
-    if amount_nano <= available and (cap_room is None or amount_nano <= cap_room):
-        return
-    by_cap = cap_room is not None and cap_room < available
-    if by_cap:
-        assert cap is not None and cap_room is not None
-        reason = (
-            f"the monthly spend cap of ${format_usd(cap)} leaves ${format_usd(max(cap_room, 0))}"
-            f" in {max(month, ws['month'])}"
-        )
-    else:
-        held = f", ${format_usd(leased)} of it held" if leased else ""
-        reason = f"the balance is ${format_usd(ws['balance_nano'])}{held}"
-    spendable = available if cap_room is None else min(available, cap_room)
-    raise errors.InsufficientCredits(
-        f"{what} costs ${format_usd(amount_nano)}, but {reason}.",
-        metadata={
-            "limit": "spend_cap" if by_cap else "balance",
-            "available_nano_usd": str(max(spendable, 0)),
-            "needed_nano_usd": str(amount_nano),
-        },
+    """Raises InsufficientCredits, worded as the single-core ledger words it, unless
+    `amount_nano` fits the balance no lease holds and the spend cap less what is spent and
+    leased: the workspace row seen as a single core's workspace whose leases are held."""
+    rolled = month > ws["month"]
+    view = Workspace(
+        id=ws["id"],
+        name=ws["name"],
+        created_ms=0,
+        balance_nano=ws["balance_nano"],
+        spend_cap_nano=ws["spend_cap_nano"],
+        month=month if rolled else ws["month"],
+        month_spend_nano=0 if rolled else ws["month_spend_nano"],
+        held_nano=ws["leased_nano"],
     )
+    check_fixed_affordable(view, amount_nano, what)
 
 
 def _at(ms: int) -> dt.datetime:

@@ -22,10 +22,9 @@ import psutil
 import pytest
 
 from tests.conftest import FAST_ENGINE, MODEL
+from tests.e2e.reserved import FLASH
 
 pytestmark = pytest.mark.e2e
-
-FLASH = "deepseek-v4-flash-1gpu"
 
 
 def admin(core: str, token: str, *args: str) -> object:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -28,10 +28,10 @@ from corvex_ops.admin import AdminError, Client
 from corvex_ops.stack import Cluster, running_cluster
 from gateway.errors import details_of
 from tests.e2e.cluster import cluster_config, cluster_database, fetch, new_workspace
+from tests.e2e.reserved import FLASH, balance, endpoint, wait_for
 
 pytestmark = pytest.mark.e2e
 
-FLASH = "deepseek-v4-flash-1gpu"  # $2.52 per replica-hour: 700,000 nano-USD per replica-second
 pb = accounts_pb2
 
 
@@ -60,23 +60,6 @@ def admins(cluster: Cluster) -> Iterator[list[Client]]:
     yield clients
     for client in clients:
         client.close()
-
-
-def wait_for(condition: Callable[[], bool], what: str, deadline_s: float = 60.0) -> None:
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, f"never happened: {what}"
-        time.sleep(0.05)
-
-
-def endpoint(admin: Client, endpoint_id: str) -> pb.Endpoint:
-    found: pb.Endpoint = admin.GetEndpoint(pb.GetEndpointRequest(endpoint_id=endpoint_id))
-    return found
-
-
-def balance(admin: Client, workspace_id: str) -> int:
-    ws = admin.GetWorkspace(pb.GetWorkspaceRequest(workspace_id=workspace_id))
-    return int(ws.balance_nano_usd)
 
 
 def rent(admin: Client, workspace_id: str, name: str, replicas: int = 1) -> pb.Endpoint:

@@ -14,8 +14,7 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,10 @@ from corvex_core.journal import Journal
 from corvex_ops.admin import Client
 from corvex_ops.stack import Stack, running_stack
 from tests.conftest import ADMIN_TOKEN, STACK_CONFIG, Account, new_account
+from tests.e2e.reserved import FLASH, balance, endpoint, wait_for
 
 pytestmark = pytest.mark.e2e
 
-FLASH = "deepseek-v4-flash-1gpu"  # $2.52 per replica-hour: 700,000 nano-USD per replica-second
 MINIMAX = "minimax-m2.5-2gpu"  # $5.04 per replica-hour: 1,400,000 nano-USD per replica-second
 pb = accounts_pb2
 
@@ -67,24 +66,6 @@ def cli(stack: Stack, *args: str) -> Any:
         capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
     return json.loads(done.stdout) if done.stdout.startswith(("{", "[")) else done.stdout
-
-
-def wait_for(condition: Callable[[], bool], what: str, deadline_s: float = 60.0) -> None:
-    """Polls until `condition` holds; fails, saying `what`, if it never does."""
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, f"never happened: {what}"
-        time.sleep(0.05)
-
-
-def endpoint(admin: Client, endpoint_id: str) -> pb.Endpoint:
-    found: pb.Endpoint = admin.GetEndpoint(pb.GetEndpointRequest(endpoint_id=endpoint_id))
-    return found
-
-
-def balance(admin: Client, workspace_id: str) -> int:
-    ws = admin.GetWorkspace(pb.GetWorkspaceRequest(workspace_id=workspace_id))
-    return int(ws.balance_nano_usd)
 
 
 def sdk(stack: Stack, account: Account) -> openai.OpenAI:
