@@ -266,12 +266,13 @@ def _optional_range(message: Any, field: str, low: float, high: float) -> float 
 
 def chunk(delta: Delta) -> inference_pb2.ChatChunk:
     """One ChatChunk for one choice's delta (the usage is set by the caller on the last)."""
-    message = inference_pb2.ChatChunk(
-        text=delta.text,
-        completion_tokens=delta.num_tokens,
-        index=delta.index,
-        reasoning=delta.reasoning,
-    )
+    # Fields left at their defaults are not passed: each keyword costs, and this is every
+    # streamed token's path.
+    message = inference_pb2.ChatChunk(text=delta.text, completion_tokens=delta.num_tokens)
+    if delta.index:
+        message.index = delta.index
+    if delta.reasoning:
+        message.reasoning = delta.reasoning
     if delta.finish_reason is not None:
         message.finish_reason = _FINISH[delta.finish_reason]
     for piece in delta.tool_calls:
