@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # last (per choice): what a client that reads slowly costs the edge stays bounded.
 MAX_QUEUED_CHUNKS: Final = 64
 _DETAILS_KEY: Final = "grpc-status-details-bin"
+# The core's Streams initial metadata when it takes several actions in one message.
+_ACTIONS_METADATA: Final = ("corvex-streams-actions", "1")
 _Event = inference_pb2.StreamEvent
 
 
@@ -253,13 +255,28 @@ class Multiplexer:
         self._outbox.put_nowait(action)
 
     async def _run(self, outbox: asyncio.Queue[inference_pb2.StreamsRequest]) -> None:
+        batches = False  # whether the core takes several actions per message
+
         async def actions() -> AsyncIterator[inference_pb2.StreamsRequest]:
             while True:
-                yield await outbox.get()
+                action = await outbox.get()
+                if not batches or outbox.empty():
+                    yield action
+                    continue
+                # Every action queued meanwhile (requests started in the same turns of the
+                # loop) in one message: one write for all of them.
+                batch = [action]
+                while not outbox.empty():
+                    batch.append(outbox.get_nowait())
+                yield inference_pb2.StreamsRequest(actions=batch)
 
         calls = self._calls
         try:
-            async for response in self._stub.Streams(actions()):
+            call = self._stub.Streams(actions())
+            # A core older than `actions` would take a batch for one empty action: until its
+            # initial metadata says otherwise, one action per message.
+            batches = _ACTIONS_METADATA in tuple(await call.initial_metadata() or ())
+            async for response in call:
                 for event in response.events:
                     call = calls.get(event.id)
                     if call is None:

@@ -1281,13 +1281,14 @@ Global___ReservedEndpointInfo: _TypeAlias = ReservedEndpointInfo  # noqa: Y015
 class StreamsRequest(_message.Message):
     """---- the multiplexed stream (Streams) ------------------------------------------------------
 
-    / One action of the client on a Streams call.
+    / What the client sends on a Streams call: one action, or several in order (`actions`).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     OPEN_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    ACTIONS_FIELD_NUMBER: _builtins.int
     cancel: _builtins.int
     """/ Cancels the request with this id (as cancelling its Chat call would): it is aborted and
     / settled for what it produced; no more events come for it.
@@ -1296,15 +1297,25 @@ class StreamsRequest(_message.Message):
     def open(self) -> Global___OpenStream:
         """/ Starts a request."""
 
+    @_builtins.property
+    def actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamsRequest]:
+        """/ Several actions in one message, taken in order, each a StreamsRequest with its `action`
+        / set: what an edge sends when requests start together (one message for all of them
+        / instead of one each, as the core batches its events). A message sets `action` or
+        / `actions`, not both. A core that takes them says so in the call's initial metadata,
+        / `corvex-streams-actions: 1`; send them to no other.
+        """
+
     def __init__(
         self,
         *,
         open: Global___OpenStream | None = ...,
         cancel: _builtins.int = ...,
+        actions: _abc.Iterable[Global___StreamsRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel", b"cancel", "open", b"open"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel", b"cancel", "open", b"open"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actions", b"actions", "cancel", b"cancel", "open", b"open"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["open", "cancel"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015

@@ -8,8 +8,11 @@ when an engine step advances 256 streams together, their 256 chunks cost one gRP
 instead of 256, which is most of what a streamed token costs the core (benchmarks/README.md).
 Each event is serialized once, when it is made, and a batch is their concatenation (protobuf's
 encoding of a repeated field), so the call writes StreamsResponse bytes without building one.
-Nothing about a request changes but its transport: its admission, metering, errors (the status
-event carries the google.rpc.Status its call would end with) and chunks are the same.
+The client may send several actions as one message (`StreamsRequest.actions`), which the
+call's initial metadata says this core takes (`ACTIONS_METADATA`): an edge's requests that
+start together cost one message too. Nothing about a request changes but its transport: its
+admission, metering, errors (the status event carries the google.rpc.Status its call would end
+with) and chunks are the same.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from corvex_core.servicers.interceptor import Undecodable
 
 # Requests in flight on one call; an open beyond it ends at once with RESOURCE_EXHAUSTED.
 MAX_REQUESTS_PER_CALL: Final = 4096
+# Sent as the call's initial metadata: this core takes several actions in one message (the
+# proto's StreamsRequest.actions; the edge's multiplexer reads it).
+ACTIONS_METADATA: Final = ("corvex-streams-actions", "1")
 # Events waiting for the call's writer beyond which a request's next event waits its turn (the
 # client is not reading): requests then slow down and their engines coalesce tokens.
 MAX_PENDING_EVENTS: Final = 16_384
@@ -37,10 +43,13 @@ _ID_TAG: Final = b"\x08"  # StreamEvent.id = 1, a varint
 _CHUNK_TAG: Final = b"\x1a"  # StreamEvent.chunk = 3, length-delimited
 
 
+_ONE_BYTE_VARINTS: Final = tuple(bytes((n,)) for n in range(0x80))
+
+
 def _varint(n: int) -> bytes:
     """Protobuf's base-128 varint (ids and lengths; lengths of a byte are most)."""
     if n < 0x80:
-        return bytes((n,))
+        return _ONE_BYTE_VARINTS[n]
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -183,13 +192,26 @@ class Multiplexer:
         running: dict[int, asyncio.Task[None]] = {}
         refusals: set[asyncio.Task[None]] = set()
         try:
-            async for action in requests:
-                if isinstance(action, Undecodable):
+            await context.send_initial_metadata((ACTIONS_METADATA,))
+            async for message in requests:
+                if isinstance(message, Undecodable):
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT,
                         "A StreamsRequest message could not be decoded (malformed protobuf).",
                     )
-                self._act(action, batcher, running, refusals)
+                if not message.actions:
+                    self._act(message, batcher, running, refusals)
+                    continue
+                if message.WhichOneof("action") is not None or any(
+                    action.actions for action in message.actions
+                ):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "A StreamsRequest sets one action or a list of actions, each a "
+                        "StreamsRequest with one action of its own.",
+                    )
+                for action in message.actions:
+                    self._act(action, batcher, running, refusals)
             # The client half-closed: the requests it opened run to their ends.
             await asyncio.gather(*running.values(), *refusals, return_exceptions=True)
         finally:

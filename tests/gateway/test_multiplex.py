@@ -111,3 +111,57 @@ async def test_a_broken_call_fails_its_requests_and_the_next_one_reconnects(
         assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
         assert errors.from_rpc(broken.value).status == 503
         await mux.close()
+
+
+class _RecordingCore(inference_pb2_grpc.InferenceServicer):
+    """A Streams servicer that records the messages it reads and ends each opened request
+    at once; `takes_actions` is whether it says it takes several actions per message (a core
+    older than `StreamsRequest.actions` does not)."""
+
+    def __init__(self, takes_actions: bool) -> None:
+        self.takes_actions = takes_actions
+        self.messages: list[inference_pb2.StreamsRequest] = []
+
+    async def Streams(self, request_iterator, context):  # type: ignore[no-untyped-def,override]
+        if self.takes_actions:
+            await context.send_initial_metadata((("corvex-streams-actions", "1"),))
+        async for message in request_iterator:
+            self.messages.append(message)
+            for action in message.actions or [message]:
+                ended = inference_pb2.StreamEvent(
+                    id=action.open.id, status=inference_pb2.StreamStatus(code=0)
+                )
+                yield inference_pb2.StreamsResponse(events=[ended])
+
+
+@pytest.mark.parametrize("takes_actions", [True, False])
+async def test_requests_started_together_share_a_message_only_with_a_core_that_takes_it(
+    takes_actions: bool,
+) -> None:
+    recorder = _RecordingCore(takes_actions)
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServicer_to_server(recorder, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            mux = Multiplexer(inference_pb2_grpc.InferenceStub(channel))
+            try:
+                # The first request opens the call; the core's initial metadata comes with it.
+                await read_all(mux.open(chat("first", max_tokens=4), auth("k")))
+                calls = [mux.open(chat(str(i), max_tokens=4), auth("k")) for i in range(10)]
+                for call in calls:
+                    assert await read_all(call) == [] and await call.code() == grpc.StatusCode.OK
+            finally:
+                await mux.close()
+    finally:
+        await server.stop(grace=0)
+    singles = [m for m in recorder.messages if not m.actions]
+    assert all(m.WhichOneof("action") == "open" for m in singles)
+    opens = [a.open for m in recorder.messages for a in (m.actions or [m])]
+    assert [o.chat.messages[0].content for o in opens] == ["first", *map(str, range(10))]
+    if takes_actions:
+        # Ten opens queued in one turn of the loop: one message, in order.
+        assert len(recorder.messages) == 2 and len(recorder.messages[1].actions) == 10
+    else:
+        assert len(recorder.messages) == 11 and len(singles) == 11

@@ -128,6 +128,69 @@ async def test_a_cancelled_request_is_aborted_and_settled_for_what_it_produced(
         await core.close()
 
 
+async def test_actions_in_one_message_are_taken_in_order_as_if_sent_alone(
+    tmp_path: Path,
+) -> None:
+    core = Core(core_config(tmp_path / "data", tpot_ms=10))
+    await core.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+            secret = await make_key(channel)
+            # Three opens and the cancel of the second, in one message, as an edge batches them.
+            batch = inference_pb2.StreamsRequest(
+                actions=[
+                    opened(1, secret, chat("a", max_tokens=4)),
+                    opened(2, secret, chat("b", max_tokens=5000, ignore_eos=True)),
+                    opened(3, "corvex-wrong", chat("c", max_tokens=4)),
+                    inference_pb2.StreamsRequest(cancel=2),
+                ]
+            )
+            stub = inference_pb2_grpc.InferenceStub(channel)
+
+            async def requests():  # type: ignore[no-untyped-def]
+                yield batch
+
+            call = stub.Streams(requests())
+            # The core says it takes batches, before any event.
+            assert ("corvex-streams-actions", "1") in tuple(await call.initial_metadata())
+            events: dict[int, list[inference_pb2.StreamEvent]] = defaultdict(list)
+            async for response in call:
+                for event in response.events:
+                    events[event.id].append(event)
+            assert sorted(events) == [1, 3]  # the cancelled request sends nothing more
+            assert events[1][-1].status.code == 0
+            assert "".join(e.chunk.text for e in events[1]) != ""
+            assert events[3][-1].status.code == grpc.StatusCode.UNAUTHENTICATED.value[0]
+            engine = core.catalogue.lookup(MODEL).engine
+            for _ in range(200):
+                if engine.stats().running == 0 and core.ledger.held_total_nano() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.stats().running == 0 and core.ledger.held_total_nano() == 0
+    finally:
+        await core.server.stop(grace=0)
+        await core.close()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        # An action beside the list, and a list inside the list: refused, never half-read.
+        inference_pb2.StreamsRequest(cancel=9, actions=[inference_pb2.StreamsRequest(cancel=1)]),
+        inference_pb2.StreamsRequest(
+            actions=[inference_pb2.StreamsRequest(actions=[inference_pb2.StreamsRequest(cancel=1)])]
+        ),
+    ],
+)
+async def test_a_message_mixing_or_nesting_actions_ends_the_call(
+    channel: grpc.aio.Channel, message: inference_pb2.StreamsRequest
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await run_streams(channel, [message])
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "one action or a list of actions" in (refused.value.details() or "")
+
+
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16_383, 16_384, 2**32 - 1, 2**63 - 1])
 def test_the_batches_encoding_is_protobufs(n: int) -> None:
     from corvex_core.servicers import streams
