@@ -152,7 +152,8 @@ def soak_chart(result: SoakResult, path: Path) -> Path:
         flat = result.flatness.get(name)
         label = name if flat is None else f"{name} ({flat.slope_mib_per_min:+.3f} MiB/min)"
         ax.plot(minutes, [v / MIB for v in samples], label=label)
-    ax.set_xlabel("minutes into the soak")
+    ax.axvline(result.warmup_minutes, color="grey", linestyle=":", label="end of the warm-up")
+    ax.set_xlabel("minutes into the load")
     ax.set_ylabel("RSS, MiB")
     ax.set_title(f"RSS over a soak: {result.streams} paced streams")
     ax.grid(True, alpha=0.3)

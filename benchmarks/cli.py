@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     soak = sub.add_parser("soak", help="RSS over a long run at a fraction of capacity",
                           parents=[common])  # fmt: skip
     _capacity_args(soak)
-    soak.add_argument("--minutes", type=float, default=10.0)
+    soak.add_argument("--minutes", type=float, default=10.0, help="soaked, after the warm-up")
+    soak.add_argument("--warmup-minutes", type=float, default=2.0,
+                      help="of the same load first, outside the verdict")  # fmt: skip
     soak.add_argument("--fraction", type=float, default=0.75, help="of the capacity's streams")
     soak.add_argument("--streams", type=int, help="this many streams (skips the capacity)")
     clu = sub.add_parser(
@@ -513,7 +515,8 @@ def command_capacity(args: argparse.Namespace) -> int:
 def command_soak(args: argparse.Namespace) -> int:
     from benchmarks import soak
 
-    result = soak.run(minutes=args.minutes, fraction=args.fraction, settings=_settings(args),
+    result = soak.run(minutes=args.minutes, fraction=args.fraction,
+                      warmup_minutes=args.warmup_minutes, settings=_settings(args),
                       streams=args.streams, capacity_json=args.out / "capacity.json",
                       say=_say)  # fmt: skip
     _write_json(args.out / "soak.json", result)

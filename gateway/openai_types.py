@@ -12,6 +12,7 @@ where they are sent, since their shapes are fixed.
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Final, Literal, TypeVar, cast
 
 import msgspec
@@ -218,14 +219,20 @@ def _refusing(base: type[T], endpoint: Endpoint) -> type[T]:
     return cast(type[T], msgspec.defstruct(base.__name__, fields, bases=(base,), kw_only=True))
 
 
+@functools.cache
+def _refused_rows(endpoint: Endpoint) -> tuple[api_params.Param, ...]:
+    """The refused parameters' rows by name (the table is fixed: read once, not per request)."""
+    return tuple(api_params.param(endpoint, name) for name in sorted(api_params.refused(endpoint)))
+
+
 def check_refused(parsed: msgspec.Struct, endpoint: Endpoint) -> None:
     """A 400 naming the first refused parameter the request asks for (null, or the value
     that asks for nothing, passes)."""
-    for name in sorted(api_params.refused(endpoint)):
+    for row in _refused_rows(endpoint):
+        name = row.name
         value = getattr(parsed, name, msgspec.UNSET)
         if value is msgspec.UNSET:
             continue
-        row = api_params.param(endpoint, name)
         if not api_params.is_default(row, value):
             raise BadRequest(
                 f"The parameter {name} is not supported: {row.note}. docs/api.md lists "
