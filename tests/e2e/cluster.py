@@ -92,8 +92,11 @@ async def via_edge(
     except openai.APIStatusError as exc:
         return str(exc.code), 0, 0
     assert usage is not None
-    cost = Decimal((usage.model_extra or {})["cost"])
-    return "ok", int(cost * NANO_PER_USD), usage.total_tokens
+    extra = usage.model_extra or {}
+    # `cost` reaches us as the SDK's float: its shortest repr is the JSON's digits, which are
+    # the charge's exact decimal (Decimal(float) would be the binary value, 1 nano short).
+    assert Decimal(repr(extra["cost"])) * NANO_PER_USD == extra["cost_nano_usd"]
+    return "ok", int(extra["cost_nano_usd"]), usage.total_tokens
 
 
 async def via_grpc(
