@@ -272,11 +272,11 @@ class Multiplexer:
 
         calls = self._calls
         try:
-            call = self._stub.Streams(actions())
+            streams = self._stub.Streams(actions())
             # A core older than `actions` would take a batch for one empty action: until its
             # initial metadata says otherwise, one action per message.
-            batches = _ACTIONS_METADATA in tuple(await call.initial_metadata() or ())
-            async for response in call:
+            batches = _ACTIONS_METADATA in tuple(await streams.initial_metadata() or ())
+            async for response in streams:
                 for event in response.events:
                     call = calls.get(event.id)
                     if call is None:
