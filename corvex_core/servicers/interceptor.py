@@ -151,14 +151,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
                 return await behavior(request, context)
             except errors.CorvexError as error:
                 outcome, failure = error.reason.value, error
-                await status.abort(context, error)
             except JournalError:
                 failure = errors.ServiceUnavailable(
                     "The core cannot record changes right now (its journal failed); nothing "
                     "was changed or billed. Retry on another core."
                 )
                 outcome = failure.reason.value
-                await status.abort(context, failure)
             except grpc.aio.AbortError:
                 raise
             except asyncio.CancelledError:
@@ -173,11 +171,16 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
                 outcome = "INTERNAL"
                 extra = {"request_id": record.request_id}
                 log.exception("unexpected error in %s", method, extra=extra)
-                await status.abort_internal(context, record.request_id)
             finally:
+                # Counted and logged before the refusal below is sent: whoever has seen the
+                # answer finds it in the metrics and the log.
                 telemetry.end(record, outcome, failure)
                 if kind is CallKind.GENERATE:
                     activity.record(record, outcome)
+            # Only a caught error gets here (a return or a raise has left above).
+            if failure is not None:
+                await status.abort(context, failure)
+            await status.abort_internal(context, record.request_id)
 
         return guarded
 
