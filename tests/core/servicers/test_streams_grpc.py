@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -47,6 +48,28 @@ async def run_streams(
         for event in response.events:
             events[event.id].append(event)
     return events, messages
+
+
+@pytest.fixture
+async def paced_core(tmp_path: Path) -> AsyncIterator[Core]:
+    """A core whose engine takes 10 ms a token, so a request is still running when acted on."""
+    core = Core(core_config(tmp_path / "data", tpot_ms=10))
+    await core.start()
+    try:
+        yield core
+    finally:
+        await core.server.stop(grace=0)
+        await core.close()
+
+
+async def settled(core: Core) -> bool:
+    """Whether every request has left the engine and its hold the ledger (waiting up to 2 s)."""
+    engine = core.catalogue.lookup(MODEL).engine
+    for _ in range(200):
+        if engine.stats().running == 0 and core.ledger.held_total_nano() == 0:
+            return True
+        await asyncio.sleep(0.01)
+    return False
 
 
 async def test_many_requests_on_one_call_are_served_and_billed_as_chats(
@@ -92,84 +115,64 @@ async def test_a_refused_request_ends_with_its_calls_rich_status(channel: grpc.a
 
 
 async def test_a_cancelled_request_is_aborted_and_settled_for_what_it_produced(
-    tmp_path: Path,
+    paced_core: Core,
 ) -> None:
-    core = Core(core_config(tmp_path / "data", tpot_ms=10))
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
-            secret = await make_key(channel)
-            stub = inference_pb2_grpc.InferenceStub(channel)
-            queue: asyncio.Queue[inference_pb2.StreamsRequest | None] = asyncio.Queue()
-            await queue.put(opened(7, secret, chat("long", max_tokens=5000, ignore_eos=True)))
+    core = paced_core
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+        secret = await make_key(channel)
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        queue: asyncio.Queue[inference_pb2.StreamsRequest | None] = asyncio.Queue()
+        await queue.put(opened(7, secret, chat("long", max_tokens=5000, ignore_eos=True)))
 
-            async def requests():  # type: ignore[no-untyped-def]
-                while (action := await queue.get()) is not None:
-                    yield action
+        async def requests():  # type: ignore[no-untyped-def]
+            while (action := await queue.get()) is not None:
+                yield action
 
-            tokens = 0
-            async for response in stub.Streams(requests()):
-                for event in response.events:
-                    if event.WhichOneof("event") == "chunk":
-                        tokens += event.chunk.completion_tokens
-                if tokens >= 3 and queue.empty():
-                    await queue.put(inference_pb2.StreamsRequest(cancel=7))
-                    await queue.put(None)
-            engine = core.catalogue.lookup(MODEL).engine
-            for _ in range(200):
-                if engine.stats().running == 0 and core.ledger.held_total_nano() == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert engine.stats().running == 0 and core.ledger.held_total_nano() == 0
-            (row,) = core.ledger.usage(core.ledger.workspaces()[0].id)
-            assert 3 <= row.completion_tokens < 5000  # what it produced, not what it held
-    finally:
-        await core.server.stop(grace=0)
-        await core.close()
+        tokens = 0
+        async for response in stub.Streams(requests()):
+            for event in response.events:
+                if event.WhichOneof("event") == "chunk":
+                    tokens += event.chunk.completion_tokens
+            if tokens >= 3 and queue.empty():
+                await queue.put(inference_pb2.StreamsRequest(cancel=7))
+                await queue.put(None)
+        assert await settled(core)
+        (row,) = core.ledger.usage(core.ledger.workspaces()[0].id)
+        assert 3 <= row.completion_tokens < 5000  # what it produced, not what it held
 
 
 async def test_actions_in_one_message_are_taken_in_order_as_if_sent_alone(
-    tmp_path: Path,
+    paced_core: Core,
 ) -> None:
-    core = Core(core_config(tmp_path / "data", tpot_ms=10))
-    await core.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
-            secret = await make_key(channel)
-            # Three opens and the cancel of the second, in one message, as an edge batches them.
-            batch = inference_pb2.StreamsRequest(
-                actions=[
-                    opened(1, secret, chat("a", max_tokens=4)),
-                    opened(2, secret, chat("b", max_tokens=5000, ignore_eos=True)),
-                    opened(3, "corvex-wrong", chat("c", max_tokens=4)),
-                    inference_pb2.StreamsRequest(cancel=2),
-                ]
-            )
-            stub = inference_pb2_grpc.InferenceStub(channel)
+    core = paced_core
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+        secret = await make_key(channel)
+        # Three opens and the cancel of the second, in one message, as an edge batches them.
+        batch = inference_pb2.StreamsRequest(
+            actions=[
+                opened(1, secret, chat("a", max_tokens=4)),
+                opened(2, secret, chat("b", max_tokens=5000, ignore_eos=True)),
+                opened(3, "corvex-wrong", chat("c", max_tokens=4)),
+                inference_pb2.StreamsRequest(cancel=2),
+            ]
+        )
+        stub = inference_pb2_grpc.InferenceStub(channel)
 
-            async def requests():  # type: ignore[no-untyped-def]
-                yield batch
+        async def requests():  # type: ignore[no-untyped-def]
+            yield batch
 
-            call = stub.Streams(requests())
-            # The core says it takes batches, before any event.
-            assert ("corvex-streams-actions", "1") in tuple(await call.initial_metadata())
-            events: dict[int, list[inference_pb2.StreamEvent]] = defaultdict(list)
-            async for response in call:
-                for event in response.events:
-                    events[event.id].append(event)
-            assert sorted(events) == [1, 3]  # the cancelled request sends nothing more
-            assert events[1][-1].status.code == 0
-            assert "".join(e.chunk.text for e in events[1]) != ""
-            assert events[3][-1].status.code == grpc.StatusCode.UNAUTHENTICATED.value[0]
-            engine = core.catalogue.lookup(MODEL).engine
-            for _ in range(200):
-                if engine.stats().running == 0 and core.ledger.held_total_nano() == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert engine.stats().running == 0 and core.ledger.held_total_nano() == 0
-    finally:
-        await core.server.stop(grace=0)
-        await core.close()
+        call = stub.Streams(requests())
+        # The core says it takes batches, before any event.
+        assert ("corvex-streams-actions", "1") in tuple(await call.initial_metadata())
+        events: dict[int, list[inference_pb2.StreamEvent]] = defaultdict(list)
+        async for response in call:
+            for event in response.events:
+                events[event.id].append(event)
+        assert sorted(events) == [1, 3]  # the cancelled request sends nothing more
+        assert events[1][-1].status.code == 0
+        assert "".join(e.chunk.text for e in events[1]) != ""
+        assert events[3][-1].status.code == grpc.StatusCode.UNAUTHENTICATED.value[0]
+        assert await settled(core)
 
 
 @pytest.mark.parametrize(
