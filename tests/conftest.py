@@ -4,6 +4,7 @@ stack as processes (for tests that use it as a client would)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,16 +59,23 @@ def core_config(data_dir: Path, **engine: Any) -> CoreConfig:
     return config
 
 
-@pytest.fixture
-async def core(tmp_path: Path) -> AsyncIterator[Core]:
-    """A core in this test's event loop, with instant simulated engines."""
-    instance = Core(core_config(tmp_path / "data"))
+@contextlib.asynccontextmanager
+async def started_core(config: CoreConfig) -> AsyncIterator[Core]:
+    """A core with this configuration, started in this test's event loop and stopped after."""
+    instance = Core(config)
     await instance.start()
     try:
         yield instance
     finally:
         await instance.server.stop(grace=0)
         await instance.close()
+
+
+@pytest.fixture
+async def core(tmp_path: Path) -> AsyncIterator[Core]:
+    """A core in this test's event loop, with instant simulated engines."""
+    async with started_core(core_config(tmp_path / "data")) as instance:
+        yield instance
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from corvex_core.server import Core
 from gateway import upstream
 from gateway.config import EdgeConfig
 from gateway.errors import ApiError
-from tests.conftest import core_config
+from tests.conftest import core_config, started_core
 
 PING_INTERVAL_S = 1.0
 
@@ -27,13 +27,8 @@ async def pinged_core(tmp_path: Path) -> AsyncIterator[Core]:
     config = msgspec.structs.replace(
         core_config(tmp_path / "data"), keepalive_min_ping_interval_s=PING_INTERVAL_S / 2
     )
-    instance = Core(config)
-    await instance.start()
-    try:
+    async with started_core(config) as instance:
         yield instance
-    finally:
-        await instance.server.stop(grace=0)
-        await instance.close()
 
 
 async def test_an_idle_channel_keeps_its_connection_and_serves_the_next_request(

@@ -20,7 +20,7 @@ import pytest
 from corvex.v1 import inference_pb2, inference_pb2_grpc
 from corvex_core.config import VllmEngineConfig
 from corvex_core.server import Core
-from tests.conftest import MODEL, core_config
+from tests.conftest import MODEL, core_config, started_core
 from tests.core.servicers.test_inference_grpc import auth, chat, error_info, make_key
 
 
@@ -30,13 +30,8 @@ async def vllm_core(fake_vllm: ModuleType, tmp_path: Path) -> AsyncIterator[Core
     engines = msgspec.structs.replace(
         config.engines, default=None, models={MODEL: VllmEngineConfig(model="/weights/flash")}
     )
-    core = Core(msgspec.structs.replace(config, engines=engines))
-    await core.start()
-    try:
+    async with started_core(msgspec.structs.replace(config, engines=engines)) as core:
         yield core
-    finally:
-        await core.server.stop(grace=0)
-        await core.close()
 
 
 def fake_llm(fake_vllm: ModuleType) -> Any:

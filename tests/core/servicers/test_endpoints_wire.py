@@ -15,7 +15,7 @@ from corvex.v1 import accounts_pb2, accounts_pb2_grpc, inference_pb2, inference_
 from corvex_core.config import ReservedConfig, ReservedPoolConfig
 from corvex_core.engines.base import Delta, Engine, Prompt, SamplingOptions
 from corvex_core.server import Core
-from tests.conftest import MODEL, core_config
+from tests.conftest import MODEL, core_config, started_core
 from tests.core.servicers.test_inference_grpc import ADMIN, auth, chat, error_info
 
 FLASH = "deepseek-v4-flash-1gpu"
@@ -27,13 +27,8 @@ async def core(tmp_path: Path) -> AsyncIterator[Core]:
     config = core_config(tmp_path / "data")
     pools = {FLASH: ReservedPoolConfig(replicas=2)}
     config = msgspec.structs.replace(config, reserved=ReservedConfig(pools=pools))
-    instance = Core(config)
-    await instance.start()
-    try:
+    async with started_core(config) as instance:
         yield instance
-    finally:
-        await instance.server.stop(grace=0)
-        await instance.close()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from corvex.v1 import inference_pb2, inference_pb2_grpc
 from corvex_core.server import Core
-from tests.conftest import MODEL, core_config
+from tests.conftest import MODEL, core_config, started_core
 from tests.core.servicers.test_inference_grpc import auth, chat, make_key
 
 
@@ -53,13 +53,8 @@ async def run_streams(
 @pytest.fixture
 async def paced_core(tmp_path: Path) -> AsyncIterator[Core]:
     """A core whose engine takes 10 ms a token, so a request is still running when acted on."""
-    core = Core(core_config(tmp_path / "data", tpot_ms=10))
-    await core.start()
-    try:
+    async with started_core(core_config(tmp_path / "data", tpot_ms=10)) as core:
         yield core
-    finally:
-        await core.server.stop(grace=0)
-        await core.close()
 
 
 async def settled(core: Core) -> bool:
