@@ -185,7 +185,7 @@ class Service:
             max_tokens=max_tokens,
             choices=sampling.n,
         )
-        options = sampling.bounded(ticket.max_tokens)
+        options = sampling.bounded(ticket.max_tokens, whole=whole)
         return Generation(self, served, ticket, hold_id, prompt, options, whole, call)
 
     async def embed(
