@@ -66,9 +66,17 @@ class SuiteOptions(msgspec.Struct, frozen=True):
         progress: bool | None,
         capacity: bool = True,
     ) -> SuiteOptions:
-        if quick:
-            return cls(True, repeats or 1, 1.5, 2.5, peer, progress, 4.0, capacity, 3.0)
-        return cls(False, repeats or 3, 3.0, 5.0, peer, progress, 10.0, capacity, 10.0)
+        return cls(
+            quick=quick,
+            repeats=repeats or (1 if quick else 3),
+            duration_s=1.5 if quick else 3.0,
+            open_loop_s=2.5 if quick else 5.0,
+            peer=peer,
+            progress=progress,
+            paced_s=4.0 if quick else 10.0,
+            capacity=capacity,
+            equal_load_s=3.0 if quick else 10.0,
+        )
 
 
 class Case(msgspec.Struct, frozen=True):

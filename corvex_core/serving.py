@@ -186,7 +186,7 @@ class Service:
             choices=sampling.n,
         )
         options = sampling.bounded(ticket.max_tokens, whole=whole)
-        return Generation(self, served, ticket, hold_id, prompt, options, whole, call)
+        return Generation(self, served, ticket, hold_id, prompt, options, call)
 
     async def embed(
         self,
@@ -306,8 +306,8 @@ class Service:
 
 class Generation:
     """An admitted chat or completions request. `events()` runs it: the deltas of its choices
-    as the engine produces them (none with `whole`), then one `Finished`, once its charge is
-    durable. Iterate it to the end or close it; either way it is settled exactly once."""
+    as the engine produces them (none with `options.whole`), then one `Finished`, once its
+    charge is durable. Iterate it to the end or close it; either way it is settled exactly once."""
 
     def __init__(
         self,
@@ -317,7 +317,6 @@ class Generation:
         hold_id: str,
         prompt: Prompt,
         options: SamplingOptions,
-        whole: bool,
         call: CallRecord,
     ) -> None:
         self._service = service
@@ -326,7 +325,7 @@ class Generation:
         self._hold_id = hold_id
         self.prompt = prompt
         self._options = options
-        self._whole = whole
+        self._whole = options.whole
         self._call = call
 
     @property
