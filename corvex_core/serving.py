@@ -325,7 +325,6 @@ class Generation:
         self._hold_id = hold_id
         self.prompt = prompt
         self._options = options
-        self._whole = options.whole
         self._call = call
 
     @property
@@ -334,7 +333,7 @@ class Generation:
         return self._ticket.limit_state
 
     async def events(self) -> AsyncIterator[Delta | Finished]:
-        service, served = self._service, self._served
+        service, served, whole = self._service, self._served, self._options.whole
         with service._lifecycle.stream(served.engine, self._hold_id):
             produced = reasoning = 0
             last: Delta | None = None
@@ -348,19 +347,19 @@ class Generation:
                                 self._call.first_token_at = time.perf_counter()
                             produced += delta.num_tokens
                             reasoning += delta.reasoning_tokens
-                            if self._whole:
+                            if whole:
                                 held.setdefault(delta.index, []).append(delta)
                             if delta.is_last:
                                 last = delta
                                 break
-                            if not self._whole:
+                            if not whole:
                                 yield delta
             finally:
                 # Reached however the stream ends, cancellation included.
                 charge = self._settle(produced, last)
             await service._make_durable(charge)
         assert last is not None
-        deltas = [fold(held[i]) for i in sorted(held)] if self._whole else [last]
+        deltas = [fold(held[i]) for i in sorted(held)] if whole else [last]
         yield Finished(deltas, charge, served.rate_card_version, reasoning)
 
     def _settle(self, produced: int, last: Delta | None) -> Charged | None:

@@ -180,7 +180,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
             # Only a caught error gets here (a return or a raise has left above).
             if failure is not None:
                 await status.abort(context, failure)
-            await status.abort_internal(context, record.request_id)
+            else:
+                await status.abort_internal(context, record.request_id)
 
         return guarded
 

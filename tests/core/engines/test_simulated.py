@@ -174,7 +174,10 @@ async def test_a_whole_answer_comes_as_its_first_token_then_the_rest(n: int) -> 
     opts = {"max_tokens": 40, "ignore_eos": True, "temperature": 1.0, "seed": 3, "n": n}
     async with running() as engine:
         streamed = await generate(engine, "the same question", **opts)
-        whole = await generate(engine, "the same question", whole=True, **opts)
+        # Bounded: an answer whose end never wakes its reader fails here instead of hanging.
+        whole = await asyncio.wait_for(
+            generate(engine, "the same question", whole=True, **opts), timeout=5
+        )
     assert len(streamed) >= 40 * n  # one delta per choice per step
     assert [d.index for d in whole] == [*range(n), *range(n)]
     assert [d.num_tokens for d in whole] == [1] * n + [39] * n
@@ -196,7 +199,12 @@ async def test_aborting_a_whole_answer_ends_it_at_once() -> None:
         first = await anext(stream)
         await asyncio.sleep(0.05)  # ~10 steps
         await engine.abort("a")
-        rest = [d async for d in stream]
+
+        async def rest_of() -> list[Delta]:
+            return [d async for d in stream]
+
+        # The abort must wake a reader that a whole answer keeps waiting: bounded, not a hang.
+        rest = await asyncio.wait_for(rest_of(), timeout=5)
     assert first.num_tokens == 1
     assert len(rest) == 1
     assert rest[0].finish_reason is FinishReason.ABORT
