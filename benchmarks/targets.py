@@ -188,12 +188,14 @@ def _mark_chunk(sample: Sample, start: float, last: float, now: float) -> None:
 
 @functools.lru_cache(maxsize=_BODY_CACHE)
 def grpc_body(spec: RequestSpec) -> bytes:
-    """The serialized ChatRequest for a spec, built once."""
+    """The serialized ChatRequest for a spec, built once. A non-streaming spec asks for the
+    whole answer in one chunk (`final_only`), as the edge does for its non-streaming requests."""
     request = inference_pb2.ChatRequest(
         model=spec.model,
         messages=[inference_pb2.ChatMessage(role="user", content=spec.prompt)],
         max_tokens=spec.max_tokens,
         sampling=inference_pb2.Sampling(ignore_eos=spec.ignore_eos),
+        final_only=not spec.stream,
     )
     return request.SerializeToString()
 
