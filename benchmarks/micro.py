@@ -16,7 +16,7 @@ import uvloop
 
 from benchmarks.stats import Distribution, Spread, distribution, spread
 from benchmarks.workload import DEFAULT_MODEL, prompt_text
-from corvex.logs import JsonFormatter
+from corvex.logs import JsonFormatter, trim_records
 from corvex.ratecard import ModelRate, load_rate_card
 from corvex_core.config import SimulatedEngineConfig
 from corvex_core.engines.base import ChatMessage, SamplingOptions
@@ -134,13 +134,15 @@ def _restore(logger: logging.Logger, saved: tuple[list[logging.Handler], int, bo
 
 
 def _logged(op: Callable[[int], None]) -> Callable[[int], None]:
-    """`op` with the core's request log on at info, formatted as JSON (to /dev/null)."""
+    """`op` with the core's request log on at info, formatted as JSON (to /dev/null), its
+    records trimmed as the core's are (`logs.setup`)."""
     logger = logging.getLogger("corvex.requests")
     handler = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115  (lives with the run)
     handler.setFormatter(JsonFormatter("core"))
 
     def logged(i: int) -> None:
         if i == 0:
+            trim_records()
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
             logger.propagate = False
