@@ -17,6 +17,7 @@ from corvex.quoting import quote
 from corvex.v1 import inference_pb2
 from corvex_core import errors
 from corvex_core.engines.base import (
+    MAX_CHOICES,
     ChatContext,
     ChatMessage,
     Delta,
@@ -205,6 +206,10 @@ def sampling_of(sampling: inference_pb2.Sampling, *, has_max_tokens: bool) -> Sa
     top_k = sampling.top_k if sampling.HasField("top_k") else None
     if top_k is not None and (top_k == 0 or top_k < -1):
         raise errors.InvalidRequest("top_k must be -1 (all) or at least 1", param="top_k")
+    # Before admission, which holds the request's tokens for each of its n choices.
+    n = sampling.n if sampling.HasField("n") else 1
+    if not 1 <= n <= MAX_CHOICES:
+        raise errors.InvalidRequest(f"n must be between 1 and {MAX_CHOICES}.", param="n")
     return Sampling(
         temperature=_optional_range(sampling, "temperature", 0.0, 2.0),
         top_p=top_p,
@@ -213,7 +218,7 @@ def sampling_of(sampling: inference_pb2.Sampling, *, has_max_tokens: bool) -> Sa
         presence_penalty=_optional_range(sampling, "presence_penalty", -2.0, 2.0),
         frequency_penalty=_optional_range(sampling, "frequency_penalty", -2.0, 2.0),
         ignore_eos=sampling.ignore_eos,
-        n=sampling.n if sampling.HasField("n") else 1,
+        n=n,
         top_k=None if top_k in (None, -1) else top_k,
         min_p=_optional_range(sampling, "min_p", 0.0, 1.0),
         repetition_penalty=repetition,

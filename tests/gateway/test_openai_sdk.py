@@ -252,6 +252,16 @@ def test_errors_raise_the_sdk_exception_with_the_code(client: openai.OpenAI, sta
             model=MODEL, messages=[{"role": "user", "content": "x"}], n=17
         )
     assert n.value.param == "n"
+    # n = 0 is refused before admission, which holds tokens for each of n choices.
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as zero:
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], n=0, stream=stream
+            )
+        assert zero.value.param == "n" and zero.value.body["message"] == "n must be between 1 and 16."
+    with pytest.raises(openai.BadRequestError) as zero:
+        client.completions.create(model=MODEL, prompt="x", n=0)
+    assert zero.value.param == "n"
     bad_key = openai.OpenAI(base_url=stack.http_url + "/v1", api_key="corvex-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as auth:
         bad_key.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
