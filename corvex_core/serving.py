@@ -185,8 +185,8 @@ class Service:
             max_tokens=max_tokens,
             choices=sampling.n,
         )
-        options = sampling.bounded(ticket.max_tokens, whole=whole)
-        return Generation(self, served, ticket, hold_id, prompt, options, call)
+        options = sampling.bounded(ticket.max_tokens)
+        return Generation(self, served, ticket, hold_id, prompt, options, whole, call)
 
     async def embed(
         self,
@@ -317,6 +317,7 @@ class Generation:
         hold_id: str,
         prompt: Prompt,
         options: SamplingOptions,
+        whole: bool,
         call: CallRecord,
     ) -> None:
         self._service = service
@@ -325,6 +326,7 @@ class Generation:
         self._hold_id = hold_id
         self.prompt = prompt
         self._options = options
+        self._whole = whole
         self._call = call
 
     @property
@@ -333,7 +335,7 @@ class Generation:
         return self._ticket.limit_state
 
     async def events(self) -> AsyncIterator[Delta | Finished]:
-        service, served, whole = self._service, self._served, self._options.whole
+        service, served, whole = self._service, self._served, self._whole
         with service._lifecycle.stream(served.engine, self._hold_id):
             produced = reasoning = 0
             last: Delta | None = None

@@ -181,9 +181,9 @@ class Sampling(msgspec.Struct, frozen=True):
     prompt_logprobs: int | None = None
     response_format: ResponseFormat = ResponseFormat()
 
-    def bounded(self, max_tokens: int, *, whole: bool = False) -> SamplingOptions:
+    def bounded(self, max_tokens: int) -> SamplingOptions:
         """The options an engine runs with, once admission resolved the bound."""
-        return SamplingOptions(max_tokens=max_tokens, whole=whole, **msgspec.structs.asdict(self))
+        return SamplingOptions(max_tokens=max_tokens, **msgspec.structs.asdict(self))
 
 
 class SamplingOptions(Sampling, frozen=True, kw_only=True):
@@ -191,11 +191,6 @@ class SamplingOptions(Sampling, frozen=True, kw_only=True):
     balance and the key's limits: what an engine's `generate` receives."""
 
     max_tokens: int
-    # The consumer reads each choice only whole (a non-streaming answer): an engine may then
-    # deliver the request's first output and then nothing until every choice has finished
-    # (vLLM's RequestOutputKind.FINAL_ONLY, with the first token's time kept for the TTFT
-    # metric), the deltas between merged. What the deltas add up to is the same either way.
-    whole: bool = False
 
 
 # -- what an engine answers ----------------------------------------------------------------------

@@ -391,23 +391,11 @@ class _Collector:
     Delta per choice holding every token produced since it last looked, not one per token.
     """
 
-    __slots__ = (
-        "_buffers",
-        "_quiet",
-        "_ready",
-        "_unfinished",
-        "_waiter",
-        "_whole",
-        "prompt_logprobs",
-    )
+    __slots__ = ("_buffers", "_ready", "_unfinished", "_waiter", "prompt_logprobs")
 
-    def __init__(self, choices: int, *, whole: bool = False) -> None:
+    def __init__(self, choices: int) -> None:
         self._buffers: dict[int, _Buffer] = {}
         self._unfinished = choices
-        # With `whole`, once the first output has been taken, output waits for the end: one
-        # wake-up for the first token (whose time the TTFT metric keeps) and one for the rest.
-        self._whole = whole
-        self._quiet = False
         # Output waits (or the request ended) since the consumer last took it; the consumer's
         # future while it waits. (An asyncio.Event does the same with a deque of waiters and a
         # new future per wait: this is on every token's path.)
@@ -427,8 +415,6 @@ class _Collector:
         self._unfinished -= 1
 
     def wake(self) -> None:
-        if self._quiet and self._unfinished:
-            return  # whole: the rest waits for the end
         self._ready = True
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -447,7 +433,6 @@ class _Collector:
         """The choices' deltas since the last take, and whether every choice has finished."""
         self._ready = False
         self._waiter = None
-        self._quiet = self._whole
         buffers = self._buffers
         if len(buffers) == 1:
             [(index, buffer)] = buffers.items()
@@ -684,7 +669,7 @@ class _Request:
         self.vocab_size = vocab_size
         self.stop_token_ids = frozenset(options.stop_token_ids)
         self.include_reasoning = prompt.chat is None or prompt.chat.include_reasoning
-        self.collector = _Collector(options.n, whole=options.whole)
+        self.collector = _Collector(options.n)
         self.choices: list[_Choice] = []
         self.ready_at = 0.0
         self.finished = False

@@ -135,8 +135,9 @@ def request_fields(options: SamplingOptions) -> dict[str, Any]:
         # OpenAI's JSON keys are strings; vLLM's request types them so.
         "logit_bias": {str(k): v for k, v in options.logit_bias.items()} or None,
         "response_format": response_format_dict(options.response_format),
-        # DELTA outputs: the adapter streams whatever the core then does with them, `whole`
-        # included (vLLM's tool and reasoning parsers read deltas; the core folds them). vLLM's
+        # DELTA outputs, a non-streaming answer's too (the core folds them): vLLM's tool and
+        # reasoning parsers read deltas, and a request cut short is charged the tokens it
+        # produced, which only outputs delivered as they come tell (not FINAL_ONLY). vLLM's
         # request objects refuse prompt_logprobs with stream (its OpenAI server cannot stream
         # them); its engine returns them on the first DELTA output, so `sampling_params` sets
         # them on the SamplingParams instead.

@@ -26,8 +26,7 @@ def test_what_the_engines_serve_is_not_refused() -> None:
     served = {
         p.name for params in PARAMETERS.values() for p in params if p.status is Status.IMPLEMENTED
     }
-    # max_tokens is resolved by admission; `whole` is a non-streaming answer (`stream`).
-    options = {f.name for f in msgspec.structs.fields(SamplingOptions)} - {"max_tokens", "whole"}
+    options = {f.name for f in msgspec.structs.fields(SamplingOptions)} - {"max_tokens"}
     assert options <= served
     assert "stream" in served
     renamed = {"template_kwargs": "chat_template_kwargs"}

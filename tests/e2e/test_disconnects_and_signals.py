@@ -1,5 +1,6 @@
-"""Through the real processes: a client that hangs up mid-stream stops the engine's work, and a
-second SIGTERM during a drain exits at once without damaging the journal."""
+"""Through the real processes: a client that hangs up mid-answer stops the engine's work and is
+charged what was produced, and a second SIGTERM during a drain exits at once without damaging
+the journal."""
 
 from __future__ import annotations
 
@@ -34,15 +35,16 @@ def running(stack: Stack) -> int:
         return int(json.load(response)["engines"][MODEL]["running"])
 
 
-def open_stream(stack: Stack, secret: str) -> socket.socket:
-    """Starts a long SSE stream with a raw socket and reads its first bytes."""
+def open_request(stack: Stack, secret: str, *, stream: bool) -> socket.socket:
+    """Starts a long answer with a raw socket: a stream, read to its third event, or a
+    non-streaming request, left to run for ~50 steps (it sends nothing before its end)."""
     host, port = stack.http_url.removeprefix("http://").split(":")
     body = json.dumps(
         {
             "model": MODEL,
             "messages": [{"role": "user", "content": "a long answer"}],
             "max_tokens": 5000,
-            "stream": True,
+            "stream": stream,
             "ignore_eos": True,
         }
     ).encode()
@@ -52,6 +54,12 @@ def open_stream(stack: Stack, secret: str) -> socket.socket:
         + f"Authorization: Bearer {secret}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
+    if not stream:
+        deadline = time.monotonic() + 5
+        while not running(stack) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        return sock
     received = b""
     while received.count(b"data: ") < 3:
         received += sock.recv(65536)
@@ -59,11 +67,12 @@ def open_stream(stack: Stack, secret: str) -> socket.socket:
     return sock
 
 
-def test_client_disconnect_aborts_the_request_in_the_engine(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_the_request_in_the_engine(tmp_path: Path, stream: bool) -> None:
     with running_stack(config=config(tpot_ms=10), data_dir=tmp_path / "data") as stack:
         admin = Client(stack.grpc_address, ADMIN_TOKEN)
         account = new_account(admin, credits_cents=1000)
-        sock = open_stream(stack, account.secret)
+        sock = open_request(stack, account.secret, stream=stream)
         assert running(stack) == 1
         sock.close()
         deadline = time.monotonic() + 5
@@ -75,8 +84,10 @@ def test_client_disconnect_aborts_the_request_in_the_engine(tmp_path: Path) -> N
         ws = admin.GetWorkspace(accounts_pb2.GetWorkspaceRequest(workspace_id=account.workspace_id))
         admin.close()
     [row] = usage.rows
-    # Charged for what was generated before the hang-up, not the 5000 tokens held.
-    assert 2 <= row.completion_tokens < 500  # two content chunks were read
+    # Charged for what was generated before the hang-up, not the 5000 tokens held: a stream
+    # read two content chunks; a non-streaming answer ran ~50 steps of 10 ms, all billed though
+    # none was sent.
+    assert (2 if stream else 20) <= row.completion_tokens < 500
     assert ws.held_nano_usd == 0
     assert ws.balance_nano_usd == 1000 * 10**7 - row.cost_nano_usd
 
@@ -87,7 +98,9 @@ def test_second_sigterm_exits_at_once_and_the_journal_is_intact(tmp_path: Path) 
         admin = Client(stack.grpc_address, ADMIN_TOKEN)
         account = new_account(admin, credits_cents=1000)
         admin.close()
-        sock = open_stream(stack, account.secret)  # ~50 s of tokens: the drain would wait
+        sock = open_request(
+            stack, account.secret, stream=True
+        )  # ~50 s of tokens: the drain would wait
         stack.core.signal(signal.SIGTERM)
         time.sleep(0.3)
         assert stack.core.popen.poll() is None, "the first signal drains, it does not exit"

@@ -167,51 +167,6 @@ async def test_coalesces_steps_for_a_slow_consumer() -> None:
     assert count_text_tokens(merged.text) == merged.num_tokens
 
 
-@pytest.mark.parametrize("n", [1, 3])
-async def test_a_whole_answer_comes_as_its_first_token_then_the_rest(n: int) -> None:
-    """With `whole` the consumer is woken for the first output and then once more at the end
-    (not once per step), and what it gets adds up to the streamed answer, choice by choice."""
-    opts = {"max_tokens": 40, "ignore_eos": True, "temperature": 1.0, "seed": 3, "n": n}
-    async with running() as engine:
-        streamed = await generate(engine, "the same question", **opts)
-        # Bounded: an answer whose end never wakes its reader fails here instead of hanging.
-        whole = await asyncio.wait_for(
-            generate(engine, "the same question", whole=True, **opts), timeout=5
-        )
-    assert len(streamed) >= 40 * n  # one delta per choice per step
-    assert [d.index for d in whole] == [*range(n), *range(n)]
-    assert [d.num_tokens for d in whole] == [1] * n + [39] * n
-    for index in range(n):
-        mine = [d for d in whole if d.index == index]
-        theirs = [d for d in streamed if d.index == index]
-        assert text_of(mine) == text_of(theirs)
-        assert mine[-1].finish_reason is theirs[-1].finish_reason is FinishReason.LENGTH
-    assert whole[-1].prompt_tokens == streamed[-1].prompt_tokens is not None
-    assert all(d.prompt_tokens is None for d in whole[:-1])
-
-
-async def test_aborting_a_whole_answer_ends_it_at_once() -> None:
-    config = SimulatedEngineConfig(ttft_ms=0, tpot_ms=5)
-    async with running(config) as engine:
-        prompt = await engine.render_chat([ChatMessage(role="user", content="q")])
-        options = SamplingOptions(max_tokens=1000, ignore_eos=True, whole=True)
-        stream = engine.generate("a", prompt, options)
-        first = await anext(stream)
-        await asyncio.sleep(0.05)  # ~10 steps
-        await engine.abort("a")
-
-        async def rest_of() -> list[Delta]:
-            return [d async for d in stream]
-
-        # The abort must wake a reader that a whole answer keeps waiting: bounded, not a hang.
-        rest = await asyncio.wait_for(rest_of(), timeout=5)
-    assert first.num_tokens == 1
-    assert len(rest) == 1
-    assert rest[0].finish_reason is FinishReason.ABORT
-    assert rest[0].num_tokens > 1
-    assert rest[0].prompt_tokens == prompt.num_tokens
-
-
 async def test_embeddings_are_deterministic_unit_vectors() -> None:
     async with running() as engine:
         a = await engine.embed([EmbedInput(text="x y"), EmbedInput(token_ids=(1, 2, 3))], None)
