@@ -9,9 +9,13 @@ reported as INTERNAL without details.
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 from corvex.model_ids import not_served
 from corvex.quoting import MAX_QUOTE_CHARS, bounded
+
+if TYPE_CHECKING:
+    from corvex_core.limits import LimitState
 
 
 class Reason(enum.Enum):
@@ -97,13 +101,20 @@ class InsufficientCredits(CorvexError):
     reason = Reason.INSUFFICIENT_CREDITS
 
 
-class RateLimitExceeded(CorvexError):
+class LimitExceeded(CorvexError):
+    """A limit of the key refused the request. `limit_state`: where the key's per-minute
+    limits stand, which a refusal reports as an answer does (set by the limiter)."""
+
+    limit_state: LimitState | None = None
+
+
+class RateLimitExceeded(LimitExceeded):
     """A per-minute limit of the key is used up; `retry_after_s` says when it allows more."""
 
     reason = Reason.RATE_LIMIT_EXCEEDED
 
 
-class TokenLimitExceeded(CorvexError):
+class TokenLimitExceeded(LimitExceeded):
     """The key's monthly token limit is used up; it resets with the calendar month."""
 
     reason = Reason.TOKEN_LIMIT_EXCEEDED

@@ -26,8 +26,9 @@ flight, and never admits past the limit. Everything is synchronous and O(1) per 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final, NamedTuple
 
 from corvex_core import errors
@@ -253,8 +254,14 @@ class RateLimiter:
         With `explicit` (the caller set max_tokens) the whole amount must fit or this raises;
         otherwise it returns the smaller bound, raising only if not even one token fits.
         """
-        limits = key.limits
         now = self._clock_ns() if now_ns is None else now_ns
+        with self._reporting(key, now):
+            return self._completion_bound(key, prompt_tokens, completion_tokens, explicit, now)
+
+    def _completion_bound(
+        self, key: ApiKey, prompt_tokens: int, completion_tokens: int, explicit: bool, now: int
+    ) -> int:
+        limits = key.limits
         state = self._state(key, now)
         _check_request(key, state.requests, now)
         bound = completion_tokens
@@ -303,7 +310,8 @@ class RateLimiter:
         tokens (Tokenize), or raises RateLimitExceeded."""
         now = self._clock_ns()
         state = self._state(key, now)
-        _check_request(key, state.requests, now)
+        with self._reporting(key, now):
+            _check_request(key, state.requests, now)
         if state.requests is not None:
             state.requests.take(1, now)
 
@@ -349,6 +357,15 @@ class RateLimiter:
         for key_id in idle:
             del self._keys[key_id]
         return len(idle)
+
+    @contextlib.contextmanager
+    def _reporting(self, key: ApiKey, now: int) -> Iterator[None]:
+        """A refusal raised inside says where the key's limits stand, as an answer would."""
+        try:
+            yield
+        except errors.LimitExceeded as refusal:
+            refusal.limit_state = self.state(key, now_ns=now)
+            raise
 
     def _state(self, key: ApiKey, now: int) -> _KeyState:
         """The key's windows, created or resized to its current limits."""

@@ -18,7 +18,7 @@ import grpc
 from aiohttp import web
 
 from corvex.quoting import quote
-from gateway import errors, sse
+from gateway import errors, sse, upstream
 from gateway.errors import ApiError
 from gateway.state import EDGE, OPEN_STREAM, STREAM_ERROR_STATUS
 
@@ -41,6 +41,10 @@ async def handle_errors(request: web.Request, handler: Handler) -> web.StreamRes
         error = exc
     except grpc.aio.AioRpcError as exc:
         error = errors.from_rpc(exc)
+        # A refusal by the key's limits says where they stand, as an answer does. (A refusal
+        # on the Streams call sends it before any answer metadata: as the initial.)
+        metadata = (*(exc.initial_metadata() or ()), *(exc.trailing_metadata() or ()))
+        error.headers.update(upstream.forwarded(metadata))
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, quote(request.path))
         error = ApiError(500, "Internal server error.")

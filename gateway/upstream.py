@@ -122,8 +122,13 @@ def metadata(authorization: str | None, request_id: str) -> tuple[tuple[str, str
 
 
 def response_headers(initial: Iterable[tuple[str, Any]] | None, request_id: str) -> dict[str, str]:
-    headers = {"x-request-id": request_id}
-    for key, value in initial or ():
-        if key.startswith(_FORWARDED_PREFIXES) and isinstance(value, str):
-            headers[key] = value
-    return headers
+    return {"x-request-id": request_id, **forwarded(initial)}
+
+
+def forwarded(metadata: Iterable[tuple[str, Any]] | None) -> dict[str, str]:
+    """The core's metadata that goes back to the client as headers (the key's limits)."""
+    return {
+        key: value
+        for key, value in metadata or ()
+        if key.startswith(_FORWARDED_PREFIXES) and isinstance(value, str)
+    }

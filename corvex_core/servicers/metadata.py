@@ -11,7 +11,12 @@ _KINDS: Final = ("requests", "tokens")
 
 
 def response_metadata(request_id: str, state: LimitState) -> tuple[tuple[str, str], ...]:
-    items = [("x-request-id", request_id)]
+    return (("x-request-id", request_id), *limit_metadata(state))
+
+
+def limit_metadata(state: LimitState) -> tuple[tuple[str, str], ...]:
+    """Where the key's per-minute limits stand: on every answer, and on a refusal by them."""
+    items = []
     for kind, standing in zip(_KINDS, (state.requests, state.tokens), strict=True):
         if standing is not None:
             items.extend(_headers(kind, standing))

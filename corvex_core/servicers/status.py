@@ -19,6 +19,7 @@ from corvex.quoting import bounded
 from corvex.v1 import errors_pb2
 from corvex_core import errors
 from corvex_core.errors import Reason
+from corvex_core.servicers.metadata import limit_metadata
 
 DOMAIN: Final = "corvex.ai"
 # A status message travels in an HTTP/2 header; gRPC refuses metadata beyond 16 KiB in all.
@@ -71,7 +72,12 @@ def rich_status(error: errors.CorvexError) -> status_pb2.Status:
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.CorvexError) -> NoReturn:
-    await context.abort_with_status(rpc_status.to_status(rich_status(error)))
+    status = rpc_status.to_status(rich_status(error))
+    if isinstance(error, errors.LimitExceeded) and error.limit_state is not None:
+        # The key's standing rides with the status, as it rides with an answer.
+        limits = limit_metadata(error.limit_state)
+        status = status._replace(trailing_metadata=(*status.trailing_metadata, *limits))
+    await context.abort_with_status(status)
     raise AssertionError("abort_with_status returned")
 
 

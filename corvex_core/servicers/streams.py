@@ -144,6 +144,10 @@ class _RequestContext:
 
     async def abort_with_status(self, status: grpc.Status) -> None:
         details = next((v for k, v in status.trailing_metadata if k.endswith("-bin")), b"")
+        # The rest (a limit's standing) is trailing metadata, sent before the status event.
+        self._trailing = tuple(
+            (k, v) for k, v in status.trailing_metadata if not k.endswith("-bin")
+        )
         self.status = inference_pb2.StreamStatus(
             code=status.code.value[0], message=status.details or "", details=details
         )

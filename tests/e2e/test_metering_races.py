@@ -171,6 +171,11 @@ def test_rate_limit_headers_and_sdk_retry(stack: Stack, admin: Client) -> None:
         assert tokens_limited.value.code == "rate_limit_exceeded"
         assert "tokens per minute" in tokens_limited.value.message
         assert 1 <= int(tokens_limited.value.response.headers["retry-after"]) <= 60
+        # A refusal says where the limits stand, as an answer does: nothing was taken.
+        refused = tokens_limited.value.response.headers
+        assert refused["x-ratelimit-remaining-requests"] == "29"
+        assert int(refused["x-ratelimit-remaining-tokens"]) == 488
+        assert refused["x-ratelimit-limit-tokens"] == "1000"
         for _ in range(29):
             client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=1
@@ -181,6 +186,13 @@ def test_rate_limit_headers_and_sdk_retry(stack: Stack, admin: Client) -> None:
             )
         assert "requests per minute" in limited.value.message
         assert 1 <= float(limited.value.response.headers["retry-after"]) <= 2
+        assert limited.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+        assert limited.value.response.headers["x-ratelimit-limit-requests"] == "30"
+        with pytest.raises(openai.RateLimitError) as streamed:
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": PROMPT}], stream=True
+            )
+        assert streamed.value.response.headers["x-ratelimit-remaining-requests"] == "0"
     # The SDK waits as told and succeeds once the bucket has refilled one request.
     statuses: list[int] = []
     with openai.OpenAI(
@@ -224,4 +236,5 @@ def test_monthly_token_limit_is_429_without_retry(stack: Stack, admin: Client) -
             )
         assert exc.value.code == "token_limit_exceeded"
         assert "retry-after" not in exc.value.response.headers
+        assert "x-ratelimit-remaining-requests" not in exc.value.response.headers  # no rpm set
         assert statuses == [429]  # x-should-retry: false, so the SDK does not retry

@@ -138,12 +138,15 @@ async def test_rate_limit_carries_retry_info(channel: grpc.aio.Channel) -> None:
         async for _ in stub.Chat(chat(max_tokens=1), metadata=auth(secret)):
             pass
     assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    status = status_pb2.Status.FromString(
-        dict(exc.value.trailing_metadata())["grpc-status-details-bin"]
-    )
+    trailing = dict(exc.value.trailing_metadata())
+    status = status_pb2.Status.FromString(trailing["grpc-status-details-bin"])
     retry = error_details_pb2.RetryInfo()
     assert any(d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR))
     assert 50 < retry.retry_delay.seconds <= 60
+    # Where the key's limits stand, as on an answer.
+    assert trailing["x-ratelimit-limit-requests"] == "1"
+    assert trailing["x-ratelimit-remaining-requests"] == "0"
+    assert trailing["x-ratelimit-reset-requests"].endswith("s")
 
 
 async def test_embed_models_tokenize(channel: grpc.aio.Channel) -> None:
