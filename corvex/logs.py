@@ -39,9 +39,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update(
-            {k: v for k, v in vars(record).items() if k not in _STANDARD and k[:1] != "_"}
-        )
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and k[:1] != "_"})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return _encoder.encode(entry).decode()

@@ -9,13 +9,9 @@ reported as INTERNAL without details.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
 
 from corvex.model_ids import not_served
 from corvex.quoting import MAX_QUOTE_CHARS, bounded
-
-if TYPE_CHECKING:
-    from corvex_core.limits import LimitState
 
 
 class Reason(enum.Enum):
@@ -103,9 +99,10 @@ class InsufficientCredits(CorvexError):
 
 class LimitExceeded(CorvexError):
     """A limit of the key refused the request. `limit_state`: where the key's per-minute
-    limits stand, which a refusal reports as an answer does (set by the limiter)."""
+    limits stand (a `limits.LimitState`, set by the limiter, which sits above this module),
+    which a refusal reports as an answer does."""
 
-    limit_state: LimitState | None = None
+    limit_state: object = None
 
 
 class RateLimitExceeded(LimitExceeded):

@@ -19,6 +19,7 @@ from corvex.quoting import bounded
 from corvex.v1 import errors_pb2
 from corvex_core import errors
 from corvex_core.errors import Reason
+from corvex_core.limits import LimitState
 from corvex_core.servicers.metadata import limit_metadata
 
 DOMAIN: Final = "corvex.ai"
@@ -73,7 +74,7 @@ def rich_status(error: errors.CorvexError) -> status_pb2.Status:
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.CorvexError) -> NoReturn:
     status = rpc_status.to_status(rich_status(error))
-    if isinstance(error, errors.LimitExceeded) and error.limit_state is not None:
+    if isinstance(error, errors.LimitExceeded) and isinstance(error.limit_state, LimitState):
         # The key's standing rides with the status, as it rides with an answer.
         limits = limit_metadata(error.limit_state)
         status = status._replace(trailing_metadata=(*status.trailing_metadata, *limits))
