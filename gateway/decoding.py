@@ -17,7 +17,7 @@ from aiohttp import web
 
 from corvex.quoting import bounded, quote
 from gateway.errors import ApiError, BadRequest
-from gateway.state import EDGE
+from gateway.state import BODY_ABANDONED, EDGE
 
 T = TypeVar("T")
 
@@ -59,6 +59,7 @@ async def read_body(request: web.Request) -> bytes:
         async with asyncio.timeout(config.body_timeout_s):
             return await request.read()
     except TimeoutError:
+        request[BODY_ABANDONED] = True
         raise ApiError(
             408,
             f"The request body did not arrive within {config.body_timeout_s:g} s.",

@@ -13,8 +13,9 @@ framing is lost.
 
 It also bounds connections: aiohttp's keep-alive timeout (`idle_timeout_s`) closes one that
 carries no request, including one that never sends any; a request's head must arrive within
-`header_timeout_s` of its first byte (else 408, closed: slow-loris); and beyond
-`max_connections` a new connection is answered 503 and closed without being read.
+`header_timeout_s` of its first byte (else 408, closed: slow-loris); a request whose body
+stopped arriving (`gateway.decoding`, `body_timeout_s`) is closed as soon as its 408 is written;
+and beyond `max_connections` a new connection is answered 503 and closed without being read.
 
 `EdgeRunner` installs it: an `AppRunner` whose `_make_server` (the factory method every
 `BaseRunner` implements) returns an `EdgeServer` serving the same application.
@@ -48,6 +49,7 @@ from corvex import request_ids
 from gateway import telemetry
 from gateway.config import EdgeConfig
 from gateway.errors import ApiError
+from gateway.state import BODY_ABANDONED
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +167,16 @@ class EdgeProtocol(web.RequestHandler):
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
         try:
-            return await super().finish_response(request, resp, start_time)
+            finished = await super().finish_response(request, resp, start_time)
         finally:
             self._awaiting_head = True
+        if request.get(BODY_ABANDONED):
+            # Else aiohttp drains the unread body for `lingering_time` (10 s) before closing.
+            # The drain is for a client still sending (a 413's): closing under it would reset
+            # the connection, which can lose the answer. This client sent nothing for
+            # `body_timeout_s`, and a slow-loris would hold the connection 10 s past its 408.
+            self.force_close()
+        return finished
 
     def handle_error(
         self,

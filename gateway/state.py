@@ -34,3 +34,6 @@ REQUEST_ID: Final = web.RequestKey("request_id", str)
 OPEN_STREAM: Final = web.RequestKey("open_stream", web.StreamResponse)
 # The HTTP status of the error that ended an open stream (what telemetry counts it as).
 STREAM_ERROR_STATUS: Final = web.RequestKey("stream_error_status", int)
+# Set when a request's body stopped arriving (`body_timeout_s`): its answer closes the
+# connection at once, without draining the rest of the body first (`gateway.protocol`).
+BODY_ABANDONED: Final = web.RequestKey("body_abandoned", bool)

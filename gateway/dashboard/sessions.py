@@ -1,5 +1,6 @@
-"""Who is browsing, and the rules of every dashboard request: the session cookie, CSRF tokens,
-sign-in attempt limits, flash messages, and errors as pages (one middleware).
+"""Who is browsing, and the rules of every dashboard request: the session cookie, forms (UTF-8
+only) and their CSRF tokens, sign-in attempt limits, flash messages, and errors as pages (one
+middleware).
 
 The session cookie holds the core's session token (HttpOnly, SameSite=Lax, Secure when
 `edge.dashboard.secure_cookies` is set); the core decides what it reaches, this module only
@@ -41,6 +42,12 @@ FLASH_COOKIE: Final = "corvex_flash"
 PREFIX: Final = "/dashboard"
 _MAX_TRACKED_ADDRESSES: Final = 10_000
 _MAX_FLASH_CHARS: Final = 500
+# The media types aiohttp reads as `name=value&...` (no Content-Type is read as this too).
+_URLENCODED: Final = frozenset({"", "application/x-www-form-urlencoded"})
+_NOT_UTF8: Final = (
+    "A field of this form is not valid UTF-8 text, so the form was not read. "
+    "Go back, reload the page and try again."
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -199,18 +206,18 @@ def error_page(request: web.Request, status: int, message: str) -> web.Response:
 
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every dashboard request: the visitor, the CSRF check of forms, errors as pages or as
-    a message on the page the form came from, and the headers of every page."""
+    """Every dashboard request: the visitor, the reading and CSRF check of forms, errors as
+    pages or as a message on the page the form came from, and the headers of every page."""
     visitor = request[VISITOR] = _visitor(request)
     try:
         if request.method == "POST":
-            form = dict(await request.post())
-            given = form.get("csrf")
-            if not isinstance(given, str) or not hmac.compare_digest(given, visitor.csrf):
+            form = await _read_form(request)
+            given = form.get("csrf", "").encode()  # compare_digest takes only ASCII str
+            if not hmac.compare_digest(given, visitor.csrf.encode()):
                 return error_page(
                     request, 403, "This form has expired. Go back, reload the page and try again."
                 )
-            request[FORM] = {k: v for k, v in form.items() if isinstance(v, str)}
+            request[FORM] = form
         response = await handler(request)
     except grpc.aio.AioRpcError as exc:
         response = _rpc_failure(request, exc)
@@ -228,6 +235,24 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     render.secure(response)
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+async def _read_form(request: web.Request) -> dict[str, str]:
+    """The posted form's text fields; 400 if one is not UTF-8.
+
+    The dashboard's pages are UTF-8, and so are the forms they post. aiohttp decodes a
+    percent-escape that is not UTF-8 to U+FFFD, so different bytes would become one email or
+    one password: such a form is refused instead. The check runs on the whole body: `&`, `=`
+    and `+` are ASCII, which UTF-8 never uses inside a character, so the body decodes if and
+    only if every name and value does. A multipart form's text parts aiohttp decodes strictly.
+    """
+    try:
+        if request.content_type in _URLENCODED:
+            urllib.parse.unquote_to_bytes(await request.read()).decode()
+        posted = await request.post()
+    except (UnicodeDecodeError, LookupError):  # LookupError: a charset Python does not know
+        raise web.HTTPBadRequest(reason=_NOT_UTF8) from None
+    return {name: value for name, value in posted.items() if isinstance(value, str)}
 
 
 def _rpc_failure(request: web.Request, exc: grpc.aio.AioRpcError) -> web.Response:
