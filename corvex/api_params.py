@@ -127,6 +127,11 @@ _CHAT: Final = (
     Param("tool_choice", IMPLEMENTED, "none, auto, required or a named function"),
     Param("parallel_tool_calls", IMPLEMENTED, "whether one answer may hold several calls"),
     Param(
+        "messages[].name",
+        IMPLEMENTED,
+        "a participant's name, given to the chat template (the simulated one writes it)",
+    ),
+    Param(
         "messages[].tool_calls / role tool",
         IMPLEMENTED,
         "assistant tool calls and tool results (tool_call_id) in the history",

@@ -252,7 +252,8 @@ def render_template(messages: Sequence[ChatMessage], context: ChatContext | None
     """A ChatML-like template; real engines use the model's own template instead.
 
     Tools are listed in a system block; an assistant's tool calls and a tool's result are shown
-    in its message, so they count as prompt tokens as they would with a real template.
+    in its message, and a message's `name` in its header, so they count as prompt tokens as
+    they would with a real template.
     """
     parts: list[str] = []
     if context is not None and context.tools:
@@ -268,7 +269,8 @@ def render_template(messages: Sequence[ChatMessage], context: ChatContext | None
             body = f"{body}\n<|tool_calls|>{json.dumps(calls)}" if body else json.dumps(calls)
         if m.tool_call_id is not None:
             body = f"[{m.tool_call_id}] {body}"
-        parts.append(f"<|{m.role}|>\n{body}\n")
+        header = m.role if m.name is None else f"{m.role} name={m.name}"
+        parts.append(f"<|{header}|>\n{body}\n")
     parts.append("<|assistant|>\n")
     return "".join(parts)
 

@@ -167,6 +167,15 @@ async def test_coalesces_steps_for_a_slow_consumer() -> None:
     assert count_text_tokens(merged.text) == merged.num_tokens
 
 
+async def test_a_message_name_is_part_of_the_prompt() -> None:
+    # Accepted, so used: the template writes it, and it is billed as prompt tokens.
+    async with running() as engine:
+        plain = await engine.render_chat([ChatMessage(role="user", content="x")])
+        named = await engine.render_chat([ChatMessage(role="user", content="x", name="bob")])
+    assert "name=bob" in named.text and "name=" not in plain.text
+    assert named.num_tokens > plain.num_tokens
+
+
 async def test_embeddings_are_deterministic_unit_vectors() -> None:
     async with running() as engine:
         a = await engine.embed([EmbedInput(text="x y"), EmbedInput(token_ids=(1, 2, 3))], None)
