@@ -39,6 +39,7 @@ from corvex_core.engines.base import (
     SamplingOptions,
     ToolCallDelta,
 )
+from corvex_core.engines.request_checks import check_token_ids
 from corvex_core.journal import JournalError
 from corvex_core.lifecycle import Lifecycle
 from corvex_core.limits import LimitState
@@ -418,11 +419,13 @@ def engine_errors() -> Iterator[None]:
 
 
 async def _count_inputs(engine: Engine, inputs: Sequence[EmbedInput]) -> list[int]:
-    """The tokens of each input, giving the event loop a turn every YIELD_EVERY_CHARS of text
-    (2,048 short inputs are counted in one go otherwise: ~100 ms)."""
+    """The tokens of each input (token ids must be the model's), giving the event loop a turn
+    every YIELD_EVERY_CHARS of text (2,048 short inputs are counted in one go otherwise:
+    ~100 ms)."""
     counts, chars = [], 0
     for item in inputs:
         if item.token_ids is not None:
+            check_token_ids(item.token_ids, engine.vocab_size, "input")
             counts.append(len(item.token_ids))
             continue
         text = item.text or ""

@@ -199,6 +199,12 @@ def test_embeddings_token_input_and_dimensions(client: openai.OpenAI) -> None:
     result = client.embeddings.create(model=MODEL, input=[[1, 2, 3], [4]], dimensions=8)
     assert [len(d.embedding) for d in result.data] == [8, 8]
     assert result.usage.prompt_tokens == 4
+    # Ids beyond the model's vocabulary are refused as a completions prompt's are, not billed.
+    for ids in ([32000], [2**32]):
+        with pytest.raises(openai.BadRequestError) as outside:
+            client.embeddings.create(model=MODEL, input=[[1], ids], dimensions=8)
+        assert outside.value.param == "input"
+        assert "vocabulary" in outside.value.message
 
 
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
