@@ -117,7 +117,9 @@ def _prompt(prompt: str | list[Any]) -> str | list[int]:
 
 def _token_ids(ids: list[Any]) -> list[int]:
     if not ids or not all(isinstance(i, int) and 0 <= i < _TOKEN_ID_END for i in ids):
-        raise BadRequest("token ids must be integers from 0 up to the model's vocabulary size.", param="prompt")
+        raise BadRequest(
+            "token ids must be integers from 0 up to the model's vocabulary size.", param="prompt"
+        )
     return ids
 
 

@@ -82,7 +82,9 @@ def to_rpc(parsed: EmbeddingRequest) -> inference_pb2.EmbedRequest:
 
 def _tokens(ids: list[Any]) -> inference_pb2.EmbedInput:
     if not all(isinstance(i, int) and 0 <= i < _UINT32_END for i in ids):
-        raise BadRequest("token ids must be integers from 0 up to the model's vocabulary size.", param="input")
+        raise BadRequest(
+            "token ids must be integers from 0 up to the model's vocabulary size.", param="input"
+        )
     return inference_pb2.EmbedInput(tokens=inference_pb2.TokenIds(ids=ids))
 
 
