@@ -77,13 +77,22 @@ class InvalidRequest(CorvexError):
 class ContextLengthExceeded(CorvexError):
     reason = Reason.CONTEXT_LENGTH_EXCEEDED
 
-    def __init__(self, *, prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+    def __init__(
+        self, *, prompt_tokens: int, max_tokens: int, context_length: int, param: str = "messages"
+    ) -> None:
+        """`param`: the field holding the prompt ("messages", "prompt"), or "input" for an
+        embedding input (which asks for no completion tokens)."""
+        limit = f"This model's maximum context length is {context_length} tokens"
+        message = (
+            f"{limit}, but an input has {prompt_tokens} tokens; shorten it."
+            if param == "input"
+            else f"{limit}, but the request has {prompt_tokens} prompt tokens and asks for up "
+            f"to {max_tokens} completion tokens; shorten the {param} or lower max_tokens."
+        )
         super().__init__(
-            f"This model's maximum context length is {context_length} tokens, but the request "
-            f"has {prompt_tokens} prompt tokens and asks for up to {max_tokens} completion "
-            "tokens; shorten the messages or lower max_tokens.",
+            message,
             metadata={
-                "param": "messages",
+                "param": param,
                 "prompt_tokens": str(prompt_tokens),
                 "max_tokens": str(max_tokens),
                 "context_length": str(context_length),

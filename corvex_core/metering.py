@@ -91,7 +91,7 @@ class Metering(Protocol):
         prompt_tokens: int,
         max_tokens: int | None,
         choices: int = 1,
-        context_checked: bool = True,
+        context_param: str | None = "messages",
         shortfall: Shortfall | None = None,
     ) -> Ticket: ...
 
@@ -109,15 +109,19 @@ class Metering(Protocol):
     ) -> Charged | None: ...
 
 
-def context_bound(rate: ModelRate, prompt_tokens: int, max_tokens: int | None) -> int:
+def context_bound(
+    rate: ModelRate, prompt_tokens: int, max_tokens: int | None, param: str = "messages"
+) -> int:
     """The completion tokens the context leaves: `max_tokens` if it fits, all the room if None.
-    Raises ContextLengthExceeded if it does not fit (or nothing fits)."""
+    Raises ContextLengthExceeded, naming the prompt's field `param`, if it does not fit (or
+    nothing fits)."""
     room = rate.context_length - prompt_tokens
     if (max_tokens is not None and max_tokens > room) or room < 1:
         raise errors.ContextLengthExceeded(
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens if max_tokens is not None else 1,
             context_length=rate.context_length,
+            param=param,
         )
     return room if max_tokens is None else max_tokens
 
@@ -186,7 +190,7 @@ class Meter:
         prompt_tokens: int,
         max_tokens: int | None,
         choices: int = 1,
-        context_checked: bool = True,
+        context_param: str | None = "messages",
         shortfall: Shortfall | None = None,
     ) -> Ticket:
         """Admits a request or raises the error of the first limit it breaks.
@@ -194,14 +198,19 @@ class Meter:
         `max_tokens` is per choice; the request holds its prompt once and `choices` times the
         bound. None means "as many as allowed": the bound becomes the smallest of the context,
         the token limits and the affordable tokens (shared by the choices), and the engine
-        stops there with finish_reason "length". `context_checked` False skips the context
-        (embeddings, whose inputs are each bounded by the engine).
+        stops there with finish_reason "length". `context_param` is the request's field whose
+        tokens the context bounds (named by the error if they do not fit); None skips the
+        context (embeddings, whose inputs are each bounded by the engine).
 
         In postgres mode the leases must cover the request first: if they do not, this raises
         NeedsLease, and the caller admits again with the `shortfall` once it is replenished.
         """
         explicit = max_tokens is not None
-        want = context_bound(rate, prompt_tokens, max_tokens) if context_checked else max_tokens
+        want = (
+            context_bound(rate, prompt_tokens, max_tokens, context_param)
+            if context_param is not None
+            else max_tokens
+        )
         if self._supply is not None:
             self._leased(key, rate, prompt_tokens, (want or 0) * choices, explicit, choices,
                          shortfall)  # fmt: skip
@@ -336,11 +345,13 @@ class UnmeteredMeter:
         prompt_tokens: int,
         max_tokens: int | None,
         choices: int = 1,
-        context_checked: bool = True,
+        context_param: str | None = "messages",
         shortfall: Shortfall | None = None,
     ) -> Ticket:
         bound = (
-            context_bound(rate, prompt_tokens, max_tokens) if context_checked else max_tokens or 0
+            context_bound(rate, prompt_tokens, max_tokens, context_param)
+            if context_param is not None
+            else max_tokens or 0
         )
         hold = Hold(
             id=hold_id,

@@ -153,7 +153,7 @@ class Service:
         with engine_errors():
             prompt = await served.engine.render_chat(params.messages, params.context)
         return await self._admit(
-            key, served, prompt, params.max_tokens, params.sampling, params.whole, call
+            key, served, prompt, params.max_tokens, params.sampling, params.whole, call, "messages"
         )
 
     async def admit_completion(
@@ -164,7 +164,7 @@ class Service:
         with engine_errors():
             prompt = await served.engine.render_completion(params.prompt)
         return await self._admit(
-            key, served, prompt, params.max_tokens, params.sampling, params.whole, call
+            key, served, prompt, params.max_tokens, params.sampling, params.whole, call, "prompt"
         )
 
     async def _admit(
@@ -176,6 +176,7 @@ class Service:
         sampling: Sampling,
         whole: bool,
         call: CallRecord,
+        prompt_param: str,
     ) -> Generation:
         hold_id = "hold_" + secrets.token_hex(12)
         ticket = await self._admitted(
@@ -185,6 +186,7 @@ class Service:
             prompt_tokens=prompt.num_tokens,
             max_tokens=max_tokens,
             choices=sampling.n,
+            context_param=prompt_param,
         )
         options = sampling.bounded(ticket.max_tokens)
         return Generation(self, served, ticket, hold_id, prompt, options, whole, call)
@@ -212,7 +214,7 @@ class Service:
             "hold_" + secrets.token_hex(12),
             prompt_tokens=sum(counts),
             max_tokens=0,
-            context_checked=False,
+            context_param=None,
         )
         used = 0
         try:
@@ -247,7 +249,7 @@ class Service:
         prompt_tokens: int,
         max_tokens: int | None,
         choices: int = 1,
-        context_checked: bool = True,
+        context_param: str | None = "messages",
     ) -> Ticket:
         """Admits a request (one synchronous step). In postgres mode, when this core's leases
         cannot cover it, waits for one replenishment and tries once more."""
@@ -260,7 +262,7 @@ class Service:
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
             choices=choices,
-            context_checked=context_checked,
+            context_param=context_param,
         )
         try:
             return admit()
@@ -441,7 +443,7 @@ def _check_embed_sizes(counts: list[int], context_length: int) -> None:
     for count in counts:
         if count > context_length:
             raise errors.ContextLengthExceeded(
-                prompt_tokens=count, max_tokens=0, context_length=context_length
+                prompt_tokens=count, max_tokens=0, context_length=context_length, param="input"
             )
     if sum(counts) > MAX_EMBED_TOKENS:
         raise errors.InvalidRequest(

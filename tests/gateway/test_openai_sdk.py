@@ -247,6 +247,16 @@ def test_errors_raise_the_sdk_exception_with_the_code(client: openai.OpenAI, sta
             model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=10**9
         )
     assert huge.value.code == "context_length_exceeded"
+    assert huge.value.param == "messages" and "shorten the messages" in huge.value.message
+    # Each endpoint's error names its own field.
+    with pytest.raises(openai.BadRequestError) as huge:
+        client.completions.create(model=MODEL, prompt=[1, 2], max_tokens=131071)
+    assert huge.value.code == "context_length_exceeded"
+    assert huge.value.param == "prompt" and "shorten the prompt" in huge.value.message
+    with pytest.raises(openai.BadRequestError) as huge:
+        client.embeddings.create(model=MODEL, input=[[1] * 131073])
+    assert huge.value.code == "context_length_exceeded"
+    assert huge.value.param == "input" and "an input has 131073 tokens" in huge.value.message
     with pytest.raises(openai.BadRequestError) as wrong_type:
         client.chat.completions.create(
             model=MODEL,
