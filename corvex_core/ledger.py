@@ -939,22 +939,28 @@ def _insufficient_message(
     """A sentence a person can act on: what stopped the request and what would let it run."""
     if by_cap:
         assert ws.spend_cap_nano is not None
+        left = max(_cap_room_nano(ws) or 0, 0)
         message = (
             f"Monthly spend cap of ${format_usd(ws.spend_cap_nano)} reached: "
             f"${format_usd(ws.month_spend_nano)} spent in {ws.month} and "
-            f"${format_usd(ws.held_nano)} held by requests in flight. "
+            f"${format_usd(ws.held_nano)} held by requests in flight leave "
+            f"${format_usd(left)}, which "
         )
     else:
-        held = f" (${format_usd(ws.held_nano)} held by requests in flight)" if ws.held_nano else ""
-        message = f"Balance ${format_usd(ws.balance_nano)}{held} "
+        held = f" (${format_usd(ws.held_nano)} of it held by requests in flight)"
+        message = f"Balance ${format_usd(ws.balance_nano)}{held if ws.held_nano else ''} "
+    prompt = f"this prompt's {_tokens(prompt_tokens)}"
     if affordable > 0:
         message += (
-            f"covers at most {affordable} output tokens for this prompt "
-            f"({prompt_tokens} tokens); lower max_tokens, "
+            f"covers at most {_tokens(affordable, 'output ')} after {prompt}; lower max_tokens, "
         )
     else:
-        message += f"does not cover this request ({prompt_tokens} prompt tokens); "
+        message += f"does not cover {prompt} and one output token; "
     return message + ("raise the cap or wait for the next month." if by_cap else "top up.")
+
+
+def _tokens(count: int, kind: str = "") -> str:
+    return f"{count} {kind}token{'' if count == 1 else 's'}"
 
 
 def _check_name(name: str) -> None:

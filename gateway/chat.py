@@ -106,7 +106,11 @@ def to_rpc(parsed: ChatCompletionRequest) -> inference_pb2.ChatRequest:
 
 def check_max_tokens(max_tokens: int | None, param: str) -> None:
     if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise BadRequest(f"{param} must be a positive integer.", param=param)
+        raise BadRequest(
+            f"{param} must be an integer from 1 to {MAX_TOKENS_LIMIT} (the model's context "
+            "length bounds it further).",
+            param=param,
+        )
 
 
 def stream_usage(options: StreamOptions | None) -> tuple[bool, bool]:

@@ -240,7 +240,9 @@ def test_usage_pauses_at_zero(ledger: Ledger) -> None:
     with pytest.raises(errors.InsufficientCredits) as refused:
         ledger.reserve("r1", key, DEEPSEEK, VERSION, 1, 1)
 
-    assert "does not cover" in refused.value.message
+    assert refused.value.message == (
+        "Balance $0.00 does not cover this prompt's 1 token and one output token; top up."
+    )
     assert refused.value.metadata["limit"] == "balance"
     assert ledger.held_total_nano() == 0
     assert ledger.workspace(ws_id).held_nano == 0
@@ -338,9 +340,12 @@ def test_holds_count_against_the_cap(ledger: Ledger) -> None:
         ledger.reserve("r2", key, GLM, VERSION, 0, 3_000)
 
     assert refused.value.metadata["limit"] == "spend_cap"
-    assert "Monthly spend cap of $0.01 reached" in refused.value.message
-    assert "covers at most 2000 output tokens" in refused.value.message
-    assert "raise the cap" in refused.value.message
+    assert refused.value.message == (
+        f"Monthly spend cap of $0.01 reached: $0.00 spent in {ledger.workspace(ws_id).month} "
+        "and $0.006 held by requests in flight leave $0.004, which covers at most 2000 output "
+        "tokens after this prompt's 0 tokens; lower max_tokens, raise the cap or wait for the "
+        "next month."
+    )
     ledger.reserve("r3", key, GLM, VERSION, 0, 2_000)
 
 

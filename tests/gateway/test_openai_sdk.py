@@ -248,6 +248,11 @@ def test_errors_raise_the_sdk_exception_with_the_code(client: openai.OpenAI, sta
         )
     assert huge.value.code == "context_length_exceeded"
     assert huge.value.param == "messages" and "shorten the messages" in huge.value.message
+    with pytest.raises(openai.BadRequestError) as beyond:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2**31
+        )
+    assert beyond.value.param == "max_tokens" and "from 1 to 2147483647" in beyond.value.message
     # Each endpoint's error names its own field.
     with pytest.raises(openai.BadRequestError) as huge:
         client.completions.create(model=MODEL, prompt=[1, 2], max_tokens=131071)
