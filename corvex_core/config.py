@@ -159,8 +159,10 @@ class AccountsConfig(msgspec.Struct, forbid_unknown_fields=True):
     # like the dev workspace of `make run`), USD with at most 2 decimals. "0" gives none.
     # Customers who sign up get nothing until they claim the starter promotion (`customers`).
     starter_credits_usd: str = "5.00"
-    # Smallest top-up (and auto-reload amount) accepted, USD with at most 2 decimals.
-    min_topup_usd: str = "1.00"
+    # Smallest top-up (and auto-reload amount) accepted, USD with at most 2 decimals. The
+    # pricing page promises credits "in any amount": a cent, unless a payment provider's own
+    # minimum charge needs more (then say so on the page).
+    min_topup_usd: str = "0.01"
     # Payment provider behind auto-reload: "simulated" (always succeeds, for development)
     # or "none" (auto-reload attempts fail and are recorded).
     payment_provider: Literal["simulated", "none"] = "simulated"

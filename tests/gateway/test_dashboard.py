@@ -148,7 +148,7 @@ async def test_forms_are_validated(visitor: Visitor) -> None:
     for amount, words in (
         ("12.345", "whole cents"),
         ("twelve", "whole cents"),
-        ("0.50", "The smallest top-up is $1.00."),
+        ("0", "The smallest top-up is $0.01."),
         ("", "Enter an amount."),
     ):
         _, text = await visitor.post("/dashboard/credits/checkout", amount=amount)
