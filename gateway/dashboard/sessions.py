@@ -12,6 +12,7 @@ tokens and key secrets never leave the request that carries them.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import hmac
@@ -32,7 +33,7 @@ from corvex.v1 import accounts_pb2, accounts_pb2_grpc
 from gateway.config import DashboardConfig
 from gateway.dashboard import render
 from gateway.errors import from_rpc
-from gateway.state import EDGE, REQUEST_ID
+from gateway.state import BODY_ABANDONED, EDGE, REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         if exc.status < 400:
             raise
         response = error_page(request, exc.status, exc.reason)
+        if request.get(BODY_ABANDONED):
+            response.force_close()  # says `Connection: close`; gateway.protocol closes it
     if visitor.new_csrf_cookie:
         set_cookie(request, response, CSRF_COOKIE, visitor.csrf)
     if visitor.flash is not None and request.method == "GET" and response.status == 200:
@@ -238,7 +241,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 async def _read_form(request: web.Request) -> dict[str, str]:
-    """The posted form's text fields; 400 if one is not UTF-8.
+    """The posted form's text fields, within `body_timeout_s` (else 408, closed, as the API's
+    bodies); 400 if one is not UTF-8.
 
     The dashboard's pages are UTF-8, and so are the forms they post. aiohttp decodes a
     percent-escape that is not UTF-8 to U+FFFD, so different bytes would become one email or
@@ -246,10 +250,17 @@ async def _read_form(request: web.Request) -> dict[str, str]:
     and `+` are ASCII, which UTF-8 never uses inside a character, so the body decodes if and
     only if every name and value does. A multipart form's text parts aiohttp decodes strictly.
     """
+    timeout_s = request.config_dict[EDGE].config.body_timeout_s
     try:
-        if request.content_type in _URLENCODED:
-            urllib.parse.unquote_to_bytes(await request.read()).decode()
-        posted = await request.post()
+        async with asyncio.timeout(timeout_s):
+            if request.content_type in _URLENCODED:
+                urllib.parse.unquote_to_bytes(await request.read()).decode()
+            posted = await request.post()
+    except TimeoutError:
+        request[BODY_ABANDONED] = True
+        raise web.HTTPRequestTimeout(
+            reason=f"The form did not arrive within {timeout_s:g} s. Go back and try again."
+        ) from None
     except (UnicodeDecodeError, LookupError):  # LookupError: a charset Python does not know
         raise web.HTTPBadRequest(reason=_NOT_UTF8) from None
     return {name: value for name, value in posted.items() if isinstance(value, str)}

@@ -44,3 +44,21 @@ def test_a_body_that_stops_arriving_gets_408_and_the_connection_closes(edge: Sta
         assert "did not arrive" in answer.json()["error"]["message"]
         sock.settimeout(CLOSE_WAIT_S)
         assert closed_by_peer(sock), f"the connection was still open {CLOSE_WAIT_S} s after 408"
+
+
+def test_a_dashboard_form_that_stops_arriving_gets_408_and_the_connection_closes(
+    edge: Stack,
+) -> None:
+    # The web app's forms are read under the same bound as the API's bodies.
+    sock: socket.socket = connect(edge.http_url)
+    with sock:
+        sock.settimeout(WAIT_S)
+        sock.sendall(
+            b"POST /dashboard/signup HTTP/1.1\r\nHost: e\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nem"
+        )
+        answer = read_answer(sock, bytearray())
+        assert answer is not None and answer.status == 408
+        assert answer.headers["connection"] == "close"
+        sock.settimeout(CLOSE_WAIT_S)
+        assert closed_by_peer(sock), f"the connection was still open {CLOSE_WAIT_S} s after 408"
