@@ -74,6 +74,8 @@ MAX_NAME_CHARS: Final = 100
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 200
 # $1B in nano-USD: far beyond any real top-up, far below int64 overflow.
 MAX_AMOUNT_NANO: Final = 10**18
+# The most a balance may hold: what the wire's int64 of nano-USD carries, in whole billions.
+MAX_BALANCE_NANO: Final = 9 * 10**18
 # Replicas of one reserved endpoint: far beyond any pool, and what keeps its money in bounds.
 MAX_REPLICAS: Final = 1024
 # Endpoints a workspace may have that are not deleted (suspended ones hold no capacity, so the
@@ -331,6 +333,7 @@ class Ledger:
         _check_amount(amount_nano)
         if amount_nano % NANO_PER_CENT:
             raise errors.InvalidRequest("top-ups are whole cents", param="amount")
+        check_balance_room(self.workspace(workspace_id).balance_nano, amount_nano)
         number = self._state.next_invoice
         self._commit(
             CreditsAdded(
@@ -961,6 +964,17 @@ def _insufficient_message(
 
 def _tokens(count: int, kind: str = "") -> str:
     return f"{count} {kind}token{'' if count == 1 else 's'}"
+
+
+def check_balance_room(balance_nano: int, amount_nano: int) -> None:
+    """Refuses a top-up that would take the balance past MAX_BALANCE_NANO (before anything
+    is recorded: beyond it the balance no longer fits the wire). Shared with pg/accounts.py."""
+    if balance_nano + amount_nano > MAX_BALANCE_NANO:
+        raise errors.InvalidRequest(
+            f"A balance holds at most ${format_usd(MAX_BALANCE_NANO)}; this top-up would "
+            f"bring it to ${format_usd(balance_nano + amount_nano)}.",
+            param="amount",
+        )
 
 
 def _check_name(name: str) -> None:

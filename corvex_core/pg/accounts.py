@@ -17,7 +17,7 @@ import msgspec
 
 from corvex.money import format_usd
 from corvex_core import errors
-from corvex_core.ledger import UsageRow
+from corvex_core.ledger import UsageRow, check_balance_room
 from corvex_core.pg import db, notify
 from corvex_core.pg.db import Clock, Connection, Pool, utc_month, utc_now
 from corvex_core.records import KeyLimits, TopUpMethod
@@ -137,6 +137,7 @@ class AccountStore:
             )
             if prior is not None:
                 return _replay(_invoice(prior), amount_nano), True
+            check_balance_room(balance_nano, amount_nano)
             invoice = await _issue(
                 conn, workspace_id, amount_nano, method, idempotency_key, self._clock()
             )

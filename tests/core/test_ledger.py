@@ -17,7 +17,7 @@ import pytest
 from corvex.money import NANO_PER_CENT, NANO_PER_USD
 from corvex.ratecard import ModelRate
 from corvex_core import errors
-from corvex_core.ledger import Ledger, UsageRow
+from corvex_core.ledger import MAX_AMOUNT_NANO, MAX_BALANCE_NANO, Ledger, UsageRow
 from corvex_core.records import Charged, CreditsAdded, KeyCreated, KeyLimits, Record
 from corvex_core.state import ApiKey, LedgerState
 
@@ -144,6 +144,22 @@ def test_topup_with_same_idempotency_key_credits_once(ledger: Ledger, sink: Reco
     assert ledger.workspace(ws_id).balance_nano == 25 * NANO_PER_USD
     assert ledger.invoices(ws_id) == [first]
     assert len(sink.of(CreditsAdded)) == 1
+
+
+def test_a_balance_stops_where_the_wire_can_carry_it(ledger: Ledger, sink: Recorder) -> None:
+    # Nine top-ups of $1e9 fit; a tenth would pass what an int64 of nano-USD holds.
+    ws_id, _, _ = _funded(ledger, 0)
+    for i in range(9):
+        ledger.add_credits(ws_id, MAX_AMOUNT_NANO, "manual", f"big-{i}")
+    assert ledger.workspace(ws_id).balance_nano == MAX_BALANCE_NANO < 2**63
+
+    with pytest.raises(errors.InvalidRequest) as refused:
+        ledger.add_credits(ws_id, NANO_PER_CENT, "manual", "one-more-cent")
+
+    assert refused.value.metadata["param"] == "amount"
+    assert "at most $9000000000.00" in refused.value.message
+    assert ledger.workspace(ws_id).balance_nano == MAX_BALANCE_NANO
+    assert len(sink.of(CreditsAdded)) == 9  # nothing was recorded for the refusal
 
 
 def test_topup_reusing_a_key_for_another_amount_is_refused(ledger: Ledger) -> None:

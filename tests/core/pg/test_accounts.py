@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from corvex_core import errors
-from corvex_core.ledger import AutoReload
+from corvex_core.ledger import MAX_AMOUNT_NANO, MAX_BALANCE_NANO, AutoReload
 from corvex_core.pg import notify
 from corvex_core.pg.accounts import AccountStore
 from corvex_core.pg.notify import AccountChange, Subscription, SubscriptionLost
@@ -38,6 +38,20 @@ async def test_a_top_up_credits_the_balance_and_issues_the_next_invoice(
     assert first.label == "INV-000001"
     assert [i.number for i in await accounts.invoices(a)] == [1, 3]
     assert (await accounts.workspace(a)).balance_nano == 7 * CENT
+    await check_ledger()
+
+
+async def test_a_top_up_past_the_largest_balance_is_refused_and_changes_nothing(
+    accounts: AccountStore, make_workspace: MakeWorkspace, check_ledger: CheckLedger
+) -> None:
+    a = await make_workspace(0)
+    for i in range(9):
+        await accounts.top_up(a, MAX_AMOUNT_NANO, "manual", f"big-{i}")
+    with pytest.raises(errors.InvalidRequest) as refused:
+        await accounts.top_up(a, CENT, "manual", "one-more-cent")
+    assert refused.value.metadata["param"] == "amount"
+    assert (await accounts.workspace(a)).balance_nano == MAX_BALANCE_NANO
+    assert len(await accounts.invoices(a)) == 9
     await check_ledger()
 
 
