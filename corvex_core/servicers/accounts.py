@@ -261,15 +261,7 @@ class AccountsServicer(CustomerCalls, EndpointRpcs, accounts_pb2_grpc.AccountsSe
         number = parse_invoice_number(request.number)
         invoice = self._ledger.invoice(number)
         ws = self._ledger.workspace(invoice.workspace_id)
-        if request.format == accounts_pb2.INVOICE_FORMAT_HTML:
-            content_type, document = "text/html; charset=utf-8", invoice_html(invoice, ws)
-        elif request.format == accounts_pb2.INVOICE_FORMAT_PDF:
-            content_type, document = "application/pdf", invoice_pdf(invoice, ws)
-        else:
-            content_type, document = "application/json", invoice_json(invoice, ws)
-        return accounts_pb2.InvoiceDocument(
-            invoice=invoice_pb(invoice), content_type=content_type, document=document
-        )
+        return invoice_document(request.format, invoice, ws)
 
     def _credited(self, invoice: Invoice, *, replayed: bool) -> accounts_pb2.AddCreditsResponse:
         self._alerter.check(invoice.workspace_id)
@@ -368,6 +360,26 @@ def usage_row_pb(row: UsageRow) -> accounts_pb2.UsageRow:
         cost_nano_usd=row.cost_nano,
         endpoint_id=row.endpoint_id,
         replica_seconds=row.replica_seconds,
+    )
+
+
+def invoice_document(
+    format: accounts_pb2.InvoiceFormat.ValueType, invoice: Invoice, ws: Workspace
+) -> accounts_pb2.InvoiceDocument:
+    """The invoice in the asked format (unspecified: JSON); a format this core does not know
+    is the caller's error."""
+    if format == accounts_pb2.INVOICE_FORMAT_HTML:
+        content_type, document = "text/html; charset=utf-8", invoice_html(invoice, ws)
+    elif format == accounts_pb2.INVOICE_FORMAT_PDF:
+        content_type, document = "application/pdf", invoice_pdf(invoice, ws)
+    elif format in (accounts_pb2.INVOICE_FORMAT_UNSPECIFIED, accounts_pb2.INVOICE_FORMAT_JSON):
+        content_type, document = "application/json", invoice_json(invoice, ws)
+    else:
+        raise errors.InvalidRequest(
+            f"format {format} is not an invoice format this server knows", param="format"
+        )
+    return accounts_pb2.InvoiceDocument(
+        invoice=invoice_pb(invoice), content_type=content_type, document=document
     )
 
 

@@ -24,7 +24,7 @@ from corvex_core.cluster.customers import ClusterCustomers, workspace_of
 from corvex_core.cluster.link import Link
 from corvex_core.cluster.sync import AccountSync, ms
 from corvex_core.config import CustomersConfig
-from corvex_core.invoices import invoice_html, invoice_json, invoice_pdf, parse_invoice_number
+from corvex_core.invoices import parse_invoice_number
 from corvex_core.ledger import (
     MAX_IDEMPOTENCY_KEY_CHARS,
     SESSION_PREFIX,
@@ -39,6 +39,7 @@ from corvex_core.reserved_cluster import ClusterEndpoints
 from corvex_core.servicers import customers
 from corvex_core.servicers.accounts import (
     _is_day,
+    invoice_document,
     invoice_pb,
     key_pb,
     limits_from_pb,
@@ -278,15 +279,7 @@ class ClusterAccountsServicer(ClusterEndpointRpcs, accounts_pb2_grpc.AccountsSer
                 raise errors.NotFound(f"No invoice INV-{number:06d}.")
             row = await self._accounts.workspace(invoice.workspace_id)
         ws = workspace_of(row, self._clock())
-        if request.format == accounts_pb2.INVOICE_FORMAT_HTML:
-            content_type, document = "text/html; charset=utf-8", invoice_html(invoice, ws)
-        elif request.format == accounts_pb2.INVOICE_FORMAT_PDF:
-            content_type, document = "application/pdf", invoice_pdf(invoice, ws)
-        else:
-            content_type, document = "application/json", invoice_json(invoice, ws)
-        return accounts_pb2.InvoiceDocument(
-            invoice=invoice_pb(invoice), content_type=content_type, document=document
-        )
+        return invoice_document(request.format, invoice, ws)
 
     # ---- the customers' calls (issue 16) ---------------------------------------------------
     # The single core's input rules and wire conversions (servicers/customers.py), over

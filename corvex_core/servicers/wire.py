@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -145,7 +145,7 @@ def _message(index: int, message: inference_pb2.ChatMessage) -> ChatMessage:
 def chat_context(request: inference_pb2.ChatRequest) -> ChatContext:
     tools = tuple(_tool(i, tool) for i, tool in enumerate(request.tools))
     if request.HasField("tool_choice"):
-        mode = _TOOL_CHOICE[request.tool_choice.mode]
+        mode = _known(_TOOL_CHOICE, request.tool_choice.mode, "tool_choice.mode")
         name = request.tool_choice.name or None
         if (mode is ToolChoiceMode.NAMED) != (name is not None):
             raise errors.InvalidRequest(
@@ -235,11 +235,25 @@ def _response_format(sampling: inference_pb2.Sampling) -> ResponseFormat:
     if not sampling.HasField("response_format"):
         return ResponseFormat()
     wire = sampling.response_format
-    kind = _RESPONSE_FORMAT[wire.type]
+    kind = _known(_RESPONSE_FORMAT, wire.type, "response_format.type")
     if kind is not ResponseFormatType.JSON_SCHEMA:
         return ResponseFormat(type=kind)
     schema = _json_object(wire.schema_json, "response_format.json_schema.schema")
     return ResponseFormat(type=kind, schema=schema, name=wire.name or None, strict=wire.strict)
+
+
+T = TypeVar("T")
+
+
+def _known(values: Mapping[Any, T], number: int, param: str) -> T:
+    """The domain value of a wire enum; a number this core does not know (proto3 enums are
+    open: a client built from a newer proto may send one) is the caller's error."""
+    value = values.get(number)
+    if value is None:
+        raise errors.InvalidRequest(
+            f"{param} {number} is not a value this server knows", param=param
+        )
+    return value
 
 
 def _json_object(text: str, param: str) -> dict[str, Any]:

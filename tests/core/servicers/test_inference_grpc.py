@@ -149,6 +149,27 @@ async def test_rate_limit_carries_retry_info(channel: grpc.aio.Channel) -> None:
     assert trailing["x-ratelimit-reset-requests"].endswith("s")
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"response_format": inference_pb2.ResponseFormat(type=99)}, "response_format.type"),  # type: ignore[arg-type]
+        ({"tool_choice": inference_pb2.ToolChoice(mode=99)}, "tool_choice.mode"),  # type: ignore[arg-type]
+    ],
+)
+async def test_an_enum_value_this_core_does_not_know_is_invalid_argument(
+    channel: grpc.aio.Channel, fields: dict[str, Any], param: str
+) -> None:
+    # proto3 enums are open: a client built from a newer proto may send any number.
+    secret = await make_key(channel)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        async for _ in stub.Chat(chat(max_tokens=1, **fields), metadata=auth(secret)):
+            pass
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(exc.value)
+    assert (info.reason, info.metadata["param"]) == ("INVALID_REQUEST", param)
+
+
 async def test_embed_models_tokenize(channel: grpc.aio.Channel) -> None:
     secret = await make_key(channel)
     stub = inference_pb2_grpc.InferenceStub(channel)

@@ -151,6 +151,23 @@ async def test_invoice_numbers_are_ascii_digits_of_bounded_length(
     assert error_info(refused.value).metadata["param"] == "number"
 
 
+async def test_an_invoice_format_this_core_does_not_know_is_refused(
+    channel: grpc.aio.Channel,
+) -> None:
+    admin = accounts_pb2_grpc.AccountsStub(channel)
+    await admin.CreateWorkspace(
+        accounts_pb2.CreateWorkspaceRequest(name="w", starter_credits_cents=300), metadata=ADMIN
+    )
+    formats = {f: accounts_pb2.GetInvoiceRequest(number="INV-000001", format=f) for f in (0, 1, 3)}
+    types = [(await admin.GetInvoice(r, metadata=ADMIN)).content_type for r in formats.values()]
+    assert types == ["application/json", "application/json", "application/pdf"]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        request = accounts_pb2.GetInvoiceRequest(number="INV-000001", format=99)  # type: ignore[arg-type]
+        await admin.GetInvoice(request, metadata=ADMIN)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(refused.value).metadata["param"] == "format"
+
+
 async def test_calls_cancelled_as_they_start_are_not_errors(
     core: Core, channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
 ) -> None:
