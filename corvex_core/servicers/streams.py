@@ -25,6 +25,8 @@ from typing import Any, Final
 import grpc
 
 from corvex.v1 import inference_pb2
+from corvex_core import errors
+from corvex_core.servicers import status
 from corvex_core.servicers.interceptor import Undecodable
 
 # Requests in flight on one call; an open beyond it ends at once with RESOURCE_EXHAUSTED.
@@ -168,15 +170,30 @@ class _RequestContext:
         )
 
 
+def _refused(error: errors.CorvexError) -> inference_pb2.StreamStatus:
+    """A request's end with the rich status its own call would end with."""
+    rich = status.rich_status(error)
+    return inference_pb2.StreamStatus(
+        code=rich.code, message=rich.message, details=rich.SerializeToString()
+    )
+
+
 _OK: Final = inference_pb2.StreamStatus(code=0)
-_DUPLICATE: Final = inference_pb2.StreamStatus(
-    code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-    message="An OpenStream id must be unique among the call's requests in flight.",
+_NO_REQUEST: Final = _refused(
+    errors.InvalidRequest("An OpenStream needs a chat or a complete request.", param="open")
 )
 _BUSY: Final = inference_pb2.StreamStatus(
     code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
     message=f"At most {MAX_REQUESTS_PER_CALL} requests may be in flight on one Streams call.",
 )
+
+
+def _duplicate(stream_id: int) -> errors.InvalidRequest:
+    return errors.InvalidRequest(
+        f"OpenStream id {stream_id} is already in flight on this call; ids must be unique "
+        "among the call's requests in flight.",
+        param="open.id",
+    )
 
 
 class Multiplexer:
@@ -199,23 +216,29 @@ class Multiplexer:
             await context.send_initial_metadata((ACTIONS_METADATA,))
             async for message in requests:
                 if isinstance(message, Undecodable):
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        "A StreamsRequest message could not be decoded (malformed protobuf).",
+                    await status.abort(
+                        context,
+                        errors.InvalidRequest(
+                            "A StreamsRequest message could not be decoded (malformed protobuf)."
+                        ),
                     )
                 if not message.actions:
-                    self._act(message, batcher, running, refusals)
+                    if not self._act(message, batcher, running, refusals):
+                        await status.abort(context, _duplicate(message.open.id))
                     continue
                 if message.WhichOneof("action") is not None or any(
                     action.actions for action in message.actions
                 ):
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        "A StreamsRequest sets one action or a list of actions, each a "
-                        "StreamsRequest with one action of its own.",
+                    await status.abort(
+                        context,
+                        errors.InvalidRequest(
+                            "A StreamsRequest sets one action or a list of actions, each a "
+                            "StreamsRequest with one action of its own."
+                        ),
                     )
                 for action in message.actions:
-                    self._act(action, batcher, running, refusals)
+                    if not self._act(action, batcher, running, refusals):
+                        await status.abort(context, _duplicate(action.open.id))
             # The client half-closed: the requests it opened run to their ends.
             await asyncio.gather(*running.values(), *refusals, return_exceptions=True)
         finally:
@@ -233,36 +256,37 @@ class Multiplexer:
         batcher: _Batcher,
         running: dict[int, asyncio.Task[None]],
         refusals: set[asyncio.Task[None]],
-    ) -> None:
+    ) -> bool:
+        """Takes one action. False: it opens an id already in flight, which no event could
+        answer without being read as that request's (the call ends)."""
         if action.WhichOneof("action") == "cancel":
             task = running.get(action.cancel)
             if task is not None:
                 task.cancel()
-            return
+            return True
         opened = action.open
-        if len(running) >= MAX_REQUESTS_PER_CALL or opened.id in running:
-            status = _BUSY if opened.id not in running else _DUPLICATE
-            refusal = asyncio.create_task(_RequestContext(opened, batcher).end(status))
+        if opened.id in running:
+            return False
+        if len(running) >= MAX_REQUESTS_PER_CALL:
+            refusal = asyncio.create_task(_RequestContext(opened, batcher).end(_BUSY))
             refusals.add(refusal)
             refusal.add_done_callback(refusals.discard)
-            return
+            return True
         task = asyncio.create_task(self._run(opened, batcher))
         running[opened.id] = task
         task.add_done_callback(lambda _: running.pop(opened.id, None))
+        return True
 
     async def _run(self, opened: inference_pb2.OpenStream, batcher: _Batcher) -> None:
         context = _RequestContext(opened, batcher)
         kind = opened.WhichOneof("request")
         if kind is None:
-            status = inference_pb2.StreamStatus(
-                code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                message="An OpenStream needs a chat or a complete request.",
-            )
+            ended = _NO_REQUEST
         else:
             try:
                 await self._methods[kind](getattr(opened, kind), context)
-                status = _OK
+                ended = _OK
             except grpc.aio.AbortError:
                 assert context.status is not None
-                status = context.status
-        await context.end(status)
+                ended = context.status
+        await context.end(ended)

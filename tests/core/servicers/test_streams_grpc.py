@@ -107,6 +107,35 @@ async def test_a_refused_request_ends_with_its_calls_rich_status(channel: grpc.a
         assert status_pb2.Status.FromString(end.status.details).details[0].Unpack(info)
         assert info.reason == reason
     assert events[3][-1].status.code == 0
+    # An open without a request gets a rich status too.
+    events, _ = await run_streams(channel, [inference_pb2.StreamsRequest(open={"id": 4})])
+    (end,) = events[4]
+    assert end.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    info = error_details_pb2.ErrorInfo()
+    assert status_pb2.Status.FromString(end.status.details).details[0].Unpack(info)
+    assert (info.reason, info.metadata["param"]) == ("INVALID_REQUEST", "open")
+
+
+async def test_an_id_already_in_flight_ends_the_call(paced_core: Core) -> None:
+    # No event could answer the second open without being read as the first's.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{paced_core.port}") as channel:
+        secret = await make_key(channel)
+        request = chat("x", max_tokens=100, ignore_eos=True)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await run_streams(channel, [opened(1, secret, request), opened(1, secret, request)])
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "id 1 is already in flight" in (refused.value.details() or "")
+    assert rich_reason(refused.value) == "INVALID_REQUEST"
+    assert await settled(paced_core)  # the first was aborted with the call, and settled
+
+
+def rich_reason(error: grpc.aio.AioRpcError) -> str:
+    status = status_pb2.Status.FromString(
+        dict(error.trailing_metadata())["grpc-status-details-bin"]
+    )
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info.reason
 
 
 async def test_a_cancelled_request_is_aborted_and_settled_for_what_it_produced(
@@ -187,6 +216,7 @@ async def test_a_message_mixing_or_nesting_actions_ends_the_call(
         await run_streams(channel, [message])
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "one action or a list of actions" in (refused.value.details() or "")
+    assert rich_reason(refused.value) == "INVALID_REQUEST"
 
 
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16_383, 16_384, 2**32 - 1, 2**63 - 1])
