@@ -78,7 +78,7 @@ async def _catalogue(request: web.Request) -> inference_pb2.ListModelsResponse:
     edge = request.app[EDGE]
     result: inference_pb2.ListModelsResponse = await edge.inference.ListModels(
         inference_pb2.ListModelsRequest(),
-        metadata=upstream.metadata(request.headers.get("Authorization"), request[REQUEST_ID]),
+        metadata=upstream.metadata(upstream.authorization(request), request[REQUEST_ID]),
         timeout=10,
     )
     return result

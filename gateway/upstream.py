@@ -102,9 +102,21 @@ def generate(
 def call_options(request: web.Request) -> dict[str, Any]:
     """What every call to the core carries: the caller's key and request id, and a deadline."""
     return {
-        "metadata": metadata(request.headers.get("Authorization"), request[REQUEST_ID]),
+        "metadata": metadata(authorization(request), request[REQUEST_ID]),
         "timeout": request.app[EDGE].config.request_timeout_s,
     }
+
+
+def authorization(request: web.Request) -> str | None:
+    """The request's Authorization header; two of them are not one credential (401)."""
+    values = request.headers.getall("Authorization", [])
+    if len(values) > 1:
+        raise ApiError(
+            401,
+            "The request has more than one Authorization header; send exactly one.",
+            code="invalid_api_key",
+        )
+    return values[0] if values else None
 
 
 def metadata(authorization: str | None, request_id: str) -> tuple[tuple[str, str], ...]:

@@ -11,15 +11,20 @@ from typing import Any, Final
 
 import grpc
 
+from corvex_core import errors
+
 _BEARER: Final = "bearer "
 
 
 def authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
-    """The `authorization` metadata value, if the call sent one as text."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            return value
-    return None
+    """The `authorization` metadata value, if the call sent one as text. Two values are not
+    one credential: InvalidApiKey, whichever of them is valid."""
+    values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+    if len(values) > 1:
+        raise errors.InvalidApiKey(
+            "The call carries more than one authorization value; send exactly one."
+        )
+    return values[0] if values and isinstance(values[0], str) else None
 
 
 def bearer_secret(authorization_value: str | None) -> str | None:

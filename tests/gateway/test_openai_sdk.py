@@ -336,5 +336,15 @@ def test_raw_http_errors(stack: Stack, account: Account) -> None:
         )
         assert no_key.status_code == 401
         assert no_key.json()["error"]["code"] == "invalid_api_key"
+        # Two Authorization headers are not one credential, whichever comes first.
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+        for pair in ((account.secret, "corvex-bad"), ("corvex-bad", account.secret)):
+            twice = httpx.post(
+                stack.http_url + "/v1/chat/completions",
+                json=body,
+                headers=[("Authorization", f"Bearer {secret}") for secret in pair],
+            )
+            assert twice.status_code == 401, twice.text
+            assert "more than one Authorization" in twice.json()["error"]["message"]
         assert http.get("/health").json() == {"status": "ok"}
         assert http.get("/ready").status_code == 200

@@ -149,6 +149,18 @@ async def test_rate_limit_carries_retry_info(channel: grpc.aio.Channel) -> None:
     assert trailing["x-ratelimit-reset-requests"].endswith("s")
 
 
+@pytest.mark.parametrize("first", [True, False])
+async def test_two_authorization_values_are_refused(channel: grpc.aio.Channel, first: bool) -> None:
+    secret = await make_key(channel)
+    pair = [("authorization", f"Bearer {secret}"), ("authorization", "Bearer corvex-bad")]
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        async for _ in stub.Chat(chat(max_tokens=1), metadata=pair if first else pair[::-1]):
+            pass
+    assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "more than one authorization" in (exc.value.details() or "")
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
