@@ -119,8 +119,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> inference_pb2.TokenizeResponse:
         call = _call()
         key = await self._service.authenticate(_secret(context), call)
-        if request.messages and request.text:
-            raise errors.InvalidRequest("send either messages or text, not both", param="text")
+        if bool(request.messages) == bool(request.text):
+            raise errors.InvalidRequest("send either messages or text (one of them)", param="text")
         messages = wire.chat_messages(request.messages) if request.messages else []
         count, context_length = await self._service.tokenize(
             key, request.model, messages, request.text, call

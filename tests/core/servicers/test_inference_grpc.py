@@ -201,6 +201,10 @@ async def test_embed_models_tokenize(channel: grpc.aio.Channel) -> None:
         inference_pb2.TokenizeRequest(model=MODEL, text="a b, c"), metadata=auth(secret)
     )
     assert tokens.token_count == 4
+    with pytest.raises(grpc.aio.AioRpcError) as nothing:  # neither messages nor text
+        await stub.Tokenize(inference_pb2.TokenizeRequest(model=MODEL), metadata=auth(secret))
+    assert nothing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(nothing.value).metadata["param"] == "text"
 
 
 async def test_health_and_reflection(channel: grpc.aio.Channel) -> None:
