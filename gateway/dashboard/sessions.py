@@ -215,8 +215,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             form = await _read_form(request)
             given = form.get("csrf", "").encode()  # compare_digest takes only ASCII str
             if not hmac.compare_digest(given, visitor.csrf.encode()):
-                return error_page(
-                    request, 403, "This form has expired. Go back, reload the page and try again."
+                # Raised, so that the page gets the headers of every page (below).
+                raise web.HTTPForbidden(
+                    reason="This form has expired. Go back, reload the page and try again."
                 )
             request[FORM] = form
         response = await handler(request)

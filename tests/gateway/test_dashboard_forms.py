@@ -94,6 +94,9 @@ async def test_a_csrf_token_beyond_ascii_is_refused_as_expired(
     async with http.post(url, data=form) as response:
         assert response.status == 403
         assert "This form has expired" in await response.text()
+        # With the headers of every page.
+        assert response.headers["Cache-Control"] == "no-store"
+        assert "Content-Security-Policy" in response.headers
 
 
 async def test_utf8_beyond_ascii_is_read_as_sent(stack: Stack, http: aiohttp.ClientSession) -> None:
