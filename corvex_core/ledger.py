@@ -941,13 +941,13 @@ def _insufficient_message(
 ) -> str:
     """A sentence a person can act on: what stopped the request and what would let it run."""
     if by_cap:
-        assert ws.spend_cap_nano is not None
-        left = max(_cap_room_nano(ws) or 0, 0)
+        room = _cap_room_nano(ws)
+        assert ws.spend_cap_nano is not None and room is not None
         message = (
             f"Monthly spend cap of ${format_usd(ws.spend_cap_nano)} reached: "
             f"${format_usd(ws.month_spend_nano)} spent in {ws.month} and "
             f"${format_usd(ws.held_nano)} held by requests in flight leave "
-            f"${format_usd(left)}, which "
+            f"${format_usd(max(room, 0))}, which "
         )
     else:
         held = f" (${format_usd(ws.held_nano)} of it held by requests in flight)"

@@ -153,7 +153,14 @@ class Service:
         with engine_errors():
             prompt = await served.engine.render_chat(params.messages, params.context)
         return await self._admit(
-            key, served, prompt, params.max_tokens, params.sampling, params.whole, call, "messages"
+            key,
+            served,
+            prompt,
+            params.max_tokens,
+            params.sampling,
+            params.whole,
+            call,
+            prompt_param="messages",
         )
 
     async def admit_completion(
@@ -164,7 +171,14 @@ class Service:
         with engine_errors():
             prompt = await served.engine.render_completion(params.prompt)
         return await self._admit(
-            key, served, prompt, params.max_tokens, params.sampling, params.whole, call, "prompt"
+            key,
+            served,
+            prompt,
+            params.max_tokens,
+            params.sampling,
+            params.whole,
+            call,
+            prompt_param="prompt",
         )
 
     async def _admit(
@@ -176,6 +190,7 @@ class Service:
         sampling: Sampling,
         whole: bool,
         call: CallRecord,
+        *,
         prompt_param: str,
     ) -> Generation:
         hold_id = "hold_" + secrets.token_hex(12)
@@ -309,7 +324,7 @@ class Service:
 
 class Generation:
     """An admitted chat or completions request. `events()` runs it: the deltas of its choices
-    as the engine produces them (none with `options.whole`), then one `Finished`, once its
+    as the engine produces them (none with `whole`), then one `Finished`, once its
     charge is durable. Iterate it to the end or close it; either way it is settled exactly once."""
 
     def __init__(

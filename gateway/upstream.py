@@ -119,18 +119,18 @@ def authorization(request: web.Request) -> str | None:
     return values[0] if values else None
 
 
-def metadata(authorization: str | None, request_id: str) -> tuple[tuple[str, str], ...]:
+def metadata(credential: str | None, request_id: str) -> tuple[tuple[str, str], ...]:
     """gRPC metadata for the core: the caller's key (checked there) and the request id."""
-    if not authorization:
+    if not credential:
         return (("x-request-id", request_id),)
-    if len(authorization) > MAX_AUTHORIZATION_CHARS or not _METADATA_VALUE.fullmatch(authorization):
+    if len(credential) > MAX_AUTHORIZATION_CHARS or not _METADATA_VALUE.fullmatch(credential):
         raise ApiError(
             401,
             "The Authorization header does not hold a valid API key: send "
             "`Authorization: Bearer <your key>`, in printable ASCII.",
             code="invalid_api_key",
         )
-    return (("x-request-id", request_id), ("authorization", authorization))
+    return (("x-request-id", request_id), ("authorization", credential))
 
 
 def response_headers(initial: Iterable[tuple[str, Any]] | None, request_id: str) -> dict[str, str]:
